@@ -1,0 +1,80 @@
+"""jnnsight: nnsight for JAX.
+
+Read and edit any module's inputs and outputs inside ``with model.trace(...)``;
+the forward pass and every edit compile to one XLA program.
+
+Example::
+
+    >>> from jnnsight import NNsight
+    >>> import jnnsight
+    >>> model = NNsight(module, variables)
+    >>> with model.trace(x):
+    ...     h = model.block_1.output.save()
+    ...     s = jnnsight.save(h.sum())
+"""
+
+from __future__ import annotations
+
+from typing import Any, TypeVar
+
+from jax import core as _core
+
+from .envoy import Envoy, EnvoyList
+from .errors import (
+    CaptureError,
+    CausalityError,
+    JnnsightError,
+    SiteError,
+    UnsavedValueError,
+    WriteError,
+)
+from .nnsight import NNsight
+from .tracing import program as _program
+from .tracing.tracer import Cache, Tracer
+
+__all__ = [
+    "NNsight",
+    "Envoy",
+    "EnvoyList",
+    "Tracer",
+    "Cache",
+    "save",
+    "JnnsightError",
+    "CaptureError",
+    "CausalityError",
+    "SiteError",
+    "UnsavedValueError",
+    "WriteError",
+]
+__version__ = "0.1.0"
+
+T = TypeVar("T")
+
+
+def save(value: T) -> T:
+    """Keep ``value`` (any pytree) after the block; returns it unchanged.
+
+    After the block the variable holds plain ``jax.Array`` leaves. Outside a
+    block this does nothing.
+
+    Example::
+
+        >>> with model.trace(x):
+        ...     stats = jnnsight.save({"mean": h.mean(), "max": h.max()})
+    """
+    builder = _program.current()
+    return value if builder is None else builder.save(value)
+
+
+def _tracer_save(self: Any) -> Any:
+    """``value.save()``: keep this value of a trace block after the block."""
+    builder = _program.current()
+    if builder is None or not builder.is_ours(self):
+        raise JnnsightError(
+            "`.save()` was called on a JAX value that does not belong to a running "
+            "trace block. Call it inside `with model.trace(...):`."
+        )
+    return builder.save(self)
+
+
+_core.Tracer.save = _tracer_save

@@ -1,0 +1,252 @@
+"""Envoys: a mirror of the module tree through which a block reads and writes.
+
+``model.block_1`` is the envoy of the submodule named ``block_1``; numbered
+children (``h_0``, ``h_1``, ...) are also reachable as a list, ``model.h[-1]``.
+Inside a trace block an envoy's ``.output``, ``.input`` and ``.inputs`` are the
+values the forward computes there, as JAX tracers of the invoke's rows;
+assigning to them replaces the value. Outside a block they do not exist.
+
+Example::
+
+    >>> with model.trace(x):
+    ...     h = model.block_1.output.save()
+    ...     model.block_2.output = h * 2
+    ...     first = model.block_2.dense.input.save()      # first positional argument
+    ...     args, kwargs = model.block_2.inputs
+"""
+
+from __future__ import annotations
+
+import re
+from typing import TYPE_CHECKING, Any, Iterator
+
+import jax
+
+from .errors import SiteError, at_user_line, close_names
+from .tracing import program as _program
+
+if TYPE_CHECKING:
+    from .nnsight import NNsight
+
+_NUMBERED = re.compile(r"^(.*)_(\d+)$")
+
+
+def _builder(envoy: "Envoy", what: str) -> _program.Builder:
+    builder = _program.current()
+    if builder is None:
+        raise SiteError(at_user_line(
+            f"{envoy._name}.{what} exists only inside a trace block "
+            "(`with model.trace(...):`, or inside `tracer.invoke(...)` when the trace "
+            "has several invokes). To use a value after the block, `.save()` it inside."
+        ))
+    return builder
+
+
+class Envoy:
+    """The stand-in of one module of the model: its sites, children and parameters."""
+
+    def __init__(self, model: "NNsight", path: tuple[str, ...]):
+        object.__setattr__(self, "_model", model)
+        object.__setattr__(self, "_path", path)
+
+    # the tree ---------------------------------------------------------------------
+
+    @property
+    def _name(self) -> str:
+        return "model" + "".join(f".{p}" for p in self._path)
+
+    def __getattr__(self, name: str) -> Any:
+        if name.startswith("__"):
+            raise AttributeError(name)
+        model = self._model
+        children = model._children(self._path)
+        if name in children:
+            return model._envoy(self._path + (name,))
+        numbered = _numbered_children(children)
+        if name in numbered:
+            return EnvoyList([model._envoy(self._path + (c,)) for c in numbered[name]])
+        index = model._param_index(self._path, name)
+        if index is not None:
+            builder = _program.current()
+            if builder is None:
+                return jax.tree_util.tree_leaves(model.variables)[index]
+            return builder.param(index)
+        names = sorted(children) + sorted(numbered) + model._param_names(self._path)
+        raise AttributeError(at_user_line(
+            f"{self._name} has no submodule or parameter {name!r}. "
+            f"{close_names(name, names)} `print(model)` shows the module tree."
+        ))
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        if isinstance(getattr(type(self), name, None), property):
+            object.__setattr__(self, name, value)
+            return
+        raise AttributeError(at_user_line(
+            f"{self._name}.{name} cannot be assigned: only `.output`, `.input` and "
+            "`.inputs` of a module can be written, inside a trace block."
+        ))
+
+    def __dir__(self) -> list[str]:
+        children = self._model._children(self._path)
+        return sorted(set(super().__dir__()) | set(children) | set(_numbered_children(children)))
+
+    # sites ----------------------------------------------------------------------------
+
+    def _key(self, builder: _program.Builder, kind: str) -> tuple:
+        return (self._path, builder.calls.get(self._path, 0), kind)
+
+    def _describe(self, builder: _program.Builder, kind: str) -> str:
+        call = builder.calls.get(self._path, 0)
+        return f"`{self._name}{'.next()' * call}.{kind}`"
+
+    def _read(self, kind: str) -> Any:
+        builder = _builder(self, kind)
+        key = self._key(builder, kind)
+        site = builder.site(key, lambda: self._describe(builder, kind))
+        return builder.read(site, builder.rows)
+
+    def _write(self, kind: str, value: Any) -> None:
+        builder = _builder(self, kind)
+        key = self._key(builder, kind)
+        describe = lambda: self._describe(builder, kind)  # noqa: E731
+        builder.write(builder.site(key, describe), builder.rows, value, describe)
+
+    @property
+    def output(self) -> Any:
+        """The module's output at this call; a tuple's elements can be assigned.
+
+        Example::
+
+            >>> with model.trace(x):
+            ...     model.layers[0].output[0] = model.layers[0].output[0] * 0
+        """
+        return _program.writable(self._read("output"), lambda v: self._write("output", v))
+
+    @output.setter
+    def output(self, value: Any) -> None:
+        self._write("output", value)
+
+    @property
+    def inputs(self) -> tuple[tuple, dict]:
+        """The module's call arguments as ``(args, kwargs)``.
+
+        Example::
+
+            >>> with model.trace(x):
+            ...     args, kwargs = model.block_1.inputs
+        """
+        return self._read("input")
+
+    @inputs.setter
+    def inputs(self, value: tuple[tuple, dict]) -> None:
+        self._write("input", value)
+
+    @property
+    def input(self) -> Any:
+        """The module's first positional argument.
+
+        Example::
+
+            >>> with model.trace(x):
+            ...     model.block_2.input = model.block_2.input * 0.5
+        """
+        args, _ = self._read("input")
+        if not args:
+            raise SiteError(at_user_line(
+                f"{self._name} was called with no positional argument; use `.inputs`, "
+                "which gives `(args, kwargs)`."
+            ))
+        return args[0]
+
+    @input.setter
+    def input(self, value: Any) -> None:
+        args, kwargs = self._read("input")
+        self._write("input", ((value, *args[1:]), kwargs))
+
+    def next(self, steps: int = 1) -> "Envoy":
+        """Address the module's next call: later accesses see call ``n + steps``.
+
+        As in nnsight, this advances the envoy for the rest of the block.
+
+        Example::
+
+            >>> with model.trace(x):        # a module called twice in the forward
+            ...     first = model.shared.output.save()
+            ...     second = model.shared.next().output.save()
+        """
+        builder = _builder(self, "next()")
+        builder.calls[self._path] = builder.calls.get(self._path, 0) + steps
+        return self
+
+    def skip(self, value: Any) -> None:
+        """Do not run the module; its output is ``value``.
+
+        Example::
+
+            >>> with model.trace(x):
+            ...     model.block_2.skip(model.block_2.input)   # the block becomes identity
+        """
+        builder = _builder(self, "skip()")
+        call = builder.calls.get(self._path, 0)
+        describe = lambda: f"`{self._name}`"  # noqa: E731
+        module_input = builder.site((self._path, call, "input"), describe)
+        output = builder.site((self._path, call, "output"), describe)
+        builder.skip(module_input, output, builder.rows, value, describe)
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        """Apply this module with the model's parameters, outside the interception.
+
+        Example::
+
+            >>> with model.trace(x):
+            ...     logits = model.head(model.block_1.output).save()   # logit lens
+        """
+        return self._model._apply_submodule(self._path, args, kwargs)
+
+    def __repr__(self) -> str:
+        return self._model._tree_repr(self._path)
+
+
+class EnvoyList:
+    """The numbered children of a module (``h_0``, ``h_1``, ...) as a list.
+
+    Example::
+
+        >>> model.h[-1], model.h[0:2], len(model.h)
+    """
+
+    def __init__(self, envoys: list[Envoy]):
+        self._envoys = envoys
+
+    def __getitem__(self, index: int | slice) -> Any:
+        if isinstance(index, slice):
+            return EnvoyList(self._envoys[index])
+        try:
+            return self._envoys[index]
+        except IndexError:
+            raise IndexError(at_user_line(
+                f"index {index} is out of range: there are {len(self._envoys)} modules here."
+            )) from None
+
+    def __len__(self) -> int:
+        return len(self._envoys)
+
+    def __iter__(self) -> Iterator[Envoy]:
+        return iter(self._envoys)
+
+    def __repr__(self) -> str:
+        return "\n".join(repr(e) for e in self._envoys)
+
+
+def _numbered_children(children: list[str]) -> dict[str, list[str]]:
+    """Groups ``h_0, h_1, ...`` under ``h`` where ``h`` is not a child itself."""
+    groups: dict[str, dict[int, str]] = {}
+    for child in children:
+        match = _NUMBERED.match(child)
+        if match:
+            groups.setdefault(match.group(1), {})[int(match.group(2))] = child
+    return {
+        base: [numbers[i] for i in range(len(numbers))]
+        for base, numbers in groups.items()
+        if base not in children and sorted(numbers) == list(range(len(numbers)))
+    }

@@ -1,0 +1,108 @@
+"""Errors a user can meet, and where in the user's code they come from.
+
+Every error names the user's line (``file.py:12``) and says the one change that
+fixes it. Library frames are left out of what the user sees.
+
+Example::
+
+    >>> from jnnsight.errors import JnnsightError
+    >>> issubclass(JnnsightError, Exception)
+    True
+"""
+
+from __future__ import annotations
+
+import difflib
+import linecache
+import os
+import sys
+import types
+from dataclasses import dataclass
+
+_PACKAGE_DIR = os.path.dirname(os.path.abspath(__file__))
+
+
+class JnnsightError(Exception):
+    """Base class of every error jnnsight raises for a user's mistake."""
+
+
+class CausalityError(JnnsightError):
+    """A write depends on a value the forward pass computes only later."""
+
+
+class SiteError(JnnsightError):
+    """A module or site that does not exist or does not run in this forward."""
+
+
+class WriteError(JnnsightError):
+    """A write whose shape, dtype or structure differs from the site's value."""
+
+
+class CaptureError(JnnsightError):
+    """A block whose source cannot be read, or a trace started in a trace's body."""
+
+
+class UnsavedValueError(JnnsightError):
+    """A value of a block used after the block, though it was not saved."""
+
+
+@dataclass(frozen=True)
+class UserLine:
+    """A place in the user's code: file, line number and the line's text."""
+
+    filename: str
+    lineno: int
+
+    @property
+    def text(self) -> str:
+        return linecache.getline(self.filename, self.lineno).strip()
+
+    def __str__(self) -> str:
+        text = self.text
+        where = f"{os.path.basename(self.filename)}:{self.lineno}"
+        return f"{where}: `{text}`" if text else where
+
+
+def is_library_frame(frame: types.FrameType) -> bool:
+    """True for frames of jnnsight, JAX or flax, which a user does not write."""
+    filename = frame.f_code.co_filename
+    return (
+        filename.startswith(_PACKAGE_DIR)
+        or f"{os.sep}jax{os.sep}" in filename
+        or f"{os.sep}flax{os.sep}" in filename
+        or f"{os.sep}jaxlib{os.sep}" in filename
+        or filename.startswith("<frozen ")
+    )
+
+
+def user_line(depth: int = 1) -> UserLine | None:
+    """The innermost frame on the stack that belongs to the user's code."""
+    frame: types.FrameType | None = sys._getframe(depth)
+    while frame is not None and is_library_frame(frame):
+        frame = frame.f_back
+    if frame is None:
+        return None
+    return UserLine(frame.f_code.co_filename, frame.f_lineno)
+
+
+def at_user_line(message: str) -> str:
+    """Prefix ``message`` with the user's current line, where one is found."""
+    line = user_line(2)
+    return f"{line}\n{message}" if line is not None else message
+
+
+def close_names(name: str, candidates: list[str]) -> str:
+    """A hint sentence listing the candidates that look like ``name``."""
+    close = difflib.get_close_matches(name, candidates, n=3, cutoff=0.5)
+    if close:
+        return "Did you mean " + " or ".join(repr(c) for c in close) + "?"
+    shown = ", ".join(repr(c) for c in candidates[:12])
+    more = ", ..." if len(candidates) > 12 else ""
+    return f"Known names: {shown}{more}." if candidates else "It has no children."
+
+
+def user_traceback(tb: types.TracebackType | None) -> types.TracebackType | None:
+    """``tb`` without the library frames at its top (where the block started)."""
+    while tb is not None and is_library_frame(tb.tb_frame):
+        tb = tb.tb_next
+    return tb

@@ -1,0 +1,297 @@
+"""NNsight: wrap any flax.linen module and its variables; trace, scan, intervene.
+
+Example::
+
+    >>> import jax, jax.numpy as jnp, flax.linen as nn
+    >>> from jnnsight import NNsight
+    >>> class MLP(nn.Module):
+    ...     @nn.compact
+    ...     def __call__(self, x):
+    ...         return nn.Dense(4, name="out")(nn.relu(nn.Dense(8, name="hidden")(x)))
+    >>> x = jnp.ones((2, 3))
+    >>> model = NNsight(MLP(), MLP().init(jax.random.key(0), x))
+    >>> with model.trace(x):
+    ...     model.hidden.output = model.hidden.output * 0
+    ...     y = model.output.save()
+    >>> y.shape
+    (2, 4)
+"""
+
+from __future__ import annotations
+
+import threading
+from typing import Any, Callable
+
+import flax.linen as nn
+import jax
+
+from .envoy import Envoy, _numbered_children
+from .errors import SiteError, at_user_line
+from .tracing import program as _program
+from .tracing.collate import Batch, collate
+from .tracing.discover import SiteTable, discover, shape_key
+from .tracing.execute import Executor
+from .tracing.program import Builder
+from .tracing.schedule import Schedule, schedule
+from .tracing.tracer import Tracer
+
+
+class NNsight(Envoy):
+    """A flax.linen module with its variables, ready to be traced.
+
+    Args:
+      module: any ``flax.linen.Module``.
+      variables: its variables, as ``module.init`` returns them.
+
+    The model is the root envoy: ``model.block_1`` is a submodule's envoy,
+    ``model.output`` the model's output inside a block.
+
+    Example::
+
+        >>> model = NNsight(module, variables)
+        >>> print(model)
+        >>> with model.trace(x):
+        ...     h = model.block_1.output.save()
+    """
+
+    def __init__(self, module: nn.Module, variables: Any):
+        if not isinstance(module, nn.Module):
+            raise TypeError(
+                f"NNsight wraps a flax.linen Module, and got {type(module).__name__}. "
+                "For a Hugging Face model id use `LanguageModel`."
+            )
+        state = {
+            "module": module,
+            "variables": variables,
+            "_envoys": {},
+            "_tables": {},
+            "_schedules": {},
+            "_executor": Executor(),
+            "_types": {(): type(module).__name__},
+            "_tree": {},
+            "_lock": threading.Lock(),
+        }
+        for name, value in state.items():
+            object.__setattr__(self, name, value)
+        Envoy.__init__(self, self, ())
+        self._index_setup_children()  # first: definition order
+        self._index_variables()
+
+    # the module tree -----------------------------------------------------------------
+
+    def _add_path(self, path: tuple[str, ...]) -> None:
+        for i in range(len(path)):
+            self._tree.setdefault(path[:i], {}).setdefault(path[i], None)
+
+    def _index_variables(self) -> None:
+        params: dict[tuple[str, ...], dict[str, int]] = {}
+        flat, _ = jax.tree_util.tree_flatten_with_path(self.variables)
+        for index, (keypath, _) in enumerate(flat):
+            names = tuple(str(getattr(k, "key", getattr(k, "name", k))) for k in keypath)
+            module_path, leaf = names[1:-1], names[-1]
+            self._add_path(module_path)
+            params.setdefault(module_path, {}).setdefault(leaf, index)
+        object.__setattr__(self, "_params", params)
+
+    def _index_setup_children(self) -> None:
+        """Submodules defined in ``setup`` are known before any trace."""
+        try:
+            bound = self.module.bind(self.variables)
+        except Exception:
+            return
+
+        def walk(module: nn.Module, path: tuple[str, ...], depth: int) -> None:
+            if depth > 64:
+                return
+            try:
+                module._try_setup()
+            except Exception:
+                return
+            for value in vars(module).values():
+                items = value if isinstance(value, (list, tuple)) else [value]
+                for child in items:
+                    if isinstance(child, nn.Module) and child.name and child.parent is module:
+                        child_path = path + (child.name,)
+                        self._add_path(child_path)
+                        self._types[child_path] = type(child).__name__
+                        walk(child, child_path, depth + 1)
+
+        walk(bound, (), 0)
+
+    def _children(self, path: tuple[str, ...]) -> list[str]:
+        """Child names in the order the model defines (or first calls) them."""
+        return list(self._tree.get(path, ()))
+
+    def _envoy(self, path: tuple[str, ...]) -> Envoy:
+        envoy = self._envoys.get(path)
+        if envoy is None:
+            envoy = self._envoys.setdefault(path, Envoy(self, path))
+        return envoy
+
+    def _param_index(self, path: tuple[str, ...], name: str) -> int | None:
+        return self._params.get(path, {}).get(name)
+
+    def _param_names(self, path: tuple[str, ...]) -> list[str]:
+        return sorted(self._params.get(path, {}))
+
+    def _tree_repr(self, path: tuple[str, ...]) -> str:
+        def render(p: tuple[str, ...], indent: str) -> list[str]:
+            type_name = self._types.get(p, "Module")
+            children = self._children(p)
+            params = self._param_names(p)
+            shapes = jax.tree_util.tree_leaves(self.variables)
+            detail = ", ".join(
+                f"{n}={list(shapes[self._param_index(p, n)].shape)}" for n in params
+            )
+            if not children:
+                return [f"{type_name}({detail})"]
+            lines = [f"{type_name}("]
+            group_of = {c: base for base, names in _numbered_children(children).items()
+                        for c in names}
+            numbered = _numbered_children(children)
+            for child in children:
+                base = group_of.get(child)
+                if base is None:
+                    sub = render(p + (child,), indent + "  ")
+                    lines.append(f"{indent}  ({child}): {sub[0]}")
+                elif child == numbered[base][0]:
+                    names = numbered[base]
+                    sub = render(p + (child,), indent + "  ")
+                    count = f"0-{len(names) - 1}" if len(names) > 1 else "0"
+                    lines.append(f"{indent}  ({base}[{count}]): {len(names)} x {sub[0]}")
+                else:
+                    continue
+                lines.extend(sub[1:])
+            lines.append(f"{indent})")
+            return lines
+
+        return "\n".join(render(path, ""))
+
+    # the engine -----------------------------------------------------------------------
+
+    def _site_table(self, variables: Any, batch: Batch) -> SiteTable:
+        key = (shape_key(variables), shape_key((batch.args, batch.kwargs)))
+        table = self._tables.get(key)
+        if table is None:
+            table = discover(self.module, variables, batch.args, batch.kwargs)
+            with self._lock:
+                self._tables[key] = table
+                for path, info in table.modules.items():
+                    self._add_path(path)
+                    self._types[path] = info.type_name
+        return table
+
+    def _run(
+        self, variables: Any, batch: Batch, bodies: Callable[[], None], scan: bool = False
+    ) -> tuple[Any, dict[int, Any], Builder]:
+        """Steps 3 to 6 for one batch: the output, saved values by tracer id, the builder."""
+        table = self._site_table(variables, batch)
+        avals = [jax.ShapeDtypeStruct(jax.numpy.shape(x), x.dtype)
+                 for x in jax.tree_util.tree_leaves(variables)]
+        builder = Builder(table, avals)
+        program = builder.run(bodies)
+        saved = list(builder.saved)
+        if scan:
+            outs = [jax.ShapeDtypeStruct(v.aval.shape, v.aval.dtype) for v in program.jaxpr.jaxpr.outvars]
+            return None, dict(zip(saved, outs)), builder
+        plan = self._schedules.get(program.fingerprint)
+        if plan is None:
+            plan = schedule(program)
+            self._schedules[program.fingerprint] = plan
+        output, saves = self._executor(
+            self.module, plan, program.fingerprint, variables,
+            batch.args, batch.kwargs, list(program.jaxpr.consts),
+        )
+        return output, dict(zip(saved, saves)), builder
+
+    def _apply_submodule(self, path: tuple[str, ...], args: tuple, kwargs: dict) -> Any:
+        info = None
+        for table in self._tables.values():
+            info = table.modules.get(path)
+            if info is not None:
+                break
+        if info is None:
+            raise SiteError(at_user_line(
+                f"{self._envoy(path)._name} cannot be called before a trace has run "
+                "the model once (jnnsight learns the module from that forward pass)."
+            ))
+        builder = _program.current()
+        leaves = jax.tree_util.tree_leaves(self.variables)
+        take = (lambda i: builder.param(i)) if builder is not None else (lambda i: leaves[i])
+        sub: dict[str, Any] = {}
+        flat, _ = jax.tree_util.tree_flatten_with_path(self.variables)
+        for index, (keypath, _) in enumerate(flat):
+            names = tuple(str(getattr(k, "key", getattr(k, "name", k))) for k in keypath)
+            collection, module_path = names[0], names[1:-1]
+            if module_path[: len(path)] == path:
+                node = sub.setdefault(collection, {})
+                for name in module_path[len(path):]:
+                    node = node.setdefault(name, {})
+                node[names[-1]] = take(index)
+        return info.module.apply(sub, *args, **kwargs)
+
+    # public ---------------------------------------------------------------------------
+
+    def trace(self, *args: Any, **kwargs: Any) -> Tracer:
+        """A block that runs the model on ``args`` with the body's reads and edits.
+
+        With no input, the body holds ``tracer.invoke(x)`` blocks, batched into
+        one forward.
+
+        Example::
+
+            >>> with model.trace(x) as tracer:
+            ...     h = model.block_1.output.save()
+            ...     model.block_2.output = h * 2
+            ...     y = model.output.save()
+        """
+        return Tracer(self, args, kwargs)
+
+    def scan(self, *args: Any, **kwargs: Any) -> Tracer:
+        """Like ``trace``, but runs nothing: saved values are ``ShapeDtypeStruct``s.
+
+        Example::
+
+            >>> with model.scan(x):
+            ...     shape = model.block_1.output.shape
+            ...     h = model.block_1.output.save()
+            >>> h
+            ShapeDtypeStruct(shape=(1, 32, 768), dtype=float32)
+        """
+        return Tracer(self, args, kwargs, scan=True)
+
+    def intervene(self, body: Callable[..., Any]) -> Callable[..., tuple[Any, Any]]:
+        """The engine as a function transform, without ``with``.
+
+        ``body(*args, **kwargs)`` reads and writes sites like a block's body;
+        what it returns is saved. The result is a pure function
+        ``fn(variables, inputs, *args, **kwargs) -> (output, saves)``, where
+        ``inputs`` is the forward's argument (a tuple for several), ready for
+        ``jax.jit``, ``jax.grad``, ``jax.vmap`` and optax.
+
+        Example::
+
+            >>> def steer(vec):
+            ...     model.block_1.output = model.block_1.output + vec
+            ...     return model.block_2.output
+            >>> fn = jax.jit(model.intervene(steer))
+            >>> out, h2 = fn(model.variables, x, vec)
+        """
+
+        def fn(variables: Any, inputs: Any, *args: Any, **kwargs: Any) -> tuple[Any, Any]:
+            batch = collate([(inputs if isinstance(inputs, tuple) else (inputs,), {})])
+            returned: list[Any] = []
+
+            def bodies() -> None:
+                builder = _program.current()
+                builder.rows = batch.rows[0]
+                returned.append(builder.save(body(*args, **kwargs)))
+
+            output, values, builder = self._run(variables, batch, bodies)
+            saves = jax.tree_util.tree_map(
+                lambda leaf: values.get(id(leaf), leaf) if builder.is_ours(leaf) else leaf,
+                returned[0],
+            )
+            return output, saves
+
+        return fn

@@ -1,0 +1,148 @@
+"""Step 1, capture: read a ``with`` block's body and keep it from running inline.
+
+``model.trace(...)`` and ``tracer.invoke(...)`` are context managers whose body
+must run later, once every invoke's input is known. On entry the body's source
+is read from ``linecache`` (files, IPython cells, Jupyter), compiled into a code
+object with the user's filename and line numbers, and cached per call site. The
+inline run is then skipped: a line tracer raises ``SkipBody`` at the body's
+first line, and the block's ``__exit__`` swallows it.
+
+Example::
+
+    >>> import sys
+    >>> from jnnsight.tracing.capture import Capture
+    >>> class Later:
+    ...     def __enter__(self):
+    ...         self.capture = Capture.enter(sys._getframe(1))
+    ...     def __exit__(self, *exc):
+    ...         return self.capture.exit(exc[0])
+"""
+
+from __future__ import annotations
+
+import ast
+import linecache
+import sys
+import threading
+import types
+from dataclasses import dataclass
+from typing import Any, Callable
+
+from ..errors import CaptureError
+
+
+class SkipBody(Exception):
+    """Raised at a captured block's first line so that it does not run inline."""
+
+
+@dataclass(frozen=True)
+class CapturedBody:
+    """The body of one ``with`` block, compiled with the user's lines."""
+
+    code: types.CodeType
+    filename: str
+    header_line: int
+    first_line: int
+
+
+_bodies: dict[tuple[types.CodeType, int], CapturedBody] = {}
+_bodies_lock = threading.Lock()
+
+
+def _with_node(tree: ast.AST, lineno: int) -> ast.With | None:
+    """The innermost ``with`` statement whose header spans ``lineno``."""
+    best = None
+    for node in ast.walk(tree):
+        if isinstance(node, ast.With) and node.lineno <= lineno < node.body[0].lineno:
+            if best is None or node.lineno >= best.lineno:
+                best = node
+    return best
+
+
+def _compile_body(frame: types.FrameType) -> CapturedBody:
+    filename = frame.f_code.co_filename
+    lineno = frame.f_lineno
+    source = "".join(linecache.getlines(filename, frame.f_globals))
+    if not source:
+        raise CaptureError(
+            f"{filename}:{lineno}: jnnsight reads a trace block's source to run it "
+            "later, and this code has none (it was typed into a bare `python` "
+            "prompt, or passed to exec/eval as a string). Put the block in a file "
+            "or a notebook cell, or use the function form: "
+            "`fn = model.intervene(body)` with `body` a plain Python function."
+        )
+    tree = ast.parse(source, filename)
+    node = _with_node(tree, lineno)
+    if node is None:
+        raise CaptureError(
+            f"{filename}:{lineno}: no `with` statement was found at this line, so "
+            "the block's body cannot be read (is the file edited since it was "
+            "imported?). Enter traces with a `with` statement."
+        )
+    first = node.body[0].lineno
+    header_end = getattr(node.items[-1].context_expr, "end_lineno", node.lineno)
+    if first <= header_end:
+        raise CaptureError(
+            f"{filename}:{lineno}: the block's body is on the line of its `with` "
+            "statement. Put the body on lines of its own."
+        )
+    module = ast.Module(body=node.body, type_ignores=[])
+    try:
+        code = compile(module, filename, "exec", dont_inherit=True)
+    except SyntaxError as err:
+        raise CaptureError(
+            f"{filename}:{err.lineno}: `{(err.text or '').strip()}`: {err.msg} "
+            "inside a trace block. A block's body runs as its own piece of code: "
+            "save values in the block and `return`/`break`/`continue` after it."
+        ) from None
+    return CapturedBody(code, filename, node.lineno, first)
+
+
+def captured_body(frame: types.FrameType) -> CapturedBody:
+    """The compiled body of the ``with`` block at ``frame``'s current line."""
+    key = (frame.f_code, frame.f_lineno)
+    body = _bodies.get(key)
+    if body is None:
+        body = _compile_body(frame)
+        with _bodies_lock:
+            _bodies[key] = body
+    return body
+
+
+@dataclass
+class Capture:
+    """A captured block: its body, and the tracer to restore at exit."""
+
+    body: CapturedBody
+    frame: types.FrameType
+    previous_trace: Callable[..., Any] | None
+
+    @classmethod
+    def enter(cls, frame: types.FrameType) -> "Capture":
+        """Capture the block at ``frame`` and arrange for its body to be skipped."""
+        body = captured_body(frame)
+        previous = sys.gettrace()
+
+        def skip(frame: types.FrameType, event: str, arg: Any) -> None:
+            raise SkipBody
+
+        sys.settrace(_no_trace)
+        frame.f_trace = skip
+        return cls(body, frame, previous)
+
+    def exit(self, exc_type: type[BaseException] | None) -> bool:
+        """Undo the skip; True where the exception was ours to swallow."""
+        self.frame.f_trace = None
+        sys.settrace(self.previous_trace)
+        return exc_type is SkipBody
+
+    def namespace(self) -> dict[str, Any]:
+        """The names the body can see: the frame's globals, then its locals."""
+        frame = self.frame
+        if frame.f_locals is frame.f_globals:
+            return frame.f_globals
+        return {**frame.f_globals, **frame.f_locals}
+
+
+def _no_trace(frame: types.FrameType, event: str, arg: Any) -> None:
+    return None

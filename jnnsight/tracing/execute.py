@@ -1,0 +1,144 @@
+"""Step 6, execute: one jitted function runs the forward and the scheduled program.
+
+Inside the traced function (an interceptor around an already-compiled function
+would be silently ignored), ``flax.linen.intercept_methods`` numbers module
+calls; at each site the schedule touches, the interceptor binds the site's
+leaves, evaluates that stage's equations with ``jax.core.eval_jaxpr``, applies
+the site's write, and at the end the saves come out as outputs.
+
+Compiled programs are cached by the program's fingerprint and the static parts
+of the inputs; ``jax.jit`` keys the rest by argument shapes. Inputs, parameters
+and outside arrays are arguments, so a block run again with new values of the
+same shapes does not compile again.
+
+Example::
+
+    >>> # run = executor(module, schedule, program.fingerprint, static)
+    >>> # output, saves = run(variables, input_leaves, consts)
+"""
+
+from __future__ import annotations
+
+import threading
+from collections import OrderedDict
+from typing import Any, Callable
+
+import flax.linen as nn
+import jax
+
+from .discover import SiteKey, is_array, site_interceptor
+from .schedule import Schedule, Stage, atom_value
+
+
+class _StopForward(Exception):
+    """Raised by the interceptor after the last site a stopped program needs."""
+
+
+def _run_stage(stage: Stage, env: dict, leaves: list[Any] | None) -> None:
+    for j, var in stage.reads:
+        env[var] = leaves[j]
+    if stage.jaxpr is not None:
+        args = [atom_value(env, v) for v in stage.jaxpr.invars]
+        env.update(zip(stage.jaxpr.outvars, jax.core.eval_jaxpr(stage.jaxpr, [], *args)))
+
+
+def _replace_arrays(leaves: list[Any], atoms: tuple[Any, ...], env: dict) -> list[Any]:
+    """``leaves`` with its array slots (arrays, or abstract arrays) filled from ``atoms``."""
+    new = iter([atom_value(env, a) for a in atoms])
+    return [next(new) if is_array(x) or isinstance(x, jax.ShapeDtypeStruct) else x for x in leaves]
+
+
+def _forward(module: nn.Module, schedule: Schedule, stop_after: int | None) -> Callable[..., Any]:
+    """The forward with the program woven in: ``(variables, args, kwargs, consts) -> (out, saves)``."""
+    stages = schedule.stages
+
+    def run(variables: Any, args: tuple, kwargs: dict, consts: list[Any]) -> tuple[Any, list[Any]]:
+        env: dict = dict(zip(schedule.consts, consts))
+        params = jax.tree_util.tree_leaves(variables)
+        for j, var in schedule.params:
+            env[var] = params[j]
+        _run_stage(schedule.pre, env, None)
+        skipped: dict[SiteKey, Stage] = {}
+
+        def visit(key: SiteKey, value: Any) -> Any:
+            stage = stages.get(key)
+            if stage is None:
+                return value
+            leaves, treedef = jax.tree_util.tree_flatten(value)
+            _run_stage(stage, env, leaves)
+            if stage.skip is not None:
+                skipped[key] = stage
+            if stage.write is not None:
+                value = jax.tree_util.tree_unflatten(treedef, _replace_arrays(leaves, stage.write, env))
+            if stop_after is not None and stage.order == stop_after:
+                raise _StopForward
+            return value
+
+        def on_input(key, module, a, k):
+            return visit(key, (a, k))
+
+        def on_output(key, module, out):
+            return visit(key, out)
+
+        def call_module(key: SiteKey, call: Callable[[], Any]) -> Any:
+            stage = skipped.pop(key, None)
+            if stage is None:
+                return call()
+            site = stage.skip_output
+            return site.unflatten(_replace_arrays(list(site.leaves), stage.skip, env))
+
+        out = None
+        with nn.intercept_methods(site_interceptor(on_input, on_output, call_module)):
+            try:
+                out = module.apply(variables, *args, **kwargs)
+            except _StopForward:
+                pass
+        return out, [atom_value(env, a) for a in schedule.outvars]
+
+    return run
+
+
+class Executor:
+    """A model's compiled-program cache: one jitted forward per program and input structure."""
+
+    def __init__(self, max_entries: int = 256):
+        self._entries: OrderedDict[Any, Callable[..., Any]] = OrderedDict()
+        self._lock = threading.Lock()
+        self.max_entries = max_entries
+
+    def __call__(
+        self,
+        module: nn.Module,
+        schedule: Schedule,
+        fingerprint: str,
+        variables: Any,
+        args: tuple,
+        kwargs: dict,
+        consts: list[Any],
+    ) -> tuple[Any, list[Any]]:
+        """Run the forward with ``schedule`` woven in; compile only on a new key."""
+        leaves, treedef = jax.tree_util.tree_flatten((args, kwargs))
+        arrays = [x for x in leaves if is_array(x)]
+        static = tuple(None if is_array(x) else x for x in leaves)
+        key = (fingerprint, treedef, static)
+        jitted = self._entries.get(key)
+        if jitted is None:
+            jitted = self._compile(module, schedule, treedef, static)
+            with self._lock:
+                self._entries[key] = jitted
+                while len(self._entries) > self.max_entries:
+                    self._entries.popitem(last=False)
+        return jitted(variables, arrays, consts)
+
+    @staticmethod
+    def _compile(module, schedule, treedef, static) -> Callable[..., Any]:
+        stop_after = schedule.last if schedule.stop else None
+        run = _forward(module, schedule, stop_after)
+
+        def forward(variables, arrays, consts):
+            it = iter(arrays)
+            leaves = [next(it) if x is None else x for x in static]
+            args, kwargs = jax.tree_util.tree_unflatten(treedef, leaves)
+            return run(variables, args, kwargs, consts)
+
+        return jax.jit(forward)

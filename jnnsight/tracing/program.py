@@ -1,0 +1,383 @@
+"""Step 4, the abstract pass: a block's bodies become one intervention program.
+
+Every body runs once under ``jax.make_jaxpr``. Reading ``module.output`` binds
+``site_read``, a primitive with no operands whose abstract value is the site's,
+so the body gets a real JAX tracer and any ``jax.numpy`` code works on it.
+Writes are recorded per site and emitted once as ``site_write`` when the bodies
+are done; ``envoy.skip`` emits ``site_skip``; parameters read in a block bind
+``param_read``. The saves are the jaxpr's outputs and arrays from outside the
+block are its constants, so they become arguments of the compiled program,
+never baked-in values.
+
+The result, :class:`InterventionProgram`, is a pure function of (site values,
+parameters, outside arrays) to (site writes, saves).
+
+Example::
+
+    >>> # inside a block, what the user writes ...
+    >>> #     model.block_2.output = model.block_1.output * 2
+    >>> # ... is recorded as
+    >>> #     a = site_read[site=5 leaf=0]
+    >>> #     b = mul a 2.0
+    >>> #     site_write[site=9] b
+"""
+
+from __future__ import annotations
+
+import threading
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from typing import Any, Callable, Iterator, Mapping
+
+import jax
+import jax.numpy as jnp
+from jax import core
+from jax.extend.core import ClosedJaxpr, Primitive, take_current_trace
+
+from ..errors import SiteError, UserLine, WriteError, at_user_line, user_line
+from .discover import Site, SiteKey, SiteTable, is_array
+
+# -- the primitives of a program ------------------------------------------------
+
+site_read_p = Primitive("site_read")
+site_read_p.def_abstract_eval(lambda *, site, leaf, aval: aval)
+
+param_read_p = Primitive("param_read")
+param_read_p.def_abstract_eval(lambda *, leaf, aval: aval)
+
+site_write_p = Primitive("site_write")
+site_write_p.multiple_results = True
+site_write_p.def_abstract_eval(lambda *leaves, site: [])
+
+site_skip_p = Primitive("site_skip")
+site_skip_p.multiple_results = True
+site_skip_p.def_abstract_eval(lambda *leaves, site: [])
+
+PROGRAM_PRIMITIVES = (site_read_p, param_read_p, site_write_p, site_skip_p)
+
+
+def _aval(leaf: jax.ShapeDtypeStruct) -> core.ShapedArray:
+    return core.ShapedArray(leaf.shape, leaf.dtype)
+
+
+# -- rows of an invoke --------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Rows:
+    """The rows ``[start, stop)`` of a batch of ``size`` rows that an invoke owns."""
+
+    start: int
+    stop: int
+    size: int
+
+    @property
+    def whole(self) -> bool:
+        return self.start == 0 and self.stop == self.size
+
+    def owns(self, leaf: Any) -> bool:
+        """Whether a leaf is batched: its first axis is the batch axis."""
+        shape = getattr(leaf, "shape", ())
+        return len(shape) >= 1 and shape[0] == self.size
+
+    def view(self, leaf: Any) -> Any:
+        if self.whole or not self.owns(leaf):
+            return leaf
+        return jax.lax.slice_in_dim(leaf, self.start, self.stop, axis=0)
+
+    def view_shape(self, leaf: jax.ShapeDtypeStruct) -> tuple[int, ...]:
+        if self.whole or not self.owns(leaf):
+            return tuple(leaf.shape)
+        return (self.stop - self.start, *leaf.shape[1:])
+
+    def update(self, full: Any, part: Any) -> Any:
+        if self.whole or not self.owns(full):
+            return part
+        return jax.lax.dynamic_update_slice_in_dim(full, part, self.start, axis=0)
+
+
+# -- the program ------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class InterventionProgram:
+    """What a block reads, writes and saves: one jaxpr over site values.
+
+    Contract: ``jaxpr`` has no inputs; its constants are the arrays the block
+    closed over (passed to the compiled program as arguments); its equations
+    read sites (``site_read``), parameters (``param_read``), and end in at most
+    one ``site_write`` or ``site_skip`` per site; its outputs are the saved
+    leaves, in the order of ``save_ids``. Nothing in it depends on the values of
+    the inputs, only on their shapes, so one program serves every call of the
+    same block on inputs of the same shapes.
+
+    Attributes:
+      jaxpr: the closed jaxpr.
+      table: the site table it was traced against.
+      read_lines / write_lines: the user's line of the first read and of the
+        last write per site order, for error messages.
+      stop: whether the body called ``tracer.stop()``.
+    """
+
+    jaxpr: ClosedJaxpr
+    table: SiteTable
+    read_lines: Mapping[int, UserLine | None]
+    write_lines: Mapping[int, UserLine | None]
+    stop: bool
+    fingerprint: str = field(init=False, repr=False)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "fingerprint", f"{self.stop}|{self.jaxpr.jaxpr}")
+
+    def __str__(self) -> str:
+        return str(self.jaxpr)
+
+
+class Builder:
+    """The mutable state of one abstract pass: current site values, saves, writes.
+
+    Envoys talk to the active builder (one per thread) while the bodies run.
+    """
+
+    def __init__(self, table: SiteTable, param_leaves: list[jax.ShapeDtypeStruct]):
+        self.table = table
+        self.param_leaves = param_leaves
+        self.trace: Any = None
+        self.current: dict[SiteKey, list[Any]] = {}
+        self.written: dict[SiteKey, UserLine | None] = {}
+        self.skipped: dict[SiteKey, list[Any]] = {}
+        self.read_lines: dict[int, UserLine | None] = {}
+        self.write_lines: dict[int, UserLine | None] = {}
+        self.saved: dict[int, Any] = {}  # id -> tracer, kept alive so ids stay unique
+        self.params: dict[int, Any] = {}
+        self.calls: dict[tuple[str, ...], int] = {}  # envoy path -> call index (.next())
+        self.rows = Rows(0, 0, 0)  # the rows of the invoke whose body is running
+        self.stopped = False
+        self.finalizers: list[Callable[[], None]] = []
+
+    # reading and writing sites --------------------------------------------------
+
+    def site(self, key: SiteKey, describe: Callable[[], str]) -> Site:
+        site = self.table.get(key)
+        if site is None:
+            path, call, kind = key
+            info = self.table.modules.get(path)
+            ran = 0 if info is None else info.calls
+            times = "once" if ran == 1 else f"{ran} times"
+            which = f"call {call + 1} of it" if ran else "it"
+            raise SiteError(
+                at_user_line(
+                    f"{describe()} is never reached: the module ran {times} in this "
+                    f"forward pass, so {which} has no {kind}. Check the inputs "
+                    "(does this forward call the module?) or the number of .next() calls."
+                )
+            )
+        return site
+
+    def _leaves(self, site: Site) -> list[Any]:
+        leaves = self.current.get(site.key)
+        if leaves is None:
+            leaves = [
+                site_read_p.bind(site=site.order, leaf=j, aval=_aval(leaf))
+                if isinstance(leaf, jax.ShapeDtypeStruct)
+                else leaf
+                for j, leaf in enumerate(site.leaves)
+            ]
+            self.current[site.key] = leaves
+        return leaves
+
+    def read(self, site: Site, rows: Rows) -> Any:
+        """The site's value as an invoke sees it: its rows, after earlier writes."""
+        self.read_lines.setdefault(site.order, user_line(2))
+        return site.unflatten([rows.view(x) for x in self._leaves(site)])
+
+    def write(self, site: Site, rows: Rows, value: Any, describe: Callable[[], str]) -> None:
+        """Replace the site's value in the invoke's rows; checked against the site."""
+        line = user_line(2)
+        new = self._checked(site, rows, value, describe)
+        full = self._leaves(site)
+        self.current[site.key] = [rows.update(f, n) for f, n in zip(full, new)]
+        self.written[site.key] = line
+        self.write_lines[site.order] = line
+
+    def skip(self, module_input: Site, output: Site, rows: Rows, value: Any,
+             describe: Callable[[], str]) -> None:
+        """The module does not run; its output is ``value`` (whole batch)."""
+        if not rows.whole:
+            raise SiteError(at_user_line(
+                f"{describe()}.skip() in an invoke that owns part of the batch: a "
+                "skipped module is skipped for every row. Call it in an invoke that "
+                "sees the whole batch (`tracer.invoke()` with no input)."
+            ))
+        new = self._checked(output, rows, value, describe)
+        self.skipped[module_input.key] = new
+        self.write_lines[module_input.order] = user_line(2)
+        self.current[output.key] = list(new)
+
+    def _checked(self, site: Site, rows: Rows, value: Any, describe: Callable[[], str]) -> list[Any]:
+        leaves, treedef = jax.tree_util.tree_flatten(plain(value))
+        if treedef != site.treedef:
+            raise WriteError(at_user_line(
+                f"{describe()} holds a value of structure {site.treedef}, and the "
+                f"value written has structure {treedef}. Write a value of the same "
+                "structure (for one element of a tuple: `site.output[0] = v`)."
+            ))
+        out = []
+        for leaf, want in zip(leaves, site.leaves):
+            if not isinstance(want, jax.ShapeDtypeStruct):
+                if leaf is not want and leaf != want:
+                    raise WriteError(at_user_line(
+                        f"{describe()} has the static value {want!r} there; it "
+                        f"cannot become {leaf!r}."
+                    ))
+                out.append(leaf)
+                continue
+            leaf = jnp.asarray(leaf)
+            shape = rows.view_shape(want)
+            if tuple(leaf.shape) != shape or leaf.dtype != want.dtype:
+                got = f"{leaf.dtype}{list(leaf.shape)}"
+                need = f"{want.dtype}{list(shape)}"
+                fix = (
+                    f" Cast it with `.astype(jnp.{want.dtype})`."
+                    if tuple(leaf.shape) == shape
+                    else " Index or reshape it to that shape; a partial edit is "
+                    "`site.output = site.output.at[...].set(v)`."
+                )
+                raise WriteError(at_user_line(
+                    f"{describe()} expects {need} here, and the value written is {got}.{fix}"
+                ))
+            out.append(leaf)
+        return out
+
+    # parameters, saves -------------------------------------------------------------
+
+    def param(self, index: int) -> Any:
+        tracer = self.params.get(index)
+        if tracer is None:
+            tracer = param_read_p.bind(leaf=index, aval=_aval(self.param_leaves[index]))
+            self.params[index] = tracer
+        return tracer
+
+    def is_ours(self, value: Any) -> bool:
+        return isinstance(value, core.Tracer) and getattr(value, "_trace", None) is self.trace
+
+    def save(self, value: Any) -> Any:
+        for leaf in jax.tree_util.tree_leaves(value):
+            if self.is_ours(leaf):
+                self.saved[id(leaf)] = leaf
+        return value
+
+    # the pass ---------------------------------------------------------------------
+
+    def _finish(self) -> list[Any]:
+        for finalize in self.finalizers:
+            finalize()
+        for key in self.written:
+            site = self.table.get(key)
+            site_write_p.bind(*[x for x in self.current[key] if is_array(x)], site=site.order)
+        for key, leaves in self.skipped.items():
+            site = self.table.get(key)
+            site_skip_p.bind(*[x for x in leaves if is_array(x)], site=site.order)
+        return list(self.saved.values())
+
+    def run(self, bodies: Callable[[], None]) -> InterventionProgram:
+        """Run ``bodies`` under ``jax.make_jaxpr``; the program they describe."""
+
+        def program() -> list[Any]:
+            with take_current_trace() as trace:
+                self.trace = trace  # the make_jaxpr trace: it owns the block's tracers
+            with active(self):
+                bodies()
+                return self._finish()
+
+        closed = jax.make_jaxpr(program)()
+        return InterventionProgram(
+            closed, self.table, dict(self.read_lines), dict(self.write_lines), self.stopped
+        )
+
+
+# -- the active builder -------------------------------------------------------------
+
+_local = threading.local()
+
+
+def current() -> Builder | None:
+    """The builder of the abstract pass running in this thread, if any."""
+    return getattr(_local, "builder", None)
+
+
+@contextmanager
+def active(builder: Builder) -> Iterator[Builder]:
+    previous = current()
+    _local.builder = builder
+    try:
+        yield builder
+    finally:
+        _local.builder = previous
+
+
+# -- containers of site values that accept element writes -----------------------------
+
+
+class SiteTuple(tuple):
+    """A tuple site value: ``site.output[0] = v`` writes one element."""
+
+    _writer: Callable[[Any], None]
+
+    def __setitem__(self, index: int, value: Any) -> None:
+        items = list(self)
+        items[index] = value
+        self._writer(tuple(items))
+
+
+class SiteList(list):
+    """A list site value: ``site.output[0] = v`` writes one element."""
+
+    _writer: Callable[[Any], None]
+
+    def __setitem__(self, index: int, value: Any) -> None:
+        items = list(self)
+        items[index] = value
+        self._writer(items)
+
+
+class SiteDict(dict):
+    """A dict site value: ``site.output["key"] = v`` writes one entry."""
+
+    _writer: Callable[[Any], None]
+
+    def __setitem__(self, key: Any, value: Any) -> None:
+        items = dict(self)
+        items[key] = value
+        self._writer(items)
+
+
+_PLAIN = {SiteTuple: tuple, SiteList: list, SiteDict: dict}
+for _cls, _base in _PLAIN.items():
+    if _base is dict:
+        jax.tree_util.register_pytree_with_keys(
+            _cls,
+            lambda d: ([(jax.tree_util.DictKey(k), d[k]) for k in sorted(d)], tuple(sorted(d))),
+            lambda keys, values: dict(zip(keys, values)),
+            flatten_func=lambda d: ([d[k] for k in sorted(d)], tuple(sorted(d))),
+        )
+    else:
+        jax.tree_util.register_pytree_node(
+            _cls, lambda c: (list(c), None), lambda _, c, base=_base: base(c)
+        )
+
+
+def plain(value: Any) -> Any:
+    """A site container as the plain tuple/list/dict it stands for."""
+    base = _PLAIN.get(type(value))
+    return base(value) if base is not None else value
+
+
+def writable(value: Any, writer: Callable[[Any], None]) -> Any:
+    """``value``, its top-level tuple/list/dict made to accept element writes."""
+    for cls, base in _PLAIN.items():
+        if type(value) is base:
+            wrapped = cls(value)
+            wrapped._writer = writer
+            return wrapped
+    return value

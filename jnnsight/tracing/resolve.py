@@ -1,0 +1,133 @@
+"""Step 7, resolve: saved values become arrays in the caller's variables.
+
+After the forward, every saved tracer found in the block's namespace (also
+inside lists, tuples and dicts, which are updated in place) is replaced by its
+value: a concrete ``jax.Array``, or the user's own tracer where the block runs
+under ``jax.jit``/``jax.grad``/``jax.vmap``. A tracer of the block that was not
+saved becomes an :class:`Unsaved` marker whose every use raises a clear error.
+The names are then written back into the caller's frame, function frames
+included.
+
+Example::
+
+    >>> with model.trace(x):
+    ...     h = model.block_1.output.save()     # after the block: a jax.Array
+    ...     g = model.block_2.output            # after the block: Unsaved
+"""
+
+from __future__ import annotations
+
+import ctypes
+import sys
+import types
+from typing import Any, Callable
+
+from ..errors import UnsavedValueError, UserLine
+
+
+class Unsaved:
+    """What an unsaved value of a block is after the block: any use is an error."""
+
+    __slots__ = ("_name", "_line")
+
+    def __init__(self, name: str, line: UserLine | None):
+        object.__setattr__(self, "_name", name)
+        object.__setattr__(self, "_line", line)
+
+    def _fail(self, *args: Any, **kwargs: Any) -> Any:
+        where = f" (block at {self._line})" if self._line else ""
+        raise UnsavedValueError(
+            f"`{self._name}` is a value of a trace block{where} that was not saved, so it "
+            f"does not exist after the block. Save it inside the block: "
+            f"`{self._name} = ....save()` or `jnnsight.save({self._name})`."
+        )
+
+    def __repr__(self) -> str:
+        return f"<unsaved value of a trace block: {self._name}>"
+
+    __getattr__ = _fail
+    __setattr__ = _fail
+    __getitem__ = _fail
+    __setitem__ = _fail
+    __iter__ = _fail
+    __len__ = _fail
+    __bool__ = _fail
+    __float__ = _fail
+    __int__ = _fail
+    __index__ = _fail
+    __array__ = _fail
+    __jax_array__ = _fail
+    __call__ = _fail
+    __add__ = __radd__ = __sub__ = __rsub__ = __mul__ = __rmul__ = _fail
+    __truediv__ = __rtruediv__ = __matmul__ = __rmatmul__ = __pow__ = __neg__ = _fail
+    __lt__ = __le__ = __gt__ = __ge__ = _fail
+
+
+def replace_values(
+    value: Any, name: str, swap: Callable[[Any, str], Any], depth: int = 0
+) -> Any:
+    """``value`` with ``swap`` applied to every leaf; lists and dicts in place."""
+    if depth > 8:
+        return value
+    if type(value) is list or (isinstance(value, list) and not isinstance(value, tuple)):
+        for i, item in enumerate(value):
+            new = replace_values(item, f"{name}[{i}]", swap, depth + 1)
+            if new is not item:
+                value[i] = new
+        return value
+    if isinstance(value, dict):
+        for key, item in list(value.items()):
+            new = replace_values(item, f"{name}[{key!r}]", swap, depth + 1)
+            if new is not item:
+                dict.__setitem__(value, key, new)
+        return value
+    if isinstance(value, tuple):
+        items = [replace_values(item, f"{name}[{i}]", swap, depth + 1) for i, item in enumerate(value)]
+        if all(a is b for a, b in zip(items, value)):
+            return value
+        return type(value)(*items) if hasattr(value, "_fields") else tuple(items)
+    return swap(value, name)
+
+
+def code_names(code: types.CodeType) -> frozenset[str]:
+    """Every name a block's code (and code nested in it) can bind or load."""
+    names = set(code.co_names) | set(code.co_varnames)
+    for const in code.co_consts:
+        if isinstance(const, types.CodeType):
+            names |= code_names(const)
+    return frozenset(names)
+
+
+def resolve_namespace(namespace: dict[str, Any], names: frozenset[str],
+                      before: dict[str, Any], swap: Callable[[Any, str], Any]) -> dict[str, Any]:
+    """Apply ``swap`` to the values of ``names``; the names whose value changed."""
+    changed = {}
+    for name in names:
+        if name not in namespace:
+            continue
+        value = namespace[name]
+        new = replace_values(value, name, swap)
+        if new is not value or before.get(name, _MISSING) is not value:
+            namespace[name] = new
+            changed[name] = new
+    return changed
+
+
+_MISSING = object()
+
+
+def write_frame(frame: types.FrameType, namespace: dict[str, Any], changed: dict[str, Any]) -> None:
+    """Write the block's changed names into the caller's frame."""
+    if frame.f_locals is frame.f_globals:
+        return  # module level: the block ran in the frame's own globals
+    code = frame.f_code
+    local_names = set(code.co_varnames) | set(code.co_cellvars) | set(code.co_freevars)
+    updates = {k: v for k, v in changed.items() if k in local_names}
+    if not updates:
+        return
+    if sys.version_info >= (3, 13):
+        for name, value in updates.items():
+            frame.f_locals[name] = value  # PEP 667: a write-through proxy
+        return
+    frame.f_locals.update(updates)
+    ctypes.pythonapi.PyFrame_LocalsToFast(ctypes.py_object(frame), ctypes.c_int(0))

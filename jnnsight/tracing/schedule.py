@@ -1,0 +1,207 @@
+"""Step 5, schedule: each equation runs at the earliest site where its inputs exist.
+
+Sites are numbered in forward order. A site read has the stage of its site;
+parameters and outside arrays have stage -1; any other equation has the largest
+stage among its inputs. The equations of one stage form one sub-jaxpr, evaluated
+when the forward reaches that site; values stay in an environment for later
+stages. A write at site ``k`` whose value has a stage above ``k`` would need the
+future: that is a :class:`CausalityError`, raised before anything runs.
+
+Example::
+
+    >>> # block_1.output is site 5, block_3.output is site 11
+    >>> #   model.block_3.output = model.block_1.output * 2   # fine: stage 5 <= 11
+    >>> #   model.block_1.output = model.block_3.output * 2   # CausalityError
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from jax.extend.core import Jaxpr, Literal, Var
+
+from ..errors import CausalityError
+from .program import (
+    InterventionProgram,
+    param_read_p,
+    site_read_p,
+    site_skip_p,
+    site_write_p,
+)
+from .discover import Site, SiteKey
+
+PRE = -1  # the stage of everything that needs no site
+
+
+@dataclass(frozen=True)
+class Stage:
+    """What happens at one site: bind its leaves, run equations, replace its value.
+
+    Attributes:
+      reads: ``(leaf index, var)`` pairs bound from the site's value.
+      jaxpr: this stage's equations over variables of earlier stages, or None.
+      write: the atoms of the site's new array leaves, or None.
+      skip: for a module's input site, the atoms of the output that replaces
+        the module's call, or None; ``skip_output`` is that output's site.
+    """
+
+    order: int
+    reads: tuple[tuple[int, Var], ...]
+    jaxpr: Jaxpr | None
+    write: tuple[Any, ...] | None
+    skip: tuple[Any, ...] | None = None
+    skip_output: Site | None = None
+
+
+@dataclass(frozen=True)
+class Schedule:
+    """An intervention program cut into stages, one per site it touches.
+
+    Attributes:
+      consts: the program's constant vars (outside arrays), bound first.
+      params: ``(leaf index, var)`` of the parameters the program reads.
+      pre: the stage that runs before the forward.
+      stages: per site key, the stage run when the forward reaches it.
+      outvars: the saved atoms, read from the environment at the end.
+      last: the order of the last site the program needs.
+      stop: stop the forward after ``last``.
+    """
+
+    consts: tuple[Var, ...]
+    params: tuple[tuple[int, Var], ...]
+    pre: Stage
+    stages: dict[SiteKey, Stage]
+    outvars: tuple[Any, ...]
+    last: int
+    stop: bool
+
+
+def _site_name(program: InterventionProgram, order: int) -> str:
+    path, call, kind = program.table.sites[order].key
+    name = "model" + "".join(f".{p}" for p in path)
+    nexts = ".next()" * call
+    return f"{name}{nexts}.{kind}"
+
+
+def _causality_error(program: InterventionProgram, at: int, needs: int, skip: bool) -> CausalityError:
+    what = "skip of" if skip else "write to"
+    target = _site_name(program, at)
+    source = _site_name(program, needs)
+    if skip:
+        target = target.rsplit(".", 1)[0]
+    write_line = program.write_lines.get(at)
+    read_line = program.read_lines.get(needs)
+    return CausalityError(
+        f"{write_line}\nThe {what} `{target}` depends on `{source}`"
+        f" (read at {read_line}), which the forward pass computes later: it is site "
+        f"#{needs} in forward order and the {what.split()[0]} happens at site #{at}. "
+        "A write can only use values of sites that run before it: compute the value "
+        "from earlier sites, write to a later site, or run a second trace with the "
+        "saved value."
+    )
+
+
+def _live_equations(program: InterventionProgram) -> list[Any]:
+    """The equations whose results are needed (dead code removed)."""
+    jaxpr = program.jaxpr.jaxpr
+    needed = {v for v in jaxpr.outvars if isinstance(v, Var)}
+    live = []
+    for eqn in reversed(jaxpr.eqns):
+        keep = (
+            eqn.primitive in (site_write_p, site_skip_p)
+            or bool(eqn.effects)
+            or any(v in needed for v in eqn.outvars)
+        )
+        if keep:
+            live.append(eqn)
+            needed.update(v for v in eqn.invars if isinstance(v, Var))
+    live.reverse()
+    return live
+
+
+def schedule(program: InterventionProgram) -> Schedule:
+    """Cut ``program`` into stages; raise :class:`CausalityError` on a write from the future."""
+    jaxpr = program.jaxpr.jaxpr
+    table = program.table
+    stage_of: dict[Var, int] = {v: PRE for v in jaxpr.constvars}
+    reads: dict[int, list[tuple[int, Var]]] = {}
+    eqns: dict[int, list[Any]] = {}
+    writes: dict[int, tuple[Any, ...]] = {}
+    skips: dict[int, tuple[Any, ...]] = {}
+    params: list[tuple[int, Var]] = []
+
+    def stage(atoms) -> int:
+        return max((stage_of[a] for a in atoms if isinstance(a, Var)), default=PRE)
+
+    for eqn in _live_equations(program):
+        prim = eqn.primitive
+        if prim is site_read_p:
+            order = eqn.params["site"]
+            stage_of[eqn.outvars[0]] = order
+            reads.setdefault(order, []).append((eqn.params["leaf"], eqn.outvars[0]))
+        elif prim is param_read_p:
+            stage_of[eqn.outvars[0]] = PRE
+            params.append((eqn.params["leaf"], eqn.outvars[0]))
+        elif prim in (site_write_p, site_skip_p):
+            order = eqn.params["site"]
+            needs = stage(eqn.invars)
+            if needs > order:
+                raise _causality_error(program, order, needs, prim is site_skip_p)
+            (writes if prim is site_write_p else skips)[order] = tuple(eqn.invars)
+        else:
+            s = stage(eqn.invars)
+            for v in eqn.outvars:
+                stage_of[v] = s
+            eqns.setdefault(s, []).append(eqn)
+
+    # Which vars each stage must hand on: those used by other stages or at the end.
+    used_later: set[Var] = {v for v in jaxpr.outvars if isinstance(v, Var)}
+    for atoms in (*writes.values(), *skips.values()):
+        used_later.update(v for v in atoms if isinstance(v, Var))
+    for s, group in eqns.items():
+        for eqn in group:
+            used_later.update(v for v in eqn.invars if isinstance(v, Var) and stage_of[v] != s)
+
+    def sub_jaxpr(s: int) -> Jaxpr | None:
+        group = eqns.get(s)
+        if not group:
+            return None
+        defined = {v for e in group for v in e.outvars}
+        inputs: list[Var] = []
+        for e in group:
+            for v in e.invars:
+                if isinstance(v, Var) and v not in defined and v not in inputs:
+                    inputs.append(v)
+        outputs = [v for e in group for v in e.outvars if v in used_later]
+        effects = frozenset().union(*(e.effects for e in group))
+        return Jaxpr([], inputs, outputs, group, effects)
+
+    orders = sorted((set(reads) | set(eqns) | set(writes) | set(skips)) - {PRE})
+    def make_stage(order: int) -> Stage:
+        path, call, _ = table.sites[order].key
+        skip = skips.get(order)
+        return Stage(
+            order,
+            tuple(reads.get(order, ())),
+            sub_jaxpr(order),
+            writes.get(order),
+            skip,
+            table.get((path, call, "output")) if skip is not None else None,
+        )
+
+    stages = {table.sites[o].key: make_stage(o) for o in orders}
+    return Schedule(
+        consts=tuple(jaxpr.constvars),
+        params=tuple(params),
+        pre=Stage(PRE, (), sub_jaxpr(PRE), None),
+        stages=stages,
+        outvars=tuple(jaxpr.outvars),
+        last=max(orders, default=PRE),
+        stop=program.stop,
+    )
+
+
+def atom_value(env: dict[Var, Any], atom: Any) -> Any:
+    """The value of a jaxpr atom: a literal's own, or the environment's."""
+    return atom.val if isinstance(atom, Literal) else env[atom]

@@ -1,0 +1,268 @@
+"""The ``with`` blocks: a Tracer runs the pipeline on exit; Invokers add inputs.
+
+``model.trace(x)`` captures its body (step 1) and, on exit, collates the
+inputs (2), discovers the sites (3), runs the body once against abstract values
+to get the intervention program (4), schedules (5) and executes it (6), and
+writes the saved values back into the caller's variables (7).
+
+``model.trace()`` with no input holds invokes instead. Its body runs first with
+the invoke bodies held back, so that every invoke's input is known before any
+body runs; the invoke bodies then run in order, each seeing its own rows.
+
+Example::
+
+    >>> with model.trace() as tracer:
+    ...     with tracer.invoke(x_a):
+    ...         h = model.block_1.output
+    ...     with tracer.invoke(x_b):
+    ...         model.block_1.output = h          # cross-invoke, no barrier needed
+    ...         y = model.output.save()
+"""
+
+from __future__ import annotations
+
+import sys
+import threading
+import types
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, Callable
+
+from jax import core
+
+from ..errors import CaptureError, JnnsightError, UserLine, at_user_line, is_library_frame
+from . import program as _program
+from .capture import Capture
+from .collate import collate
+from .resolve import Unsaved, code_names, resolve_namespace, write_frame
+
+if TYPE_CHECKING:
+    from ..nnsight import NNsight
+
+
+class StopTrace(BaseException):
+    """Raised by ``tracer.stop()``: the rest of the block's code does not run."""
+
+
+_local = threading.local()
+
+
+def _collecting() -> "Tracer | None":
+    return getattr(_local, "collecting", None)
+
+
+@dataclass
+class Invoke:
+    """One invoke: its input, its compiled body, the names it sees."""
+
+    inputs: tuple[tuple, dict] | None
+    code: types.CodeType
+    restore: dict[str, Any] = field(default_factory=dict)
+
+
+class Invoker:
+    """``tracer.invoke(*args, **kwargs)``: one input of a batched trace.
+
+    Example::
+
+        >>> with model.trace() as tracer:
+        ...     with tracer.invoke(x):
+        ...         h = model.block_1.output.save()
+    """
+
+    def __init__(self, tracer: "Tracer", inputs: tuple[tuple, dict] | None):
+        self.tracer = tracer
+        self.inputs = inputs
+
+    def __enter__(self) -> "Invoker":
+        if _collecting() is not self.tracer:
+            raise CaptureError(at_user_line(
+                "`tracer.invoke(...)` belongs directly in the body of its own "
+                "`model.trace()` (one with no input of its own)."
+            ))
+        self._capture = Capture.enter(sys._getframe(1))
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> bool:
+        if not self._capture.exit(exc_type):
+            return False
+        namespace = self._capture.namespace()
+        code = self._capture.body.code
+        # Names the trace's own body changes later (a loop variable) are put back
+        # to their value at this invoke before its body runs.
+        snapshot = {n: namespace[n] for n in code_names(code) if n in namespace}
+        self.tracer._invokes.append(Invoke(self.inputs, code, snapshot))
+        return True
+
+
+class Tracer:
+    """The context of ``model.trace(...)`` / ``model.scan(...)``.
+
+    Example::
+
+        >>> with model.trace(x) as tracer:
+        ...     h = model.block_1.output.save()
+        ...     tracer.stop()                  # the forward stops after block_1
+    """
+
+    def __init__(self, model: "NNsight", args: tuple, kwargs: dict, scan: bool = False):
+        self.model = model
+        self._inputs = (args, kwargs) if (args or kwargs) else None
+        self._scan = scan
+        self._invokes: list[Invoke] = []
+
+    # inside the block ---------------------------------------------------------------
+
+    def invoke(self, *args: Any, **kwargs: Any) -> Invoker:
+        """One input of the batch; with none, the invoke sees the whole batch."""
+        if self._inputs is not None:
+            raise CaptureError(at_user_line(
+                "this trace has its own input, so its body is the only invoke. "
+                "Use `model.trace()` with no input to batch several `tracer.invoke(x)`."
+            ))
+        return Invoker(self, (args, kwargs) if (args or kwargs) else None)
+
+    def stop(self) -> None:
+        """End the block here: later code is not run, and the forward stops after
+        the last site the block needs."""
+        builder = _program.current()
+        if builder is None:
+            raise CaptureError(at_user_line("`tracer.stop()` belongs inside an invoke's body."))
+        builder.stopped = True
+        raise StopTrace
+
+    def cache(self) -> "Cache":
+        """Every module's output (after edits), keyed by path or envoy, after the block.
+
+        Example::
+
+            >>> with model.trace(x) as tracer:
+            ...     cache = tracer.cache()
+            >>> cache["block_1"], cache[model.block_1], cache["shared", 1]
+        """
+        builder = _program.current()
+        if builder is None:
+            raise CaptureError(at_user_line("`tracer.cache()` belongs inside an invoke's body."))
+        cache = Cache()
+
+        def fill() -> None:
+            for site in builder.table.sites:
+                path, call, kind = site.key
+                if kind == "output":
+                    leaves = builder._leaves(site)
+                    dict.__setitem__(cache, (".".join(path), call), builder.save(site.unflatten(leaves)))
+
+        builder.finalizers.append(fill)
+        return cache
+
+    # the block ----------------------------------------------------------------------
+
+    def __enter__(self) -> "Tracer":
+        if _program.current() is not None or _collecting() is not None:
+            raise CaptureError(at_user_line(
+                "a trace was started inside another trace's body. Traces do not nest: "
+                "finish the first block and start the next after it, or batch inputs "
+                "with `tracer.invoke(...)`."
+            ))
+        self._capture = Capture.enter(sys._getframe(1))
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> bool:
+        if not self._capture.exit(exc_type):
+            return False
+        try:
+            self._run()
+        except BaseException as err:
+            raise err.with_traceback(_trimmed(err)) from err.__cause__
+        return True
+
+    def _run(self) -> None:
+        namespace = self._capture.namespace()
+        body = self._capture.body
+        if self._inputs is not None:
+            invokes = [Invoke(self._inputs, body.code)]
+        else:
+            _local.collecting = self
+            try:
+                exec(body.code, namespace)
+            finally:
+                _local.collecting = None
+            if not self._invokes:
+                raise JnnsightError(
+                    f"{UserLine(body.filename, body.header_line)}\nthe trace has no input "
+                    "and no `tracer.invoke(...)`: give it an input."
+                )
+            invokes = self._invokes
+        batch = collate([inv.inputs for inv in invokes])
+        names = frozenset().union(*(code_names(inv.code) for inv in invokes), code_names(body.code))
+        before = {n: namespace[n] for n in names if n in namespace}
+
+        def bodies() -> None:
+            builder = _program.current()
+            for invoke, rows in zip(invokes, batch.rows):
+                builder.rows = rows
+                builder.calls.clear()
+                for name, value in invoke.restore.items():
+                    if before.get(name) is not value and namespace.get(name) is before.get(name):
+                        namespace[name] = value
+                try:
+                    exec(invoke.code, namespace)
+                except StopTrace:
+                    return
+
+        _, values, builder = self.model._run(self.model.variables, batch, bodies, scan=self._scan)
+        line = UserLine(body.filename, body.header_line)
+
+        def swap(value: Any, name: str) -> Any:
+            if not isinstance(value, core.Tracer):
+                return value
+            if builder.saved.get(id(value)) is value:
+                return values[id(value)]
+            return Unsaved(name, line) if builder.is_ours(value) else value
+
+        changed = resolve_namespace(namespace, names, before, swap)
+        write_frame(self._capture.frame, namespace, changed)
+
+
+class Cache(dict):
+    """Module outputs of a trace, keyed ``(path, call)``; ``cache["block_1"]`` is call 0.
+
+    Example::
+
+        >>> cache[model.block_1] is cache["block_1"] is cache["block_1", 0]
+        True
+    """
+
+    def __getitem__(self, key: Any) -> Any:
+        return dict.__getitem__(self, self._normal(key))
+
+    def __contains__(self, key: Any) -> bool:
+        return dict.__contains__(self, self._normal(key))
+
+    @staticmethod
+    def _normal(key: Any) -> tuple[str, int]:
+        call = 0
+        if isinstance(key, tuple) and len(key) == 2 and isinstance(key[1], int):
+            key, call = key
+        path = getattr(key, "_path", None)
+        if path is not None:
+            key = ".".join(path)
+        return (key, call)
+
+
+def _trimmed(err: BaseException) -> types.TracebackType | None:
+    """The traceback from the user's first frame on; for our errors, to their last."""
+    frames = []
+    tb = err.__traceback__
+    while tb is not None:
+        frames.append(tb)
+        tb = tb.tb_next
+    user = [i for i, t in enumerate(frames) if not is_library_frame(t.tb_frame)]
+    if not user:
+        return err.__traceback__
+    start = user[0]
+    stop = user[-1] if isinstance(err, (JnnsightError, AttributeError)) else len(frames) - 1
+    kept = frames[start : stop + 1]
+    for a, b in zip(kept, kept[1:]):
+        a.tb_next = b
+    kept[-1].tb_next = None
+    return kept[0]
