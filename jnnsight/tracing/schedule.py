@@ -19,7 +19,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from jax.extend.core import Jaxpr, Literal, Var
+from jax.extend.core import DebugInfo, Jaxpr, Literal, Var
 
 from ..errors import CausalityError
 from .program import (
@@ -175,7 +175,8 @@ def schedule(program: InterventionProgram) -> Schedule:
                     inputs.append(v)
         outputs = [v for e in group for v in e.outvars if v in used_later]
         effects = frozenset().union(*(e.effects for e in group))
-        return Jaxpr([], inputs, outputs, group, effects)
+        info = DebugInfo("jnnsight stage", f"site {s}", None, None).with_unknown_names()
+        return Jaxpr([], inputs, outputs, group, effects, debug_info=info)
 
     orders = sorted((set(reads) | set(eqns) | set(writes) | set(skips)) - {PRE})
     def make_stage(order: int) -> Stage:

@@ -198,16 +198,20 @@ class Tracer:
 
         def bodies() -> None:
             builder = _program.current()
+            from_bodies: set[str] = set()  # names an invoke body bound: they flow on
             for invoke, rows in zip(invokes, batch.rows):
                 builder.rows = rows
                 builder.calls.clear()
                 for name, value in invoke.restore.items():
-                    if before.get(name) is not value and namespace.get(name) is before.get(name):
+                    if name not in from_bodies:
                         namespace[name] = value
+                bound = {n: namespace.get(n) for n in names}
                 try:
                     exec(invoke.code, namespace)
                 except StopTrace:
                     return
+                finally:
+                    from_bodies.update(n for n in names if namespace.get(n) is not bound[n])
 
         _, values, builder = self.model._run(self.model.variables, batch, bodies, scan=self._scan)
         line = UserLine(body.filename, body.header_line)

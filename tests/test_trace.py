@@ -1,0 +1,311 @@
+"""What a block reads, writes and saves equals a hand-written interceptor's forward."""
+
+from __future__ import annotations
+
+import runpy
+import textwrap
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import jnnsight
+from jnnsight import NNsight, UnsavedValueError
+
+from conftest import assert_close, reference
+
+
+def test_saved_block_outputs_equal_the_plain_forward(toy):
+    model, tokens = toy
+    with model.trace(tokens):
+        hidden = [model.h[i].output[0].save() for i in range(3)]
+        logits = model.output.save()
+    out, seen = reference(model, tokens)
+    assert isinstance(logits, jax.Array) and isinstance(hidden[0], jax.Array)
+    assert_close(logits, out)
+    for i in range(3):
+        assert_close(hidden[i], seen[((f"h_{i}",), 0)][0])
+
+
+def test_tuple_element_write_equals_hand_written_edit(toy):
+    model, tokens = toy
+    with model.trace(tokens):
+        model.h[1].output[0] = model.h[1].output[0] * 0.5
+        logits = model.output.save()
+
+    def edit(path, call, out):
+        return (out[0] * 0.5,) if path == ("h_1",) else out
+
+    assert_close(logits, reference(model, tokens, edit=edit)[0])
+
+
+def test_noise_edit_on_mlp_output_and_read_after_write(toy):
+    model, tokens = toy
+    noise = jax.random.normal(jax.random.key(3), (2, 6, 16)) * 0.1
+    with model.trace(tokens):
+        before = model.h[-1].mlp.output.save()
+        model.h[-1].mlp.output = before + noise
+        after = model.h[-1].mlp.output.save()
+        logits = model.output.save()
+
+    def edit(path, call, out):
+        return out + noise if path == ("h_2", "mlp") else out
+
+    out, seen = reference(model, tokens, edit=edit)
+    assert_close(after, before + noise)
+    assert_close(logits, out)
+    assert_close(before, reference(model, tokens)[1][(("h_2", "mlp"), 0)])
+
+
+def test_input_read_and_write(toy):
+    model, tokens = toy
+    with model.trace(tokens):
+        x = model.h[0].mlp.input.save()
+        args, kwargs = model.h[0].mlp.inputs
+        args0 = args[0].save()
+        model.h[1].mlp.input = model.h[1].mlp.input * 2
+        logits = model.output.save()
+    _, seen = reference(model, tokens)
+    assert_close(x, seen[(("h_0", "ln_2"), 0)])
+    assert_close(args0, x)
+    assert kwargs == {}
+
+    def double_input(next_fun, a, k, context):
+        if context.method_name == "__call__" and context.module.path == ("h_1", "mlp"):
+            a = (a[0] * 2,)
+        return next_fun(*a, **k)
+
+    with nn.intercept_methods(double_input):
+        expected = model.module.apply(model.variables, tokens)
+    assert_close(logits, expected)
+
+
+def test_reads_in_any_order_the_data_allows(toy):
+    model, tokens = toy
+    with model.trace(tokens):
+        late = model.h[2].output[0].save()          # read a late site first
+        early = model.h[0].output[0]
+        model.h[2].output[0] = early * 1.0 + 0.0    # write a late site from an early one
+        logits = model.output.save()
+    _, seen = reference(model, tokens)
+    h0 = seen[(("h_0",), 0)][0]
+    expected, _ = reference(model, tokens, edit=lambda p, c, o: (h0,) if p == ("h_2",) else o)
+    assert_close(logits, expected)
+    assert_close(late, seen[(("h_2",), 0)][0])
+
+
+def test_jnp_functions_and_sums_on_values(toy):
+    model, tokens = toy
+    with model.trace(tokens):
+        h = model.h[-1].output[0].save()
+        total = jnp.sum(h).save()
+        edited = (h + total).save()
+        stats = jnnsight.save({"mean": h.mean(), "tanh": jnp.tanh(h)})
+    assert_close(total, jnp.sum(h))
+    assert_close(edited, h + jnp.sum(h))
+    assert_close(stats["tanh"], jnp.tanh(h))
+    assert isinstance(stats["mean"], jax.Array)
+
+
+def test_invokes_see_their_rows_and_equal_solo_runs(toy):
+    model, tokens = toy
+    a, b = tokens[:1], tokens[1:]
+    with model.trace() as tracer:
+        with tracer.invoke(a):
+            ha = model.h[1].output[0].save()
+            model.h[1].output[0] = model.h[1].output[0] * 3
+            la = model.output.save()
+        with tracer.invoke(b):
+            hb = model.h[1].output[0].save()
+            lb = model.output.save()
+        with tracer.invoke():
+            everything = model.output.save()
+    assert ha.shape == (1, 6, 16) and hb.shape == (1, 6, 16)
+    with model.trace(a):
+        model.h[1].output[0] = model.h[1].output[0] * 3
+        solo_a = model.output.save()
+    with model.trace(b):
+        solo_b = model.output.save()
+    assert_close(la, solo_a)
+    assert_close(lb, solo_b)
+    assert_close(everything, jnp.concatenate([solo_a, solo_b]))
+
+
+def test_cross_invoke_embedding_transfer(toy):
+    model, tokens = toy
+    a, b = tokens[:1], tokens[1:]
+    with model.trace() as tracer:
+        with tracer.invoke(a):
+            embeddings = model.wte.output
+        with tracer.invoke(b):
+            model.wte.output = embeddings
+            patched = model.output.save()
+    with model.trace(a):
+        expected = model.output.save()
+    assert_close(patched, expected)
+
+
+def test_invokes_in_a_loop_keep_their_loop_variables(toy):
+    model, tokens = toy
+    scales = [1.0, 2.0]
+    outs = []
+    with model.trace() as tracer:
+        for i, scale in enumerate(scales):
+            with tracer.invoke(tokens[i : i + 1]):
+                model.h[0].output[0] = model.h[0].output[0] * scale
+                outs.append(model.output.save())
+    for i, scale in enumerate(scales):
+        with model.trace(tokens[i : i + 1]):
+            model.h[0].output[0] = model.h[0].output[0] * scale
+            solo = model.output.save()
+        assert_close(outs[i], solo)
+
+
+def test_body_side_effects_happen_once_and_outer_lists_get_arrays(toy):
+    model, tokens = toy
+    calls = []
+    shapes = []
+    for repeat in range(3):
+        saved = []
+        with model.trace(tokens):
+            calls.append(repeat)
+            shapes.append(model.h[0].output[0].shape)
+            saved.append(model.h[0].output[0].save())
+        assert isinstance(saved[0], jax.Array)
+    assert calls == [0, 1, 2]
+    assert shapes == [(2, 6, 16)] * 3
+
+
+def test_unsaved_values_do_not_leave_the_block(toy):
+    model, tokens = toy
+    with model.trace(tokens):
+        kept = model.h[0].output[0].save()
+        dropped = model.h[1].output[0] * 2
+    assert isinstance(kept, jax.Array)
+    with pytest.raises(UnsavedValueError, match="dropped"):
+        dropped + 1
+
+
+def test_saves_reach_module_level_variables(tmp_path):
+    script = tmp_path / "block_at_module_level.py"
+    script.write_text(textwrap.dedent("""
+        from jnnsight.toy import toy_model
+        model, tokens = toy_model(layers=1, width=8, heads=2, vocab=16, length=3)
+        with model.trace(tokens):
+            hidden = model.h[0].output[0].save()
+            logits = model.output.save()
+    """))
+    names = runpy.run_path(str(script))
+    assert isinstance(names["hidden"], jax.Array) and names["hidden"].shape == (1, 3, 8)
+    assert_close(names["logits"], names["model"].module.apply(names["model"].variables, names["tokens"]))
+
+
+def test_scan_gives_shapes_without_running(toy):
+    model, tokens = toy
+    with model.scan(tokens):
+        h = model.h[0].mlp.c_fc.output.save()
+        width = model.h[0].mlp.c_fc.output.shape[-1]
+    assert h == jax.ShapeDtypeStruct((2, 6, 64), jnp.float32)
+    assert width == 64
+
+
+def test_calling_an_envoy_applies_the_submodule_with_model_parameters(toy):
+    model, tokens = toy
+    with model.trace(tokens):
+        h = model.h[0].output[0]
+        lens = model.lm_head(model.ln_f(h)).save()
+        kernel = model.lm_head.kernel.save()
+    _, seen = reference(model, tokens)
+    params = model.variables["params"]
+    normed = nn.LayerNorm().apply({"params": params["ln_f"]}, seen[(("h_0",), 0)][0])
+    assert_close(lens, normed @ params["lm_head"]["kernel"])
+    assert_close(kernel, params["lm_head"]["kernel"])
+
+
+def test_stop_ends_the_block_and_the_forward(toy):
+    model, tokens = toy
+    ran = []
+    with model.trace(tokens) as tracer:
+        h = model.h[0].output[0].save()
+        tracer.stop()
+        ran.append("after stop")  # noqa: unreachable by design
+    assert ran == []
+    assert_close(h, reference(model, tokens)[1][(("h_0",), 0)][0])
+
+
+def test_skip_replaces_the_module_call(toy):
+    model, tokens = toy
+    with model.trace(tokens):
+        model.h[1].skip((model.h[1].input,))
+        logits = model.output.save()
+        skipped = model.h[1].output[0].save()
+    _, seen = reference(model, tokens)
+
+    def identity_block(path, call, out):
+        return (seen[(("h_0",), 0)][0],) if path == ("h_1",) else out
+
+    assert_close(logits, reference(model, tokens, edit=identity_block)[0])
+    assert_close(skipped, seen[(("h_0",), 0)][0])
+
+
+def test_cache_holds_every_output_after_edits(toy):
+    model, tokens = toy
+    with model.trace(tokens) as tracer:
+        model.h[0].mlp.output = model.h[0].mlp.output * 0
+        cache = tracer.cache()
+
+    def edit(path, call, out):
+        return out * 0 if path == ("h_0", "mlp") else out
+
+    _, seen = reference(model, tokens, edit=edit)
+    assert set(cache) == {(".".join(p), c) for p, c in seen}
+    for (path, call), value in seen.items():
+        assert_close(cache[".".join(path), call], value)
+    assert cache[model.h[0].mlp] is cache["h_0.mlp"]
+
+
+class Shared(nn.Module):
+    @nn.compact
+    def __call__(self, x):
+        dense = nn.Dense(4, name="shared")
+        return dense(jnp.tanh(dense(x)))
+
+
+def test_next_addresses_the_second_call_of_a_module():
+    x = jnp.ones((2, 4))
+    module = Shared()
+    model = NNsight(module, module.init(jax.random.key(0), x))
+    with model.trace(x):
+        first = model.shared.output.save()
+        model.shared.next().output = model.shared.output * 0 + 1
+        second = model.shared.output.save()
+        out = model.output.save()
+    params = model.variables["params"]["shared"]
+    expected_first = x @ params["kernel"] + params["bias"]
+    assert_close(first, expected_first)
+    assert_close(second, jnp.ones((2, 4)))
+    assert_close(out, jnp.ones((2, 4)))
+
+
+def test_print_shows_the_module_tree(toy):
+    model, _ = toy
+    text = repr(model)
+    for name in ["(wte)", "(h[0-2]): 3 x Block", "(c_attn)", "(lm_head)", "kernel=[16, 32]"]:
+        assert name in text
+    assert len(model.h) == 3
+    assert model.h[-1] is model.h_2
+
+
+def test_outside_array_edits_match_numpy(toy):
+    model, tokens = toy
+    vec = np.linspace(-1, 1, 16).astype(np.float32)
+    with model.trace(tokens):
+        model.h[2].output[0] = model.h[2].output[0].at[:, -1].set(vec)
+        logits = model.output.save()
+
+    def edit(path, call, out):
+        return (out[0].at[:, -1].set(vec),) if path == ("h_2",) else out
+
+    assert_close(logits, reference(model, tokens, edit=edit)[0])
