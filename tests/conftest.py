@@ -19,7 +19,9 @@ from jnnsight.toy import toy_model
 Edit = Callable[[tuple[str, ...], int, Any], Any]
 
 
-def reference(model, *args: Any, edit: Edit | None = None, **kwargs: Any) -> tuple[Any, dict]:
+def reference(
+    model, *args: Any, edit: Edit | None = None, variables: Any = None, **kwargs: Any
+) -> tuple[Any, dict]:
     """Run ``model.module`` with a hand-written interceptor.
 
     ``edit(path, call, output)`` returns the output to use instead (or the same).
@@ -42,7 +44,7 @@ def reference(model, *args: Any, edit: Edit | None = None, **kwargs: Any) -> tup
         return out
 
     with nn.intercept_methods(interceptor):
-        out = model.module.apply(model.variables, *args, **kwargs)
+        out = model.module.apply(variables or model.variables, *args, **kwargs)
     return out, seen
 
 
