@@ -309,3 +309,11 @@ def test_outside_array_edits_match_numpy(toy):
         return (out[0].at[:, -1].set(vec),) if path == ("h_2",) else out
 
     assert_close(logits, reference(model, tokens, edit=edit)[0])
+
+
+def test_sites_inside_a_skipped_module_are_an_error_before_running(toy):
+    model, tokens = toy
+    with pytest.raises(jnnsight.SiteError, match="is skipped"):
+        with model.trace(tokens):
+            model.h[1].skip((model.h[1].input,))
+            inner = model.h[1].mlp.output.save()

@@ -21,7 +21,7 @@ from typing import Any
 
 from jax.extend.core import DebugInfo, Jaxpr, Literal, Var
 
-from ..errors import CausalityError
+from ..errors import CausalityError, SiteError
 from .program import (
     InterventionProgram,
     param_read_p,
@@ -192,6 +192,15 @@ def schedule(program: InterventionProgram) -> Schedule:
         )
 
     stages = {table.sites[o].key: make_stage(o) for o in orders}
+    for order in skips:
+        inside = [o for o in orders if order < o < stages[table.sites[order].key].skip_output.order]
+        if inside:
+            module = _site_name(program, order).rsplit(".", 1)[0]
+            raise SiteError(
+                f"{program.write_lines.get(order)}\n`{module}` is skipped, so nothing inside "
+                f"it runs, yet the block uses `{_site_name(program, inside[0])}`. Read the "
+                "skipped module's own input or output instead."
+            )
     return Schedule(
         consts=tuple(jaxpr.constvars),
         params=tuple(params),

@@ -1,0 +1,700 @@
+"""Every bad input gives a clear error that names the user's line and says what to do.
+
+Bad inputs tried
+----------------
+Module tree
+  * unknown attribute ``model.h[0].mlpp`` (outside and inside a block)  -> AttributeError, "mlp"
+  * index out of range ``model.h[7]`` / ``model.h[-3]``                 -> IndexError
+  * ``model.h = 3`` / ``model.h[0] = 3``                                -> AttributeError / TypeError
+  * ``model.h[0].output`` / ``.next()`` outside any block               -> SiteError
+  * calling a submodule before any trace ran the model                  -> SiteError
+Writes
+  * wrong shape, wrong dtype, a Python scalar                           -> WriteError
+  * wrong structure: bare array for a tuple output, list for a tuple,
+    the whole output tuple into its own element                         -> WriteError
+  * tuple element out of range ``model.h[0].output[1] = ...``            -> IndexError
+  * ``.input`` of the wrong shape                                       -> WriteError
+  * a write of the whole batch's shape inside a one-row invoke          -> WriteError
+Sites
+  * ``.next()`` past the module's last call                             -> SiteError
+  * a module that is defined but never called                           -> SiteError
+  * ``.input`` of a module called with keyword arguments only           -> SiteError
+Order
+  * write to ``h[0].output`` computed from ``h[1].output``              -> CausalityError
+Values after the block
+  * arithmetic / ``.shape`` / ``.save()`` on an unsaved value           -> UnsavedValueError
+  * an unsaved value inside a list; used in the next block              -> UnsavedValueError
+  * a saved value stored on an object attribute (``o.h = ....save()``)
+  * ``.save()`` on a site's tuple output / on ``.inputs``
+  * ``.save()`` on a concrete array inside a block                      -> AttributeError
+  * ``.save()`` outside a block on a tracer of the user's ``jax.jit``   -> JnnsightError
+Capture
+  * a block compiled from a string with ``exec``                        -> CaptureError
+  * body on the line of the ``with``                                    -> CaptureError
+  * ``return`` inside a block                                           -> CaptureError
+  * a trace inside a trace's body / an invoke's body / ``intervene``    -> CaptureError
+  * ``tracer.invoke`` in a trace that has its own input                 -> CaptureError
+  * ``tracer.invoke`` after the block / inside another invoke           -> CaptureError
+  * ``tracer.stop()`` after the block                                   -> CaptureError
+Inputs
+  * invokes whose inputs differ in shape                                -> JnnsightError
+  * an invoke input with no batch axis                                  -> JnnsightError
+  * only ``tracer.invoke()`` with no input / a trace with neither       -> JnnsightError
+  * a model input the forward cannot take                               -> the model's own error
+Exceptions in the body
+  * ``1/0``, a jnp shape error, ``if tracer > 0``, ``np.asarray(tracer)``
+                                 -> the original type, the body line last in the traceback
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import traceback
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import jnnsight
+from jnnsight import NNsight
+from jnnsight.errors import (
+    CaptureError,
+    CausalityError,
+    JnnsightError,
+    SiteError,
+    UnsavedValueError,
+    WriteError,
+)
+from jnnsight.toy import toy_model
+
+THIS = os.path.basename(__file__)
+
+# -- helpers ---------------------------------------------------------------------------
+
+_MARK = re.compile(r"#\s*L:(\w+)\s*$")
+
+
+def _marks() -> dict[str, int]:
+    marks: dict[str, int] = {}
+    with open(__file__) as f:
+        for n, text in enumerate(f, 1):
+            m = _MARK.search(text)
+            if m:
+                assert m.group(1) not in marks, f"duplicate mark {m.group(1)}"
+                marks[m.group(1)] = n
+    return marks
+
+
+MARKS = _marks()
+
+
+def at(mark: str) -> str:
+    """``test_errors.py:N`` for the line carrying ``# L:mark``."""
+    return f"{THIS}:{MARKS[mark]}"
+
+
+def names_line(err: BaseException, mark: str) -> None:
+    message = str(err)
+    assert at(mark) in message, f"expected {at(mark)} in the message:\n{message}"
+
+
+def frames(err: BaseException) -> list[traceback.FrameSummary]:
+    return list(traceback.extract_tb(err.__traceback__))
+
+
+def user_frames(err: BaseException) -> list[traceback.FrameSummary]:
+    return [f for f in frames(err) if os.path.basename(f.filename) == THIS]
+
+
+def library_frames(err: BaseException) -> list[traceback.FrameSummary]:
+    package = os.path.dirname(jnnsight.__file__)
+    return [f for f in frames(err) if f.filename.startswith(package)]
+
+
+# -- fixtures ----------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def toy():
+    return toy_model(layers=2, width=16, heads=2, vocab=32, length=4)
+
+
+class KwOnly(nn.Module):
+    """``d`` is called with keyword arguments only; ``unused`` is never called."""
+
+    def setup(self):
+        self.d = nn.Dense(3)
+        self.unused = nn.Dense(3)
+
+    def __call__(self, x):
+        return self.d(inputs=x)
+
+
+@pytest.fixture(scope="module")
+def kw():
+    x = jnp.ones((2, 4))
+    return NNsight(KwOnly(), KwOnly().init(jax.random.key(0), x)), x
+
+
+# -- 1. the module tree -------------------------------------------------------------------
+
+
+def test_unknown_attribute_suggests_close_name(toy):
+    model, _ = toy
+    with pytest.raises(AttributeError) as info:
+        model.h[0].mlpp  # L:mlpp
+    names_line(info.value, "mlpp")
+    assert "'mlp'" in str(info.value)
+    assert "print(model)" in str(info.value)
+
+
+def test_unknown_attribute_inside_block(toy):
+    model, tokens = toy
+    with pytest.raises(AttributeError) as info:
+        with model.trace(tokens):
+            y = model.h[0].mlpp.output  # L:mlpp_in
+    names_line(info.value, "mlpp_in")
+    assert "'mlp'" in str(info.value)
+    assert user_frames(info.value)[-1].lineno == MARKS["mlpp_in"]
+
+
+def test_index_out_of_range(toy):
+    model, _ = toy
+    with pytest.raises(IndexError) as info:
+        model.h[7]  # L:h7
+    names_line(info.value, "h7")
+    assert "2 modules" in str(info.value)
+    with pytest.raises(IndexError) as info:
+        model.h[-3]  # L:hm3
+    names_line(info.value, "hm3")
+
+
+def test_assign_to_envoy_attribute(toy):
+    model, _ = toy
+    with pytest.raises(AttributeError) as info:
+        model.h = 3  # L:assign_h
+    names_line(info.value, "assign_h")
+    assert ".output" in str(info.value)
+
+
+def test_assign_to_envoy_list_item(toy):
+    model, _ = toy
+    with pytest.raises(TypeError) as info:
+        model.h[0] = 3  # L:assign_h0
+    assert user_frames(info.value)[-1].lineno == MARKS["assign_h0"]
+
+
+def test_site_outside_block(toy):
+    model, _ = toy
+    with pytest.raises(SiteError) as info:
+        model.h[0].output  # L:out_outside
+    names_line(info.value, "out_outside")
+    assert ".save()" in str(info.value)
+    with pytest.raises(SiteError) as info:
+        model.h[0].next()  # L:next_outside
+    names_line(info.value, "next_outside")
+
+
+def test_call_submodule_before_any_trace():
+    x = jnp.ones((2, 4))
+    fresh = NNsight(KwOnly(), KwOnly().init(jax.random.key(0), x))
+    with pytest.raises(SiteError) as info:
+        fresh.d(x)  # L:call_before
+    names_line(info.value, "call_before")
+    assert "before a trace" in str(info.value)
+
+
+# -- 2. writes --------------------------------------------------------------------------
+
+
+def test_write_wrong_shape(toy):
+    model, tokens = toy
+    with pytest.raises(WriteError) as info:
+        with model.trace(tokens):
+            model.h[0].output[0] = jnp.zeros((1, 4, 8))  # L:shape
+    names_line(info.value, "shape")
+    message = str(info.value)
+    assert "float32[1, 4, 16]" in message and "float32[1, 4, 8]" in message
+    assert "reshape" in message
+
+
+def test_write_wrong_dtype(toy):
+    model, tokens = toy
+    with pytest.raises(WriteError) as info:
+        with model.trace(tokens):
+            model.h[0].output[0] = jnp.zeros((1, 4, 16), jnp.int32)  # L:dtype
+    names_line(info.value, "dtype")
+    assert "astype(jnp.float32)" in str(info.value)
+
+
+def test_write_python_scalar(toy):
+    model, tokens = toy
+    with pytest.raises(WriteError) as info:
+        with model.trace(tokens):
+            model.h[0].output[0] = 0.0  # L:scalar
+    names_line(info.value, "scalar")
+    assert ".at[" in str(info.value)
+
+
+def test_write_bare_array_to_tuple_output(toy):
+    model, tokens = toy
+    with pytest.raises(WriteError) as info:
+        with model.trace(tokens):
+            model.h[0].output = jnp.zeros((1, 4, 16))  # L:struct
+    names_line(info.value, "struct")
+    assert "output[0] = v" in str(info.value)
+
+
+def test_write_list_to_tuple_output(toy):
+    model, tokens = toy
+    with pytest.raises(WriteError) as info:
+        with model.trace(tokens):
+            model.h[0].output = [model.h[0].output[0]]  # L:struct_list
+    names_line(info.value, "struct_list")
+
+
+def test_write_nested_structure_message_has_no_internal_names(toy):
+    model, tokens = toy
+    with pytest.raises(WriteError) as info:
+        with model.trace(tokens):
+            model.h[0].output[0] = model.h[0].output  # L:struct_nested
+    names_line(info.value, "struct_nested")
+    # The user wrote a tuple; the library's own SiteTuple should not show up.
+    assert "SiteTuple" not in str(info.value), str(info.value)
+
+
+def test_write_tuple_element_out_of_range(toy):
+    model, tokens = toy
+    with pytest.raises(IndexError) as info:
+        with model.trace(tokens):
+            model.h[0].output[1] = model.h[0].output[0]  # L:tuple_index
+    assert user_frames(info.value)[-1].lineno == MARKS["tuple_index"]
+    # like `model.h[7]`, the message should name the line and the tuple's length
+    names_line(info.value, "tuple_index")
+    assert "1 element" in str(info.value), str(info.value)
+
+
+def test_write_input_wrong_shape(toy):
+    model, tokens = toy
+    with pytest.raises(WriteError) as info:
+        with model.trace(tokens):
+            model.h[1].input = jnp.zeros((1, 4, 3))  # L:input_shape
+    names_line(info.value, "input_shape")
+    assert "model.h_1.input" in str(info.value)
+
+
+def test_write_whole_batch_shape_in_one_row_invoke(toy):
+    model, tokens = toy
+    with pytest.raises(WriteError) as info:
+        with model.trace() as tracer:
+            with tracer.invoke(tokens):
+                model.h[0].output[0] = jnp.zeros((2, 4, 16))  # L:rows
+            with tracer.invoke(tokens):
+                y = model.output.save()
+    names_line(info.value, "rows")
+    assert "float32[1, 4, 16]" in str(info.value)
+
+
+# -- 3. sites that do not run ----------------------------------------------------------
+
+
+def test_next_past_last_call(toy):
+    model, tokens = toy
+    with pytest.raises(SiteError) as info:
+        with model.trace(tokens):
+            y = model.h[0].next().output  # L:next
+    names_line(info.value, "next")
+    message = str(info.value)
+    assert "once" in message and ".next()" in message
+
+
+def test_module_never_called(kw):
+    model, x = kw
+    with pytest.raises(SiteError) as info:
+        with model.trace(x):
+            y = model.unused.output  # L:unused
+    names_line(info.value, "unused")
+    assert "0 times" in str(info.value)
+
+
+def test_input_of_module_called_with_keywords_only(kw):
+    model, x = kw
+    with pytest.raises(SiteError) as info:
+        with model.trace(x):
+            a = model.d.input  # L:kw_input
+    names_line(info.value, "kw_input")
+    assert "`.inputs`" in str(info.value)
+
+
+# -- 4. causality -----------------------------------------------------------------------
+
+
+def test_causality_names_both_lines(toy):
+    model, tokens = toy
+    with pytest.raises(CausalityError) as info:
+        with model.trace(tokens):
+            later = model.h[1].output[0]  # L:caus_read
+            model.h[0].output = (later * 2,)  # L:caus_write
+    names_line(info.value, "caus_read")
+    names_line(info.value, "caus_write")
+    message = str(info.value)
+    assert "model.h_0.output" in message and "model.h_1.output" in message
+    assert "second trace" in message
+
+
+def test_causality_traceback_hides_library_frames(toy):
+    """errors.py: "Library frames are left out of what the user sees"."""
+    model, tokens = toy
+    with pytest.raises(CausalityError) as info:
+        with model.trace(tokens):  # L:caus2_with
+            later = model.h[1].output[0]
+            model.h[0].output = (later * 2,)
+    inner = [f for f in library_frames(info.value) if f.name != "__exit__"]
+    assert not inner, "library frames in the traceback: " + ", ".join(
+        f"{os.path.basename(f.filename)}:{f.lineno} {f.name}" for f in inner
+    )
+
+
+# -- 5. values used after the block ------------------------------------------------------
+
+
+def test_unsaved_value_arithmetic(toy):
+    model, tokens = toy
+    with pytest.raises(UnsavedValueError) as info:
+        with model.trace(tokens):  # L:unsaved_with
+            hidden = model.h[0].output[0]
+        hidden + 1
+    message = str(info.value)
+    assert "`hidden`" in message
+    assert ".save()" in message
+    names_line(info.value, "unsaved_with")
+
+
+def test_unsaved_value_names_the_line_of_use(toy):
+    model, tokens = toy
+    with pytest.raises(UnsavedValueError) as info:
+        with model.trace(tokens):
+            hidden = model.h[0].output[0]
+        hidden.shape  # L:unsaved_use
+    assert "`hidden`" in str(info.value)
+    assert user_frames(info.value)[-1].lineno == MARKS["unsaved_use"]
+    names_line(info.value, "unsaved_use")
+
+
+def test_unsaved_value_save_after_block(toy):
+    model, tokens = toy
+    with pytest.raises(UnsavedValueError) as info:
+        with model.trace(tokens):
+            hidden = model.h[0].output[0]
+        hidden.save()
+    assert "`hidden`" in str(info.value)
+
+
+def test_unsaved_value_in_list(toy):
+    model, tokens = toy
+    with pytest.raises(UnsavedValueError) as info:
+        with model.trace(tokens):
+            hs = [model.h[0].output[0]]
+        hs[0] + 1
+    assert "`hs[0]`" in str(info.value)
+
+
+def test_unsaved_value_used_in_next_block(toy):
+    model, tokens = toy
+    with model.trace(tokens):
+        hidden = model.h[0].output[0]
+    with pytest.raises(UnsavedValueError) as info:
+        with model.trace(tokens):
+            model.h[1].output[0] = hidden  # L:unsaved_next
+    assert "`hidden`" in str(info.value)
+    assert user_frames(info.value)[-1].lineno == MARKS["unsaved_next"]
+
+
+def test_saved_value_on_an_attribute_is_not_a_leaked_tracer(toy):
+    """``o.h = ....save()``: after the block ``o.h`` must be an array, or the block must say why not."""
+    model, tokens = toy
+
+    class Holder:
+        pass
+
+    o = Holder()
+    try:
+        with model.trace(tokens):
+            o.h = model.h[0].output[0].save()  # L:attr_save
+    except JnnsightError as err:
+        names_line(err, "attr_save")
+        return
+    assert not isinstance(o.h, jax.core.Tracer), (
+        f"o.h is still a tracer of the block after it ({type(o.h).__name__}); "
+        "using it raises jax's UnexpectedTracerError far from the block"
+    )
+
+
+def test_save_of_tuple_output(toy):
+    """``model.h[0].output.save()`` (nnsight's idiom) works, or says to use ``jnnsight.save``."""
+    model, tokens = toy
+    try:
+        with model.trace(tokens):
+            out = model.h[0].output.save()  # L:tuple_save
+    except Exception as err:  # noqa: BLE001
+        names_line(err, "tuple_save")
+        assert "jnnsight.save" in str(err), str(err)
+        return
+    assert isinstance(out, tuple) and out[0].shape == (1, 4, 16)
+
+
+def test_save_of_inputs(toy):
+    """``model.h[0].inputs.save()`` works, or says to use ``jnnsight.save``."""
+    model, tokens = toy
+    try:
+        with model.trace(tokens):
+            inputs = model.h[0].inputs.save()  # L:inputs_save
+    except Exception as err:  # noqa: BLE001
+        names_line(err, "inputs_save")
+        assert "jnnsight.save" in str(err), str(err)
+        return
+    args, kwargs = inputs
+    assert args[0].shape == (1, 4, 16)
+
+
+def test_save_of_concrete_array_in_block(toy):
+    model, tokens = toy
+    with pytest.raises(AttributeError) as info:
+        with model.trace(tokens):
+            t = tokens.save()  # L:concrete_save
+    assert user_frames(info.value)[-1].lineno == MARKS["concrete_save"]
+
+
+def test_save_outside_block_in_user_jit():
+    @jax.jit
+    def f(x):
+        return x.save()  # L:jit_save
+
+    with pytest.raises(JnnsightError) as info:
+        f(jnp.ones(3))
+    assert "model.trace" in str(info.value)
+    names_line(info.value, "jit_save")
+
+
+# -- 6. capture --------------------------------------------------------------------------
+
+
+def test_block_from_exec_string(toy):
+    model, tokens = toy
+    src = "with model.trace(tokens):\n    y = model.output.save()\n"
+    with pytest.raises(CaptureError) as info:
+        exec(compile(src, "<string>", "exec"), {"model": model, "tokens": tokens})
+    message = str(info.value)
+    assert "<string>:1" in message
+    assert "exec" in message  # why
+    assert "model.intervene" in message and "file" in message  # what to do
+
+
+def test_body_on_the_with_line(toy):
+    model, tokens = toy
+    with pytest.raises(CaptureError) as info:
+        with model.trace(tokens): y = model.output.save()  # noqa: E701  # L:sameline
+    names_line(info.value, "sameline")
+    message = str(info.value)
+    assert "line of its `with`" in message, message
+    assert "lines of its own" in message
+
+
+def test_return_inside_block(toy):
+    model, tokens = toy
+
+    def f():
+        with model.trace(tokens):
+            y = model.output.save()
+            return y  # L:return
+
+    with pytest.raises(CaptureError) as info:
+        f()
+    names_line(info.value, "return")
+    assert "after it" in str(info.value)
+
+
+# -- 7. exceptions raised in the body ------------------------------------------------------
+
+
+def _check_body_traceback(err: BaseException, with_mark: str, body_mark: str) -> None:
+    fs = frames(err)
+    users = user_frames(err)
+    assert users[-1].lineno == MARKS[body_mark], [f"{f.name}:{f.lineno}" for f in fs]
+    with_i = next(i for i, f in enumerate(fs) if os.path.basename(f.filename) == THIS
+                  and f.lineno == MARKS[with_mark])
+    body_i = max(i for i, f in enumerate(fs) if os.path.basename(f.filename) == THIS)
+    between = fs[with_i + 1 : body_i]
+    # only the block's own __exit__ may stand between the `with` line and the body line
+    assert all(f.name == "__exit__" for f in between), [f"{f.filename}:{f.name}" for f in between]
+    assert len(between) <= 1
+
+
+def test_zero_division_in_body(toy):
+    model, tokens = toy
+    with pytest.raises(ZeroDivisionError) as info:
+        with model.trace(tokens):  # L:div_with
+            h = model.h[0].output[0]
+            1 / 0  # L:div
+    _check_body_traceback(info.value, "div_with", "div")
+
+
+def test_jnp_shape_error_in_body(toy):
+    model, tokens = toy
+    with pytest.raises(TypeError) as info:
+        with model.trace(tokens):  # L:mm_with
+            h = model.h[0].output[0]
+            h @ jnp.ones((3, 3))  # L:mm
+    _check_body_traceback(info.value, "mm_with", "mm")
+    assert "dot_general" in str(info.value)
+
+
+def test_python_branch_on_traced_value(toy):
+    model, tokens = toy
+    with pytest.raises(jax.errors.TracerBoolConversionError) as info:
+        with model.trace(tokens):  # L:bool_with
+            if model.h[0].output[0].sum() > 0:  # L:bool
+                pass
+    _check_body_traceback(info.value, "bool_with", "bool")
+
+
+def test_numpy_conversion_of_traced_value(toy):
+    model, tokens = toy
+    with pytest.raises(jax.errors.TracerArrayConversionError) as info:
+        with model.trace(tokens):  # L:np_with
+            a = np.asarray(model.h[0].output[0])  # L:np
+    _check_body_traceback(info.value, "np_with", "np")
+
+
+def test_model_cannot_take_the_input(toy):
+    model, _ = toy
+    with pytest.raises(IndexError) as info:  # toy's forward reads tokens.shape[1]
+        with model.trace(jnp.zeros((4,), jnp.int32)):  # L:bad_input
+            y = model.output.save()
+    assert MARKS["bad_input"] in [f.lineno for f in user_frames(info.value)]
+
+
+# -- 8. traces inside traces, and invokes ------------------------------------------------------
+
+
+def test_trace_inside_trace(toy):
+    model, tokens = toy
+    with pytest.raises(CaptureError) as info:
+        with model.trace(tokens):
+            with model.trace(tokens):  # L:nested
+                y = model.output.save()
+    names_line(info.value, "nested")
+    assert "do not nest" in str(info.value)
+
+
+def test_trace_inside_invoke(toy):
+    model, tokens = toy
+    with pytest.raises(CaptureError) as info:
+        with model.trace() as tracer:
+            with tracer.invoke(tokens):
+                with model.trace(tokens):  # L:nested_invoke
+                    y = 1
+    names_line(info.value, "nested_invoke")
+
+
+def test_trace_inside_intervene_body(toy):
+    model, tokens = toy
+
+    def body():
+        with model.trace(tokens):  # L:nested_intervene
+            y = 1
+        return model.output
+
+    with pytest.raises(CaptureError) as info:
+        model.intervene(body)(model.variables, tokens)
+    names_line(info.value, "nested_intervene")
+
+
+def test_invoke_in_trace_with_input(toy):
+    model, tokens = toy
+    with pytest.raises(CaptureError) as info:
+        with model.trace(tokens) as tracer:
+            with tracer.invoke(tokens):  # L:invoke_own
+                y = model.output.save()
+    names_line(info.value, "invoke_own")
+    assert "model.trace()" in str(info.value)
+
+
+def test_invoke_after_block(toy):
+    model, tokens = toy
+    with model.trace() as tracer:
+        with tracer.invoke(tokens):
+            y = model.output.save()
+    with pytest.raises(CaptureError) as info:
+        with tracer.invoke(tokens):  # L:invoke_after
+            z = 1
+    names_line(info.value, "invoke_after")
+
+
+def test_invoke_inside_invoke(toy):
+    model, tokens = toy
+    with pytest.raises(CaptureError) as info:
+        with model.trace() as tracer:
+            with tracer.invoke(tokens):
+                with tracer.invoke(tokens):  # L:invoke_in_invoke
+                    y = 1
+    names_line(info.value, "invoke_in_invoke")
+
+
+def test_stop_after_block(toy):
+    model, tokens = toy
+    with model.trace(tokens) as tracer:
+        y = model.output.save()
+    with pytest.raises(CaptureError) as info:
+        tracer.stop()  # L:stop_after
+    names_line(info.value, "stop_after")
+
+
+# -- inputs of a trace -------------------------------------------------------------------------
+
+
+def test_invokes_with_mismatched_shapes(toy):
+    model, tokens = toy
+    with pytest.raises(JnnsightError) as info:
+        with model.trace() as tracer:  # L:mismatch_trace
+            with tracer.invoke(tokens):  # L:mismatch_1
+                y = model.output.save()
+            with tracer.invoke(jnp.zeros((1, 3), jnp.int32)):  # L:mismatch_2
+                z = model.output.save()
+    message = str(info.value)
+    assert "pad" in message
+    # the message should say which of the user's invokes disagree
+    assert at("mismatch_2") in message or at("mismatch_1") in message, message
+
+
+def test_invoke_input_without_batch_axis(toy):
+    model, tokens = toy
+    with pytest.raises(JnnsightError) as info:
+        with model.trace() as tracer:
+            with tracer.invoke(jnp.int32(3)):  # L:nobatch
+                y = model.output.save()
+    assert "(batch, ...)" in str(info.value)
+    names_line(info.value, "nobatch")
+
+
+def test_trace_with_no_input_and_no_invoke(toy):
+    model, _ = toy
+    with pytest.raises(JnnsightError) as info:
+        with model.trace() as tracer:  # L:no_input
+            y = 1
+    names_line(info.value, "no_input")
+    assert "give it an input" in str(info.value)
+
+
+def test_only_invokes_without_input(toy):
+    model, _ = toy
+    with pytest.raises(JnnsightError) as info:
+        with model.trace() as tracer:  # L:empty_invoke_trace
+            with tracer.invoke():  # L:empty_invoke
+                y = model.output.save()
+    assert "tracer.invoke(x)" in str(info.value)
+    message = str(info.value)
+    assert at("empty_invoke_trace") in message or at("empty_invoke") in message, message
