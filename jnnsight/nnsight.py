@@ -84,14 +84,18 @@ class NNsight(Envoy):
             self._tree.setdefault(path[:i], {}).setdefault(path[i], None)
 
     def _index_variables(self) -> None:
+        """Where each variable leaf lives: ``(collection, module path, name)`` by leaf index."""
         params: dict[tuple[str, ...], dict[str, int]] = {}
+        places: list[tuple[str, tuple[str, ...], str]] = []
         flat, _ = jax.tree_util.tree_flatten_with_path(self.variables)
         for index, (keypath, _) in enumerate(flat):
             names = tuple(str(getattr(k, "key", getattr(k, "name", k))) for k in keypath)
-            module_path, leaf = names[1:-1], names[-1]
+            collection, module_path, leaf = names[0], names[1:-1], names[-1]
             self._add_path(module_path)
             params.setdefault(module_path, {}).setdefault(leaf, index)
+            places.append((collection, module_path, leaf))
         object.__setattr__(self, "_params", params)
+        object.__setattr__(self, "_places", places)
 
     def _index_setup_children(self) -> None:
         """Submodules defined in ``setup`` are known before any trace."""
@@ -217,17 +221,13 @@ class NNsight(Envoy):
             ))
         builder = _program.current()
         leaves = jax.tree_util.tree_leaves(self.variables)
-        take = (lambda i: builder.param(i)) if builder is not None else (lambda i: leaves[i])
         sub: dict[str, Any] = {}
-        flat, _ = jax.tree_util.tree_flatten_with_path(self.variables)
-        for index, (keypath, _) in enumerate(flat):
-            names = tuple(str(getattr(k, "key", getattr(k, "name", k))) for k in keypath)
-            collection, module_path = names[0], names[1:-1]
+        for index, (collection, module_path, name) in enumerate(self._places):
             if module_path[: len(path)] == path:
                 node = sub.setdefault(collection, {})
-                for name in module_path[len(path):]:
-                    node = node.setdefault(name, {})
-                node[names[-1]] = take(index)
+                for part in module_path[len(path):]:
+                    node = node.setdefault(part, {})
+                node[name] = builder.param(index) if builder is not None else leaves[index]
         return info.module.apply(sub, *args, **kwargs)
 
     # public ---------------------------------------------------------------------------

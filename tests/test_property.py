@@ -273,7 +273,7 @@ CONSTS = (-1.5, -0.5, 0.0, 0.25, 2.0)
 
 
 @st.composite
-def programs(draw, max_ops: int = 10) -> tuple:
+def programs(draw, min_ops: int = 3, max_ops: int = 12) -> tuple:
     """A causal program: each write's value needs only sites up to its own.
 
     Returns ``(ops, stages, cursor, writes)``: the ops, the stage of each value
@@ -285,15 +285,26 @@ def programs(draw, max_ops: int = 10) -> tuple:
     cursor: dict[tuple[str, ...], int] = {}
     writes: dict[int, int] = {}
 
-    def site_choice() -> int:
+    # Most reads and writes go to a few sites of the program's own, so that
+    # reads after writes and several writes to one site are common.
+    pool = draw(st.lists(st.integers(0, len(SITES) - 1), min_size=1, max_size=4, unique=True))
+
+    def addressable(s: int) -> bool:
         # a module's calls are addressed in increasing order (`.next()` only advances)
-        allowed = [i for i, (path, call, _, _) in enumerate(SITES) if call >= cursor.get(path, 0)]
-        s = draw(st.sampled_from(allowed))
+        path, call = SITES[s][:2]
+        return call >= cursor.get(path, 0)
+
+    def site_choice(lowest: int = 0) -> int | None:
+        allowed = [s for s in range(lowest, len(SITES)) if addressable(s)]
+        preferred = [s for s in pool if s in allowed]
+        if not allowed:
+            return None
+        s = draw(st.sampled_from(preferred if preferred and draw(st.integers(0, 3)) else allowed))
         path, call = SITES[s][:2]
         cursor[path] = call
         return s
 
-    for _ in range(draw(st.integers(1, max_ops))):
+    for _ in range(draw(st.sampled_from(range(min_ops, max_ops + 1)))):
         n = len(stages)
         kinds = ["read", "const"] if n == 0 else [
             "read", "read", "add", "mul", "tanh", "setcol", "write", "write", "save", "save"]
@@ -324,12 +335,9 @@ def programs(draw, max_ops: int = 10) -> tuple:
             stages.append(max(stages[i], stages[j]))
         elif kind == "write":
             i = draw(value)
-            allowed = [s for s in range(max(stages[i], 0), len(SITES))
-                       if SITES[s][1] >= cursor.get(SITES[s][0], 0)]
-            if not allowed:
+            s = site_choice(lowest=max(stages[i], 0))
+            if s is None:
                 continue
-            s = draw(st.sampled_from(allowed))
-            cursor[SITES[s][0]] = SITES[s][1]
             ops.append(("write", s, i))
             writes[s] = i
         else:
@@ -343,7 +351,7 @@ def programs(draw, max_ops: int = 10) -> tuple:
 @st.composite
 def noncausal(draw) -> tuple:
     """A causal program, then a last write to a site before one its value needs."""
-    ops, stages, cursor, writes = draw(programs(max_ops=8))
+    ops, stages, cursor, writes = draw(programs(min_ops=1, max_ops=8))
     late = [i for i, s in enumerate(stages) if s > 0]
     if not late:  # make one: read a site after the first
         s = draw(st.sampled_from([i for i, (path, call, _, _) in enumerate(SITES)
