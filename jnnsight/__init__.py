@@ -21,6 +21,7 @@ from jax import core as _core
 
 from .envoy import Envoy, EnvoyList
 from .errors import (
+    at_user_line,
     CaptureError,
     CausalityError,
     JnnsightError,
@@ -70,10 +71,10 @@ def _tracer_save(self: Any) -> Any:
     """``value.save()``: keep this value of a trace block after the block."""
     builder = _program.current()
     if builder is None or not builder.is_ours(self):
-        raise JnnsightError(
+        raise JnnsightError(at_user_line(
             "`.save()` was called on a JAX value that does not belong to a running "
             "trace block. Call it inside `with model.trace(...):`."
-        )
+        ))
     return builder.save(self)
 
 

@@ -135,7 +135,7 @@ class Envoy:
             >>> with model.trace(x):
             ...     args, kwargs = model.block_1.inputs
         """
-        return self._read("input")
+        return _program.writable(self._read("input"), lambda v: self._write("input", v))
 
     @inputs.setter
     def inputs(self, value: tuple[tuple, dict]) -> None:

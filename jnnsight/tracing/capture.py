@@ -49,11 +49,15 @@ _bodies: dict[tuple[types.CodeType, int], CapturedBody] = {}
 _bodies_lock = threading.Lock()
 
 
+def _header_end(node: ast.With) -> int:
+    return getattr(node.items[-1].context_expr, "end_lineno", None) or node.lineno
+
+
 def _with_node(tree: ast.AST, lineno: int) -> ast.With | None:
     """The innermost ``with`` statement whose header spans ``lineno``."""
     best = None
     for node in ast.walk(tree):
-        if isinstance(node, ast.With) and node.lineno <= lineno < node.body[0].lineno:
+        if isinstance(node, ast.With) and node.lineno <= lineno <= _header_end(node):
             if best is None or node.lineno >= best.lineno:
                 best = node
     return best
@@ -80,8 +84,7 @@ def _compile_body(frame: types.FrameType) -> CapturedBody:
             "imported?). Enter traces with a `with` statement."
         )
     first = node.body[0].lineno
-    header_end = getattr(node.items[-1].context_expr, "end_lineno", node.lineno)
-    if first <= header_end:
+    if first <= _header_end(node):
         raise CaptureError(
             f"{filename}:{lineno}: the block's body is on the line of its `with` "
             "statement. Put the body on lines of its own."

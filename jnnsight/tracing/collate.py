@@ -22,7 +22,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from ..errors import JnnsightError
+from ..errors import JnnsightError, UserLine
 from .discover import is_array
 from .program import Rows
 
@@ -36,55 +36,74 @@ class Batch:
     rows: tuple[Rows, ...]
 
 
-def _rows_of(args: tuple, kwargs: dict) -> int:
+def _rows_of(args: tuple, kwargs: dict, line: UserLine | None) -> int:
     for leaf in jax.tree_util.tree_leaves((args, kwargs)):
         if is_array(leaf) and np.ndim(leaf) >= 1:
             return int(np.shape(leaf)[0])
-    raise JnnsightError(
+    raise JnnsightError(_at(line,
         "an invoke's input has no array with a batch axis: jnnsight batches "
         "invokes along axis 0 of their arrays. Give inputs of shape (batch, ...)."
-    )
+    ))
 
 
-def collate(inputs: list[tuple[tuple, dict] | None]) -> Batch:
-    """Batch the invokes' ``(args, kwargs)``; ``None`` marks an invoke with no input."""
-    given = [x for x in inputs if x is not None]
+def _at(line: UserLine | None, message: str) -> str:
+    return f"{line}\n{message}" if line is not None else message
+
+
+def _check_like(first: Any, other: Any, line: UserLine | None) -> None:
+    """``other`` can be concatenated to ``first``: same structure, shapes past axis 0, statics."""
+    a_leaves, a_def = jax.tree_util.tree_flatten(first)
+    b_leaves, b_def = jax.tree_util.tree_flatten(other)
+    if a_def != b_def:
+        raise JnnsightError(_at(line,
+            f"this invoke's input has structure {b_def}, and the first invoke's {a_def}: "
+            "every invoke of a trace must pass the same arguments."
+        ))
+    for a, b in zip(a_leaves, b_leaves):
+        if is_array(a) != is_array(b):
+            raise JnnsightError(_at(line, f"this invoke passes {b!r} where the first passes {a!r}."))
+        if not is_array(a):
+            if a != b:
+                raise JnnsightError(_at(line,
+                    f"invokes disagree on a non-array argument ({a!r} vs {b!r}): such "
+                    "arguments must be equal in every invoke."
+                ))
+        elif np.shape(a)[1:] != np.shape(b)[1:] or a.dtype != b.dtype:
+            raise JnnsightError(_at(line,
+                f"this invoke's input is {b.dtype}{list(np.shape(b))} and the first "
+                f"invoke's {a.dtype}{list(np.shape(a))}: invokes are concatenated "
+                "along axis 0, so every other axis (and the dtype) must agree: pad them to one shape."
+            ))
+
+
+def collate(
+    inputs: list[tuple[tuple, dict] | None], lines: list[UserLine | None] | None = None
+) -> Batch:
+    """Batch the invokes' ``(args, kwargs)``; ``None`` marks an invoke with no input.
+
+    ``lines`` are the invokes' lines in the user's code, for error messages.
+    """
+    lines = lines or [None] * len(inputs)
+    given = [(x, line) for x, line in zip(inputs, lines) if x is not None]
     if not given:
-        raise JnnsightError(
+        raise JnnsightError(_at(lines[0],
             "the trace has no input: pass one to `model.trace(x)` or to at least one "
             "`tracer.invoke(x)`."
-        )
+        ))
+    sizes = [_rows_of(*x, line) for x, line in given]
     if len(given) == 1:
-        args, kwargs = given[0]
-        size = _rows_of(args, kwargs)
-        return Batch(args, kwargs, tuple(Rows(0, size, size) for _ in inputs))
-    treedef = jax.tree_util.tree_structure(given[0])
-    sizes = [_rows_of(*x) for x in given]
-    for x in given[1:]:
-        if jax.tree_util.tree_structure(x) != treedef:
-            raise JnnsightError(
-                "invokes were given inputs of different structures "
-                f"({treedef} and {jax.tree_util.tree_structure(x)}): every invoke of "
-                "a trace must pass the same arguments."
-            )
+        (args, kwargs), _ = given[0]
+        return Batch(args, kwargs, tuple(Rows(0, sizes[0], sizes[0]) for _ in inputs))
+    first = given[0][0]
+    for x, line in given[1:]:
+        _check_like(first, x, line)
 
     def concat(*leaves: Any) -> Any:
         if not is_array(leaves[0]):
-            if any(leaf != leaves[0] for leaf in leaves[1:]):
-                raise JnnsightError(
-                    f"invokes disagree on a non-array argument ({leaves[0]!r} vs "
-                    "another value): such arguments must be equal in every invoke."
-                )
             return leaves[0]
-        shapes = {tuple(np.shape(leaf)[1:]) for leaf in leaves}
-        if len(shapes) > 1:
-            raise JnnsightError(
-                f"invokes' inputs differ in shape beyond the batch axis ({sorted(shapes)}): "
-                "they are concatenated along axis 0, so pad them to one shape first."
-            )
         return jnp.concatenate([jnp.asarray(leaf) for leaf in leaves], axis=0)
 
-    args, kwargs = jax.tree_util.tree_map(concat, *given)
+    args, kwargs = jax.tree_util.tree_map(concat, *[x for x, _ in given])
     total = sum(sizes)
     rows, start, sizes_iter = [], 0, iter(sizes)
     for x in inputs:

@@ -149,6 +149,8 @@ class Builder:
         self.read_lines: dict[int, UserLine | None] = {}
         self.write_lines: dict[int, UserLine | None] = {}
         self.saved: dict[int, Any] = {}  # id -> tracer, kept alive so ids stay unique
+        self.save_lines: dict[int, UserLine | None] = {}
+        self.internal: set[int] = set()  # saves the library makes (tracer.cache())
         self.params: dict[int, Any] = {}
         self.calls: dict[tuple[str, ...], int] = {}  # envoy path -> call index (.next())
         self.rows = Rows(0, 0, 0)  # the rows of the invoke whose body is running
@@ -261,10 +263,14 @@ class Builder:
     def is_ours(self, value: Any) -> bool:
         return isinstance(value, core.Tracer) and getattr(value, "_trace", None) is self.trace
 
-    def save(self, value: Any) -> Any:
+    def save(self, value: Any, internal: bool = False) -> Any:
+        line = None if internal else user_line(2)
         for leaf in jax.tree_util.tree_leaves(value):
             if self.is_ours(leaf):
                 self.saved[id(leaf)] = leaf
+                self.save_lines.setdefault(id(leaf), line)
+                if internal:
+                    self.internal.add(id(leaf))
         return value
 
     # the pass ---------------------------------------------------------------------
@@ -319,37 +325,45 @@ def active(builder: Builder) -> Iterator[Builder]:
 # -- containers of site values that accept element writes -----------------------------
 
 
-class SiteTuple(tuple):
+class _SiteContainer:
+    """Element writes and ``.save()`` for a site's tuple, list or dict value."""
+
+    _writer: Callable[[Any], None]
+
+    def _set(self, index: Any, value: Any) -> None:
+        items = plain(self)
+        try:
+            items = list(items) if isinstance(items, tuple) else items
+            items[index] = value
+        except IndexError:
+            raise IndexError(at_user_line(
+                f"element {index} is out of range: this value has {len(self)} elements."
+            )) from None
+        self._writer(tuple(items) if isinstance(self, tuple) else items)
+
+    def save(self) -> Any:
+        """Keep the whole value after the block (as a plain tuple/list/dict)."""
+        builder = current()
+        value = plain(self)
+        return value if builder is None else builder.save(value)
+
+
+class SiteTuple(_SiteContainer, tuple):
     """A tuple site value: ``site.output[0] = v`` writes one element."""
 
-    _writer: Callable[[Any], None]
-
-    def __setitem__(self, index: int, value: Any) -> None:
-        items = list(self)
-        items[index] = value
-        self._writer(tuple(items))
+    __setitem__ = _SiteContainer._set
 
 
-class SiteList(list):
+class SiteList(_SiteContainer, list):
     """A list site value: ``site.output[0] = v`` writes one element."""
 
-    _writer: Callable[[Any], None]
-
-    def __setitem__(self, index: int, value: Any) -> None:
-        items = list(self)
-        items[index] = value
-        self._writer(items)
+    __setitem__ = _SiteContainer._set
 
 
-class SiteDict(dict):
+class SiteDict(_SiteContainer, dict):
     """A dict site value: ``site.output["key"] = v`` writes one entry."""
 
-    _writer: Callable[[Any], None]
-
-    def __setitem__(self, key: Any, value: Any) -> None:
-        items = dict(self)
-        items[key] = value
-        self._writer(items)
+    __setitem__ = _SiteContainer._set
 
 
 _PLAIN = {SiteTuple: tuple, SiteList: list, SiteDict: dict}
@@ -368,9 +382,8 @@ for _cls, _base in _PLAIN.items():
 
 
 def plain(value: Any) -> Any:
-    """A site container as the plain tuple/list/dict it stands for."""
-    base = _PLAIN.get(type(value))
-    return base(value) if base is not None else value
+    """``value`` with every site container in it made the plain tuple/list/dict it stands for."""
+    return jax.tree_util.tree_map(lambda leaf: leaf, value)
 
 
 def writable(value: Any, writer: Callable[[Any], None]) -> Any:

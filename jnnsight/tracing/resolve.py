@@ -22,7 +22,7 @@ import sys
 import types
 from typing import Any, Callable
 
-from ..errors import UnsavedValueError, UserLine
+from ..errors import UnsavedValueError, UserLine, at_user_line
 
 
 class Unsaved:
@@ -36,16 +36,20 @@ class Unsaved:
 
     def _fail(self, *args: Any, **kwargs: Any) -> Any:
         where = f" (block at {self._line})" if self._line else ""
-        raise UnsavedValueError(
+        raise UnsavedValueError(at_user_line(
             f"`{self._name}` is a value of a trace block{where} that was not saved, so it "
             f"does not exist after the block. Save it inside the block: "
             f"`{self._name} = ....save()` or `jnnsight.save({self._name})`."
-        )
+        ))
 
     def __repr__(self) -> str:
         return f"<unsaved value of a trace block: {self._name}>"
 
-    __getattr__ = _fail
+    def __getattr__(self, name: str) -> Any:
+        if name.startswith("__"):
+            raise AttributeError(name)  # introspection (copy, pickle, hasattr) stays quiet
+        return self._fail()
+
     __setattr__ = _fail
     __getitem__ = _fail
     __setitem__ = _fail
@@ -98,9 +102,26 @@ def code_names(code: types.CodeType) -> frozenset[str]:
     return frozenset(names)
 
 
+_LIBRARIES = {"jnnsight", "jax", "jaxlib", "flax", "numpy", "builtins"}
+
+
+def _user_attributes(value: Any) -> dict[str, Any] | None:
+    """The ``__dict__`` of an instance of a user's class, else None."""
+    attrs = getattr(value, "__dict__", None)
+    if not isinstance(attrs, dict) or isinstance(value, (type, types.ModuleType, types.FunctionType)):
+        return None
+    if type(value).__module__.split(".")[0] in _LIBRARIES:
+        return None
+    return attrs
+
+
 def resolve_namespace(namespace: dict[str, Any], names: frozenset[str],
                       before: dict[str, Any], swap: Callable[[Any, str], Any]) -> dict[str, Any]:
-    """Apply ``swap`` to the values of ``names``; the names whose value changed."""
+    """Apply ``swap`` to the values of ``names``; the names whose value changed.
+
+    Attributes of a user's objects are visited where the block names them
+    (``self.h = ....save()``).
+    """
     changed = {}
     for name in names:
         if name not in namespace:
@@ -110,6 +131,13 @@ def resolve_namespace(namespace: dict[str, Any], names: frozenset[str],
         if new is not value or before.get(name, _MISSING) is not value:
             namespace[name] = new
             changed[name] = new
+        attrs = _user_attributes(new)
+        if attrs is not None:
+            for attr in names & attrs.keys():
+                item = attrs[attr]
+                replaced = replace_values(item, f"{name}.{attr}", swap)
+                if replaced is not item:
+                    setattr(new, attr, replaced)
     return changed
 
 

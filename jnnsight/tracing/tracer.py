@@ -56,6 +56,7 @@ class Invoke:
 
     inputs: tuple[tuple, dict] | None
     code: types.CodeType
+    line: UserLine | None = None
     restore: dict[str, Any] = field(default_factory=dict)
 
 
@@ -90,7 +91,8 @@ class Invoker:
         # Names the trace's own body changes later (a loop variable) are put back
         # to their value at this invoke before its body runs.
         snapshot = {n: namespace[n] for n in code_names(code) if n in namespace}
-        self.tracer._invokes.append(Invoke(self.inputs, code, snapshot))
+        line = UserLine(self._capture.body.filename, self._capture.body.header_line)
+        self.tracer._invokes.append(Invoke(self.inputs, code, line, snapshot))
         return True
 
 
@@ -149,7 +151,9 @@ class Tracer:
                 path, call, kind = site.key
                 if kind == "output":
                     leaves = builder._leaves(site)
-                    dict.__setitem__(cache, (".".join(path), call), builder.save(site.unflatten(leaves)))
+                    dict.__setitem__(
+                        cache, (".".join(path), call), builder.save(site.unflatten(leaves), internal=True)
+                    )
 
         builder.finalizers.append(fill)
         return cache
@@ -179,7 +183,7 @@ class Tracer:
         namespace = self._capture.namespace()
         body = self._capture.body
         if self._inputs is not None:
-            invokes = [Invoke(self._inputs, body.code)]
+            invokes = [Invoke(self._inputs, body.code, UserLine(body.filename, body.header_line))]
         else:
             _local.collecting = self
             try:
@@ -192,7 +196,7 @@ class Tracer:
                     "and no `tracer.invoke(...)`: give it an input."
                 )
             invokes = self._invokes
-        batch = collate([inv.inputs for inv in invokes])
+        batch = collate([inv.inputs for inv in invokes], [inv.line for inv in invokes])
         names = frozenset().union(*(code_names(inv.code) for inv in invokes), code_names(body.code))
         before = {n: namespace[n] for n in names if n in namespace}
 
@@ -215,16 +219,26 @@ class Tracer:
 
         _, values, builder = self.model._run(self.model.variables, batch, bodies, scan=self._scan)
         line = UserLine(body.filename, body.header_line)
+        found: set[int] = set()
 
         def swap(value: Any, name: str) -> Any:
             if not isinstance(value, core.Tracer):
                 return value
             if builder.saved.get(id(value)) is value:
+                found.add(id(value))
                 return values[id(value)]
             return Unsaved(name, line) if builder.is_ours(value) else value
 
         changed = resolve_namespace(namespace, names, before, swap)
         write_frame(self._capture.frame, namespace, changed)
+        lost = [i for i in builder.saved if i not in found and i not in builder.internal]
+        if lost:
+            raise JnnsightError(
+                f"{builder.save_lines[lost[0]]}\nthis value was saved, but the block put it "
+                "nowhere jnnsight can write it back: saved values reach the names the block "
+                "assigns (and lists, tuples and dicts in them, and attributes of your objects "
+                "that the block names). Assign it to a name: `h = ....save()`."
+            )
 
 
 class Cache(dict):
@@ -262,7 +276,7 @@ def _trimmed(err: BaseException) -> types.TracebackType | None:
         tb = tb.tb_next
     user = [i for i, t in enumerate(frames) if not is_library_frame(t.tb_frame)]
     if not user:
-        return err.__traceback__
+        return None  # raised by the library after the body ran: the message names the line
     start = user[0]
     stop = user[-1] if isinstance(err, (JnnsightError, AttributeError)) else len(frames) - 1
     kept = frames[start : stop + 1]
