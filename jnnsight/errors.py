@@ -13,6 +13,7 @@ Example::
 from __future__ import annotations
 
 import difflib
+import functools
 import linecache
 import os
 import sys
@@ -65,7 +66,11 @@ class UserLine:
 
 def is_library_frame(frame: types.FrameType) -> bool:
     """True for frames of jnnsight, JAX or flax, which a user does not write."""
-    filename = frame.f_code.co_filename
+    return _is_library_file(frame.f_code.co_filename)
+
+
+@functools.lru_cache(maxsize=4096)
+def _is_library_file(filename: str) -> bool:
     return (
         filename.startswith(_PACKAGE_DIR)
         or f"{os.sep}jax{os.sep}" in filename

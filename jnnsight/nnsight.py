@@ -24,6 +24,8 @@ from typing import Any, Callable
 
 import flax.linen as nn
 import jax
+import jax.numpy as jnp
+from jax import core
 
 from .envoy import Envoy, _numbered_children
 from .errors import SiteError, at_user_line
@@ -173,25 +175,27 @@ class NNsight(Envoy):
 
     # the engine -----------------------------------------------------------------------
 
-    def _site_table(self, variables: Any, batch: Batch) -> SiteTable:
+    def _site_table(self, variables: Any, batch: Batch) -> tuple[SiteTable, list[core.ShapedArray]]:
+        """The sites of this forward and the parameters' abstract values, cached by shapes."""
         key = (shape_key(variables), shape_key((batch.args, batch.kwargs)))
-        table = self._tables.get(key)
-        if table is None:
+        entry = self._tables.get(key)
+        if entry is None:
             table = discover(self.module, variables, batch.args, batch.kwargs)
+            avals = [core.ShapedArray(jnp.shape(x), x.dtype)
+                     for x in jax.tree_util.tree_leaves(variables)]
+            entry = (table, avals)
             with self._lock:
-                self._tables[key] = table
+                self._tables[key] = entry
                 for path, info in table.modules.items():
                     self._add_path(path)
                     self._types[path] = info.type_name
-        return table
+        return entry
 
     def _run(
         self, variables: Any, batch: Batch, bodies: Callable[[], None], scan: bool = False
     ) -> tuple[Any, dict[int, Any], Builder]:
         """Steps 3 to 6 for one batch: the output, saved values by tracer id, the builder."""
-        table = self._site_table(variables, batch)
-        avals = [jax.ShapeDtypeStruct(jax.numpy.shape(x), x.dtype)
-                 for x in jax.tree_util.tree_leaves(variables)]
+        table, avals = self._site_table(variables, batch)
         builder = Builder(table, avals)
         program = builder.run(bodies)
         saved = list(builder.saved)
@@ -210,7 +214,7 @@ class NNsight(Envoy):
 
     def _apply_submodule(self, path: tuple[str, ...], args: tuple, kwargs: dict) -> Any:
         info = None
-        for table in self._tables.values():
+        for table, _ in self._tables.values():
             info = table.modules.get(path)
             if info is not None:
                 break

@@ -42,7 +42,7 @@ class CapturedBody:
     code: types.CodeType
     filename: str
     header_line: int
-    first_line: int
+    first_line: int | None  # the first line that does something; None for `pass` bodies
 
 
 _bodies: dict[tuple[types.CodeType, int], CapturedBody] = {}
@@ -98,7 +98,15 @@ def _compile_body(frame: types.FrameType) -> CapturedBody:
             "inside a trace block. A block's body runs as its own piece of code: "
             "save values in the block and `return`/`break`/`continue` after it."
         ) from None
-    return CapturedBody(code, filename, node.lineno, first)
+    doing = [n for n in node.body if not _is_no_op(n)]
+    return CapturedBody(code, filename, node.lineno, doing[0].lineno if doing else None)
+
+
+def _is_no_op(node: ast.stmt) -> bool:
+    """``pass``, ``...`` or a docstring: Python gives them no line to stop at."""
+    return isinstance(node, ast.Pass) or (
+        isinstance(node, ast.Expr) and isinstance(node.value, ast.Constant)
+    )
 
 
 def captured_body(frame: types.FrameType) -> CapturedBody:
@@ -125,19 +133,24 @@ class Capture:
         """Capture the block at ``frame`` and arrange for its body to be skipped."""
         body = captured_body(frame)
         previous = sys.gettrace()
+        if body.first_line is None:
+            return cls(body, frame, previous)  # nothing to skip: the body does nothing
+        first = body.first_line
 
-        def skip(frame: types.FrameType, event: str, arg: Any) -> None:
-            raise SkipBody
+        def skip(frame: types.FrameType, event: str, arg: Any) -> Any:
+            if event == "line" and frame.f_lineno >= first:
+                raise SkipBody
+            return skip
 
         sys.settrace(_no_trace)
         frame.f_trace = skip
         return cls(body, frame, previous)
 
     def exit(self, exc_type: type[BaseException] | None) -> bool:
-        """Undo the skip; True where the exception was ours to swallow."""
+        """Undo the skip; True where the block is ours to run (its body was skipped)."""
         self.frame.f_trace = None
         sys.settrace(self.previous_trace)
-        return exc_type is SkipBody
+        return exc_type is SkipBody or (exc_type is None and self.body.first_line is None)
 
     def namespace(self) -> dict[str, Any]:
         """The names the body can see: the frame's globals, then its locals."""

@@ -20,11 +20,13 @@ Example::
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from functools import cached_property
 from typing import Any, Callable, Literal
 
 import flax.linen as nn
 import jax
 import numpy as np
+from jax import core
 
 SiteKind = Literal["input", "output"]
 SiteKey = tuple[tuple[str, ...], int, SiteKind]
@@ -64,6 +66,14 @@ class Site:
     @property
     def path(self) -> tuple[str, ...]:
         return self.key[0]
+
+    @cached_property
+    def avals(self) -> tuple[core.ShapedArray | None, ...]:
+        """The abstract value of each array leaf (None for static leaves)."""
+        return tuple(
+            core.ShapedArray(x.shape, x.dtype) if isinstance(x, jax.ShapeDtypeStruct) else None
+            for x in self.leaves
+        )
 
     def unflatten(self, leaves: list[Any]) -> Any:
         return jax.tree_util.tree_unflatten(self.treedef, leaves)
@@ -155,12 +165,9 @@ def _record(module: nn.Module, variables: Any, args: tuple, kwargs: dict) -> Sit
 
 
 def shape_key(tree: Any) -> Any:
-    """A hashable key of a pytree's structure, shapes and dtypes."""
-    treedef, leaves = abstract_leaves(tree)
-    return treedef, tuple(
-        (leaf.shape, str(leaf.dtype)) if isinstance(leaf, jax.ShapeDtypeStruct) else leaf
-        for leaf in leaves
-    )
+    """A hashable key of a pytree's structure, shapes, dtypes and static leaves."""
+    leaves, treedef = jax.tree_util.tree_flatten(tree)
+    return treedef, tuple((np.shape(x), x.dtype) if is_array(x) else x for x in leaves)
 
 
 def discover(module: nn.Module, variables: Any, args: tuple, kwargs: dict) -> SiteTable:

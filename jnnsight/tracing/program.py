@@ -56,10 +56,6 @@ site_skip_p.def_abstract_eval(lambda *leaves, site: [])
 PROGRAM_PRIMITIVES = (site_read_p, param_read_p, site_write_p, site_skip_p)
 
 
-def _aval(leaf: jax.ShapeDtypeStruct) -> core.ShapedArray:
-    return core.ShapedArray(leaf.shape, leaf.dtype)
-
-
 # -- rows of an invoke --------------------------------------------------------------
 
 
@@ -139,9 +135,9 @@ class Builder:
     Envoys talk to the active builder (one per thread) while the bodies run.
     """
 
-    def __init__(self, table: SiteTable, param_leaves: list[jax.ShapeDtypeStruct]):
+    def __init__(self, table: SiteTable, param_avals: list[core.ShapedArray]):
         self.table = table
-        self.param_leaves = param_leaves
+        self.param_avals = param_avals
         self.trace: Any = None
         self.current: dict[SiteKey, list[Any]] = {}
         self.written: dict[SiteKey, UserLine | None] = {}
@@ -180,17 +176,16 @@ class Builder:
         leaves = self.current.get(site.key)
         if leaves is None:
             leaves = [
-                site_read_p.bind(site=site.order, leaf=j, aval=_aval(leaf))
-                if isinstance(leaf, jax.ShapeDtypeStruct)
-                else leaf
-                for j, leaf in enumerate(site.leaves)
+                leaf if aval is None else site_read_p.bind(site=site.order, leaf=j, aval=aval)
+                for j, (leaf, aval) in enumerate(zip(site.leaves, site.avals))
             ]
             self.current[site.key] = leaves
         return leaves
 
     def read(self, site: Site, rows: Rows) -> Any:
         """The site's value as an invoke sees it: its rows, after earlier writes."""
-        self.read_lines.setdefault(site.order, user_line(2))
+        if site.order not in self.read_lines:
+            self.read_lines[site.order] = user_line(2)
         return site.unflatten([rows.view(x) for x in self._leaves(site)])
 
     def write(self, site: Site, rows: Rows, value: Any, describe: Callable[[], str]) -> None:
@@ -256,7 +251,7 @@ class Builder:
     def param(self, index: int) -> Any:
         tracer = self.params.get(index)
         if tracer is None:
-            tracer = param_read_p.bind(leaf=index, aval=_aval(self.param_leaves[index]))
+            tracer = param_read_p.bind(leaf=index, aval=self.param_avals[index])
             self.params[index] = tracer
         return tracer
 
