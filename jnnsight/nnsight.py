@@ -72,6 +72,7 @@ class NNsight(Envoy):
             "_types": {(): type(module).__name__},
             "_tree": {},
             "_lock": threading.Lock(),
+            "_variables_key": shape_key(variables),
         }
         for name, value in state.items():
             object.__setattr__(self, name, value)
@@ -177,7 +178,9 @@ class NNsight(Envoy):
 
     def _site_table(self, variables: Any, batch: Batch) -> tuple[SiteTable, list[core.ShapedArray]]:
         """The sites of this forward and the parameters' abstract values, cached by shapes."""
-        key = (shape_key(variables), shape_key((batch.args, batch.kwargs)))
+        own = variables is self.variables
+        variables_key = self._variables_key if own else shape_key(variables)
+        key = (variables_key, shape_key((batch.args, batch.kwargs)))
         entry = self._tables.get(key)
         if entry is None:
             table = discover(self.module, variables, batch.args, batch.kwargs)

@@ -110,7 +110,7 @@ class Executor:
         self,
         module: nn.Module,
         schedule: Schedule,
-        fingerprint: str,
+        fingerprint: Any,
         variables: Any,
         args: tuple,
         kwargs: dict,

@@ -27,12 +27,13 @@ from __future__ import annotations
 import threading
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Any, Callable, Iterator, Mapping
+from typing import Any, Callable, Hashable, Iterator, Mapping
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax import core
-from jax.extend.core import ClosedJaxpr, Primitive, take_current_trace
+from jax.extend.core import ClosedJaxpr, Jaxpr, Literal, Primitive, take_current_trace
 
 from ..errors import SiteError, UserLine, WriteError, at_user_line, user_line
 from .discover import Site, SiteKey, SiteTable, is_array
@@ -120,13 +121,69 @@ class InterventionProgram:
     read_lines: Mapping[int, UserLine | None]
     write_lines: Mapping[int, UserLine | None]
     stop: bool
-    fingerprint: str = field(init=False, repr=False)
+    fingerprint: Hashable = field(init=False, repr=False)
 
     def __post_init__(self) -> None:
-        object.__setattr__(self, "fingerprint", f"{self.stop}|{self.jaxpr.jaxpr}")
+        object.__setattr__(self, "fingerprint", (self.stop, jaxpr_key(self.jaxpr.jaxpr)))
 
     def __str__(self) -> str:
         return str(self.jaxpr)
+
+
+def jaxpr_key(jaxpr: Jaxpr) -> tuple:
+    """A hashable key equal for two jaxprs exactly when they compute the same thing.
+
+    Variables become their index, literals their value and type; primitives,
+    parameters and abstract values are compared as they are; sub-jaxprs in
+    parameters recursively. Functions in parameters (a ``custom_jvp``'s rule,
+    rebuilt on every trace) are compared by name. Faster than printing the jaxpr.
+    """
+    ids: dict[Any, int] = {}
+
+    def atom(a: Any) -> Any:
+        if isinstance(a, Literal):
+            return ("literal", _value_key(a.val), a.aval)
+        return ids[a]
+
+    def bind(variables: Any) -> tuple:
+        for v in variables:
+            ids[v] = len(ids)
+        return tuple(v.aval for v in variables)
+
+    parts: list[Any] = [bind(jaxpr.constvars), bind(jaxpr.invars)]
+    for eqn in jaxpr.eqns:
+        inputs = tuple(atom(a) for a in eqn.invars)
+        params = tuple((k, _param_key(v)) for k, v in sorted(eqn.params.items()))
+        parts.append((eqn.primitive, params, inputs, bind(eqn.outvars)))
+    parts.append(tuple(atom(a) for a in jaxpr.outvars))
+    return tuple(parts)
+
+
+def _param_key(value: Any) -> Hashable:
+    if isinstance(value, ClosedJaxpr):
+        return ("closed", jaxpr_key(value.jaxpr), tuple(_value_key(c) for c in value.consts))
+    if isinstance(value, Jaxpr):
+        return ("jaxpr", jaxpr_key(value))
+    if isinstance(value, (tuple, list)):
+        return tuple(_param_key(v) for v in value)
+    if callable(value) and not isinstance(value, type):
+        return ("callable", getattr(value, "__qualname__", type(value).__name__))
+    try:
+        hash(value)
+    except TypeError:
+        return ("repr", type(value).__name__, repr(value))
+    return value
+
+
+def _value_key(value: Any) -> Hashable:
+    if hasattr(value, "shape") and hasattr(value, "dtype") and not isinstance(value, core.Tracer):
+        array = np.asarray(value)
+        return (array.shape, array.dtype.str, array.tobytes())
+    try:
+        hash(value)
+    except TypeError:
+        return ("id", id(value))
+    return (type(value).__name__, value)
 
 
 class Builder:
