@@ -27,11 +27,8 @@ length=32)``, GPT-2 small's shape with random weights. JAX runs on CPU
 The variants, one function call each:
 
 (a) ``jax.jit(model.module.apply)(model.variables, tokens)``.
-(b) ``with model.trace(tokens): model.output`` -- the body reads a site and
-    saves nothing, so after dead-code removal the program is empty and the
-    compiled forward is the plain one. (A body of only ``pass`` or ``...``
-    cannot be timed: the capture never skips it and ``SkipBody`` escapes the
-    ``with``, a bug in the engine.)
+(b) ``with model.trace(tokens): pass`` -- the program is empty and the
+    compiled forward is the plain one.
 (c) ``hidden = [block.output[0].save() for block in model.h]``.
 (d) ``middle.output[0] = middle.output[0] * 0.5`` on the middle block, nothing saved.
 
@@ -205,7 +202,7 @@ def make_variants(model: NNsight, tokens: jax.Array) -> list[Variant]:
 
     def save_nothing() -> None:
         with model.trace(tokens):
-            model.output  # noqa: B018  (read, not saved)
+            pass
 
     def save_blocks() -> list[jax.Array]:
         with model.trace(tokens):

@@ -100,9 +100,11 @@ def test_two_threads_tracing_one_model_get_their_own_results(toy):
     vecs = {name: jnp.full((16,), scale) for name, scale in (("a", 0.5), ("b", -2.0))}
     results: dict[str, list] = {"a": [], "b": []}
     errors: list[BaseException] = []
+    start = threading.Barrier(len(vecs))  # both threads capture, discover and compile at once
 
     def worker(name):
         try:
+            start.wait()
             for _ in range(8):
                 with model.trace(tokens):
                     model.h[1].output[0] = model.h[1].output[0] + vecs[name]

@@ -114,9 +114,11 @@ def captured_body(frame: types.FrameType) -> CapturedBody:
     key = (frame.f_code, frame.f_lineno)
     body = _bodies.get(key)
     if body is None:
-        body = _compile_body(frame)
+        # One thread at a time: CPython's AST-to-code conversion is not thread-safe.
         with _bodies_lock:
-            _bodies[key] = body
+            body = _bodies.get(key)
+            if body is None:
+                body = _bodies[key] = _compile_body(frame)
     return body
 
 
