@@ -213,17 +213,28 @@ def make_variants(model: NNsight, tokens: jax.Array) -> list[Variant]:
         with model.trace(tokens):
             middle.output[0] = middle.output[0] * 0.5
 
+    @jax.jit
+    def jitted_write(tokens: jax.Array) -> jax.Array:
+        with model.trace(tokens):
+            middle.output[0] = middle.output[0] * 0.5
+            logits = model.output.save()
+        return logits
+
+    def write_in_jit() -> jax.Array:
+        return jitted_write(tokens)
+
     return [
         Variant("a", "(a) plain jitted forward", plain, traced=False),
         Variant("b", "(b) trace, saves nothing", save_nothing, traced=True),
         Variant("c", "(c) trace, saves every block output", save_blocks, traced=True),
         Variant("d", "(d) trace, one write", one_write, traced=True),
+        Variant("e", "(e) the write of (d), block inside jax.jit", write_in_jit, traced=False),
     ]
 
 
 def check(variants: list[Variant], probe: ForwardProbe, config: dict[str, int]) -> None:
     """The variants compute what they claim: (b) the plain logits, (c) the blocks, (d) an edit."""
-    plain, nothing, blocks, write = variants
+    plain, nothing, blocks, write, in_jit = variants
     logits = np.asarray(plain.call())
     nothing.call()
     unchanged = np.asarray(probe.take()[0])
@@ -235,6 +246,7 @@ def check(variants: list[Variant], probe: ForwardProbe, config: dict[str, int]) 
     assert len(hidden) == config["layers"], "(c) did not save every block"
     assert all(h.shape == (1, config["length"], config["width"]) for h in hidden)
     assert not np.allclose(edited, logits), "(d) left the logits unchanged"
+    assert np.allclose(np.asarray(in_jit.call()), edited, rtol=1e-5, atol=1e-5), "(e) differs from (d)"
 
 
 # -- timing ------------------------------------------------------------------------------
