@@ -246,7 +246,9 @@ def check(variants: list[Variant], probe: ForwardProbe, config: dict[str, int]) 
     assert len(hidden) == config["layers"], "(c) did not save every block"
     assert all(h.shape == (1, config["length"], config["width"]) for h in hidden)
     assert not np.allclose(edited, logits), "(d) left the logits unchanged"
-    assert np.allclose(np.asarray(in_jit.call()), edited, rtol=1e-5, atol=1e-5), "(e) differs from (d)"
+    # (e) and (d) are different XLA programs: on GPU, float32 matmuls run in TF32 by default.
+    tol = 1e-5 if jax.default_backend() == "cpu" else 2e-2 * float(np.abs(edited).max())
+    assert np.allclose(np.asarray(in_jit.call()), edited, rtol=0, atol=tol), "(e) differs from (d)"
 
 
 # -- timing ------------------------------------------------------------------------------

@@ -317,3 +317,34 @@ def test_sites_inside_a_skipped_module_are_an_error_before_running(toy):
         with model.trace(tokens):
             model.h[1].skip((model.h[1].input,))
             inner = model.h[1].mlp.output.save()
+
+
+def test_a_block_in_an_ipython_cell_reads_its_source_from_the_cell():
+    interactive = pytest.importorskip("IPython.core.interactiveshell")
+    shell = interactive.InteractiveShell.instance()
+    setup = shell.run_cell(
+        "from jnnsight.toy import toy_model\n"
+        "model, tokens = toy_model(layers=1, width=8, heads=2, vocab=16, length=3)\n"
+    )
+    cell = shell.run_cell(
+        "with model.trace(tokens):\n"
+        "    hidden = model.h[0].output[0].save()\n"
+        "    model.h[0].output[0] = hidden * 0\n"
+        "    logits = model.output.save()\n"
+    )
+    assert setup.success and cell.success, cell.error_in_exec
+    names = shell.user_ns
+    model, tokens = names["model"], names["tokens"]
+    expected, seen = reference(model, tokens, edit=lambda p, c, o: (o[0] * 0,) if p == ("h_0",) else o)
+    assert_close(names["logits"], expected)
+    assert_close(names["hidden"], reference(model, tokens)[1][(("h_0",), 0)][0])
+
+
+def test_a_block_whose_body_does_nothing_runs(toy):
+    model, tokens = toy
+    with model.trace(tokens):
+        pass
+    with model.trace(tokens):
+        """A docstring first: the body starts at the next line."""
+        logits = model.output.save()
+    assert_close(logits, reference(model, tokens)[0])
