@@ -104,7 +104,7 @@ class InterventionProgram:
     closed over (passed to the compiled program as arguments); its equations
     read sites (``site_read``), parameters (``param_read``), and end in at most
     one ``site_write`` or ``site_skip`` per site; its outputs are the saved
-    leaves, in the order of ``save_ids``. Nothing in it depends on the values of
+    leaves, in the order they were saved. Nothing in it depends on the values of
     the inputs, only on their shapes, so one program serves every call of the
     same block on inputs of the same shapes.
 
