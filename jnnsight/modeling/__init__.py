@@ -1,0 +1,48 @@
+"""Model families as flax.linen modules with Hugging Face PyTorch names.
+
+One file per family, readable top to bottom: ``gpt2.py`` and ``llama.py``
+(Llama 2/3, Mistral, Qwen2, Qwen3). :func:`build` picks the family from a
+config.json's ``model_type``.
+
+Example::
+
+    >>> module, config = build({"model_type": "gpt2", "n_layer": 2, "n_embd": 64, ...})
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import Any, Callable
+
+import flax.linen as nn
+import jax.numpy as jnp
+
+from ..errors import JnnsightError
+
+# model_type -> (module file, config class, model class)
+FAMILIES: dict[str, tuple[str, str, str]] = {
+    "gpt2": ("gpt2", "GPT2Config", "GPT2LMHeadModel"),
+    "llama": ("llama", "LlamaConfig", "LlamaForCausalLM"),
+    "mistral": ("llama", "LlamaConfig", "LlamaForCausalLM"),
+    "qwen2": ("llama", "LlamaConfig", "LlamaForCausalLM"),
+    "qwen3": ("llama", "LlamaConfig", "LlamaForCausalLM"),
+}
+
+
+def family(model_type: str) -> tuple[Any, type[nn.Module], Callable[..., Any]]:
+    """The config class, model class and ``init_variables`` of a ``model_type``."""
+    entry = FAMILIES.get(model_type)
+    if entry is None:
+        raise JnnsightError(
+            f"no jnnsight model family for model_type {model_type!r}; supported: "
+            f"{', '.join(sorted(FAMILIES))}. For another linen model, wrap it with NNsight."
+        )
+    module = importlib.import_module(f"{__name__}.{entry[0]}")
+    return getattr(module, entry[1]), getattr(module, entry[2]), module.init_variables
+
+
+def build(config: dict[str, Any], dtype: Any = jnp.float32) -> tuple[nn.Module, Any]:
+    """The linen module of a Hugging Face ``config.json`` dict, and its parsed config."""
+    config_class, model_class, _ = family(config.get("model_type", ""))
+    parsed = config_class.from_hf(config)
+    return model_class(parsed, dtype=dtype), parsed

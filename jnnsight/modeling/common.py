@@ -1,0 +1,139 @@
+"""Pieces every model family shares, named and laid out as in Hugging Face PyTorch.
+
+Parameters keep PyTorch's names and layouts (``weight`` of a ``Linear`` is
+``[out, in]``), so a checkpoint loads without renaming or transposing, and the
+module path of a parameter is its checkpoint key with list indices joined to
+the list's name (``model.layers.0.mlp`` is the linen path
+``("model", "layers_0", "mlp")``).
+
+Example::
+
+    >>> path_of("model.layers.12.self_attn.q_proj.weight")
+    ('model', 'layers_12', 'self_attn', 'q_proj', 'weight')
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable
+
+import flax.linen as nn
+import flax.struct
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+@flax.struct.dataclass
+class CausalLMOutput:
+    """What a causal language model returns: ``output.logits`` is ``[batch, length, vocab]``."""
+
+    logits: jax.Array
+
+
+def path_of(key: str) -> tuple[str, ...]:
+    """A checkpoint key as a linen path: ``layers.0`` becomes ``layers_0``."""
+    parts: list[str] = []
+    for part in key.split("."):
+        if part.isdigit() and parts:
+            parts[-1] = f"{parts[-1]}_{part}"
+        else:
+            parts.append(part)
+    return tuple(parts)
+
+
+def nest(flat: dict[str, Any]) -> dict[str, Any]:
+    """``{"a.b.0.w": x}`` as the nested ``{"a": {"b_0": {"w": x}}}`` linen expects."""
+    tree: dict[str, Any] = {}
+    for key, value in flat.items():
+        node = tree
+        *parents, leaf = path_of(key)
+        for part in parents:
+            node = node.setdefault(part, {})
+        node[leaf] = value
+    return tree
+
+
+def torch_init(std: float = 0.02) -> Callable[..., jax.Array]:
+    return nn.initializers.normal(std)
+
+
+class Linear(nn.Module):
+    """``torch.nn.Linear``: ``weight`` is ``[out, in]``; ``y = x @ weight.T + bias``."""
+
+    features: int
+    use_bias: bool = True
+    dtype: Any = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        weight = self.param("weight", torch_init(), (self.features, x.shape[-1]), self.dtype)
+        y = jnp.einsum("...i,oi->...o", x, weight.astype(x.dtype))
+        if self.use_bias:
+            y = y + self.param("bias", nn.initializers.zeros, (self.features,), self.dtype).astype(x.dtype)
+        return y
+
+
+class Embedding(nn.Module):
+    """``torch.nn.Embedding``: ``weight`` is ``[vocab, width]``."""
+
+    num_embeddings: int
+    features: int
+    dtype: Any = jnp.float32
+
+    def setup(self):
+        self.weight = self.param("weight", torch_init(), (self.num_embeddings, self.features), self.dtype)
+
+    def __call__(self, ids: jax.Array) -> jax.Array:
+        # "clip", not the default NaN fill: a NaN at a padded position would reach
+        # real rows through masked attention (0 * NaN).
+        return jnp.take(self.weight, ids, axis=0, mode="clip")
+
+    def attend(self, x: jax.Array) -> jax.Array:
+        """Tied output projection: ``x @ weight.T``."""
+        return jnp.einsum("...d,vd->...v", x, self.weight.astype(x.dtype))
+
+
+class LayerNorm(nn.Module):
+    """``torch.nn.LayerNorm`` with ``weight`` and ``bias``."""
+
+    eps: float = 1e-5
+    dtype: Any = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        d = x.shape[-1]
+        weight = self.param("weight", nn.initializers.ones, (d,), self.dtype)
+        bias = self.param("bias", nn.initializers.zeros, (d,), self.dtype)
+        x32 = x.astype(jnp.float32)
+        mean = x32.mean(-1, keepdims=True)
+        var = ((x32 - mean) ** 2).mean(-1, keepdims=True)
+        y = (x32 - mean) * jax.lax.rsqrt(var + self.eps)
+        return (y * weight + bias).astype(x.dtype)
+
+
+class RMSNorm(nn.Module):
+    """Llama's RMSNorm: ``weight * x / rms(x)``, computed in float32 like transformers."""
+
+    eps: float = 1e-6
+    dtype: Any = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        weight = self.param("weight", nn.initializers.ones, (x.shape[-1],), self.dtype)
+        x32 = x.astype(jnp.float32)
+        y = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.eps)
+        return weight * y.astype(x.dtype)
+
+
+def causal_mask(attention_mask: jax.Array, window: int | None = None) -> jax.Array:
+    """``[batch, 1, q, k]`` booleans: key ``k`` is visible from query ``q``.
+
+    Keys must be at or before the query, not padding, and (with a sliding
+    ``window``) less than ``window`` positions back, as in transformers.
+    """
+    t = attention_mask.shape[-1]
+    q = np.arange(t)[:, None]
+    k = np.arange(t)[None, :]
+    allowed = k <= q
+    if window is not None:
+        allowed = allowed & (q - k < window)
+    return jnp.asarray(allowed)[None, None] & attention_mask.astype(bool)[:, None, None, :]
