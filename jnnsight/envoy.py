@@ -20,10 +20,9 @@ from __future__ import annotations
 import re
 from typing import TYPE_CHECKING, Any, Iterator
 
-import jax
-
 from .errors import SiteError, at_user_line, close_names
 from .tracing import program as _program
+from .tracing.discover import site_name
 
 if TYPE_CHECKING:
     from .nnsight import NNsight
@@ -69,7 +68,7 @@ class Envoy:
         if index is not None:
             builder = _program.current()
             if builder is None:
-                return jax.tree_util.tree_leaves(model.variables)[index]
+                return model._leaves[index]
             return builder.param(index)
         names = sorted(children) + sorted(numbered) + model._param_names(self._path)
         raise AttributeError(at_user_line(
@@ -96,8 +95,7 @@ class Envoy:
         return (self._path, builder.calls.get(self._path, 0), kind)
 
     def _describe(self, builder: _program.Builder, kind: str) -> str:
-        call = builder.calls.get(self._path, 0)
-        return f"`{self._name}{'.next()' * call}.{kind}`"
+        return f"`{site_name(self._key(builder, kind))}`"
 
     def _read(self, kind: str) -> Any:
         builder = _builder(self, kind)

@@ -104,10 +104,3 @@ def close_names(name: str, candidates: list[str]) -> str:
     shown = ", ".join(repr(c) for c in candidates[:12])
     more = ", ..." if len(candidates) > 12 else ""
     return f"Known names: {shown}{more}." if candidates else "It has no children."
-
-
-def user_traceback(tb: types.TracebackType | None) -> types.TracebackType | None:
-    """``tb`` without the library frames at its top (where the block started)."""
-    while tb is not None and is_library_frame(tb.tb_frame):
-        tb = tb.tb_next
-    return tb

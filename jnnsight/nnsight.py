@@ -31,10 +31,11 @@ from .envoy import Envoy, _numbered_children
 from .errors import SiteError, at_user_line
 from .tracing import program as _program
 from .tracing.collate import Batch, collate
-from .tracing.discover import SiteTable, discover, shape_key
+from .tracing.discover import SiteTable, discover, shape_key, with_batch_axes
 from .tracing.execute import Executor
+from .tracing.lru import LruCache
 from .tracing.program import Builder
-from .tracing.schedule import Schedule, schedule
+from .tracing.schedule import schedule
 from .tracing.tracer import Tracer
 
 
@@ -65,10 +66,11 @@ class NNsight(Envoy):
         state = {
             "module": module,
             "variables": variables,
+            "_leaves": jax.tree_util.tree_leaves(variables),
             "_envoys": {},
-            "_tables": {},
-            "_schedules": {},
-            "_executor": Executor(),
+            "_tables": LruCache(64),
+            "_schedules": LruCache(256),
+            "_executor": Executor(256),
             "_types": {(): type(module).__name__},
             "_tree": {},
             "_lock": threading.Lock(),
@@ -145,17 +147,15 @@ class NNsight(Envoy):
         def render(p: tuple[str, ...], indent: str) -> list[str]:
             type_name = self._types.get(p, "Module")
             children = self._children(p)
-            params = self._param_names(p)
-            shapes = jax.tree_util.tree_leaves(self.variables)
             detail = ", ".join(
-                f"{n}={list(shapes[self._param_index(p, n)].shape)}" for n in params
+                f"{n}={list(jnp.shape(self._leaves[self._param_index(p, n)]))}"
+                for n in self._param_names(p)
             )
             if not children:
                 return [f"{type_name}({detail})"]
             lines = [f"{type_name}("]
-            group_of = {c: base for base, names in _numbered_children(children).items()
-                        for c in names}
             numbered = _numbered_children(children)
+            group_of = {c: base for base, names in numbered.items() for c in names}
             for child in children:
                 base = group_of.get(child)
                 if base is None:
@@ -176,19 +176,29 @@ class NNsight(Envoy):
 
     # the engine -----------------------------------------------------------------------
 
-    def _site_table(self, variables: Any, batch: Batch) -> tuple[SiteTable, list[core.ShapedArray]]:
-        """The sites of this forward and the parameters' abstract values, cached by shapes."""
+    def _collate(self, inputs: list[tuple[tuple, dict] | None], lines: list) -> Batch:
+        """Step 2 for this model: arrays are concatenated along axis 0."""
+        return collate(inputs, lines)
+
+    def _site_table(self, variables: Any, batch: Batch) -> tuple[Any, SiteTable, list[core.ShapedArray]]:
+        """The sites of this forward and the parameters' abstract values, cached by shapes.
+
+        Returns the cache key too: site numbers mean something only with their table.
+        """
         own = variables is self.variables
         variables_key = self._variables_key if own else shape_key(variables)
-        key = (variables_key, shape_key((batch.args, batch.kwargs)))
+        split = not all(rows.whole for rows in batch.rows)
+        key = (variables_key, shape_key((batch.args, batch.kwargs)), split)
         entry = self._tables.get(key)
         if entry is None:
             table = discover(self.module, variables, batch.args, batch.kwargs)
+            if split:
+                table = with_batch_axes(table, self.module, variables, batch.args,
+                                        batch.kwargs, batch.rows[0].size)
             avals = [core.ShapedArray(jnp.shape(x), x.dtype)
                      for x in jax.tree_util.tree_leaves(variables)]
-            entry = (table, avals)
+            entry = self._tables.put(key, (key, table, avals))
             with self._lock:
-                self._tables[key] = entry
                 for path, info in table.modules.items():
                     self._add_path(path)
                     self._types[path] = info.type_name
@@ -198,26 +208,26 @@ class NNsight(Envoy):
         self, variables: Any, batch: Batch, bodies: Callable[[], None], scan: bool = False
     ) -> tuple[Any, dict[int, Any], Builder]:
         """Steps 3 to 6 for one batch: the output, saved values by tracer id, the builder."""
-        table, avals = self._site_table(variables, batch)
+        table_key, table, avals = self._site_table(variables, batch)
         builder = Builder(table, avals)
         program = builder.run(bodies)
+        program_key = (table_key, program.fingerprint)
+        plan = self._schedules.get(program_key)
+        if plan is None:
+            plan = self._schedules.put(program_key, schedule(program))
         saved = list(builder.saved)
         if scan:
             outs = [jax.ShapeDtypeStruct(v.aval.shape, v.aval.dtype) for v in program.jaxpr.jaxpr.outvars]
             return None, dict(zip(saved, outs)), builder
-        plan = self._schedules.get(program.fingerprint)
-        if plan is None:
-            plan = schedule(program)
-            self._schedules[program.fingerprint] = plan
         output, saves = self._executor(
-            self.module, plan, program.fingerprint, variables,
+            self.module, plan, program_key, variables,
             batch.args, batch.kwargs, list(program.jaxpr.consts),
         )
         return output, dict(zip(saved, saves)), builder
 
     def _apply_submodule(self, path: tuple[str, ...], args: tuple, kwargs: dict) -> Any:
         info = None
-        for table, _ in self._tables.values():
+        for _, table, _ in self._tables.values():
             info = table.modules.get(path)
             if info is not None:
                 break
@@ -227,7 +237,7 @@ class NNsight(Envoy):
                 "the model once (jnnsight learns the module from that forward pass)."
             ))
         builder = _program.current()
-        leaves = jax.tree_util.tree_leaves(self.variables)
+        leaves = self._leaves
         sub: dict[str, Any] = {}
         for index, (collection, module_path, name) in enumerate(self._places):
             if module_path[: len(path)] == path:

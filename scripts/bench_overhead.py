@@ -68,7 +68,7 @@ therefore measured again with nothing computing, calls back to back (warm
 caches: a lower bound of the engine's cost): the wrapped forward returns its
 last real result instead of running ("stubbed"), and each engine step is
 timed with ``time.perf_counter`` by wrapping, from the outside, the function
-that implements it (``Capture.enter``, ``collate``, ``NNsight._site_table``,
+that implements it (``Capture.enter``, ``NNsight._collate``, ``NNsight._site_table``,
 ``Builder.run``, ``InterventionProgram.__post_init__`` -- the fingerprint,
 ``Executor.__call__``, ``resolve_namespace``, ``write_frame``); "other" is the
 rest of the call. Last, ``cProfile`` runs the stubbed trace calls and lists the
@@ -122,7 +122,7 @@ QUICK = dict(layers=2, width=64, heads=4, vocab=256, length=8)
 # The engine steps of the breakdown: (row name, owner, attribute wrapped).
 STEPS: tuple[tuple[str, Any, str], ...] = (
     ("capture (Capture.enter)", Capture, "enter"),
-    ("collate", tracer_module, "collate"),
+    ("collate (NNsight._collate)", NNsight, "_collate"),
     ("site-table lookup (NNsight._site_table)", NNsight, "_site_table"),
     ("abstract pass (Builder.run, less fingerprint)", Builder, "run"),
     ("fingerprint (InterventionProgram.__post_init__)", InterventionProgram, "__post_init__"),

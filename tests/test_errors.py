@@ -24,8 +24,6 @@ Order
 Values after the block
   * arithmetic / ``.shape`` / ``.save()`` on an unsaved value           -> UnsavedValueError
   * an unsaved value inside a list; used in the next block              -> UnsavedValueError
-  * a saved value stored on an object attribute (``o.h = ....save()``)
-  * ``.save()`` on a site's tuple output / on ``.inputs``
   * ``.save()`` on a concrete array inside a block                      -> AttributeError
   * ``.save()`` outside a block on a tracer of the user's ``jax.jit``   -> JnnsightError
 Capture
@@ -417,53 +415,6 @@ def test_unsaved_value_used_in_next_block(small):
             model.h[1].output[0] = hidden  # L:unsaved_next
     assert "`hidden`" in advice(info.value)
     assert user_frames(info.value)[-1].lineno == MARKS["unsaved_next"]
-
-
-def test_saved_value_on_an_attribute_is_not_a_leaked_tracer(small):
-    """``o.h = ....save()``: after the block ``o.h`` must be an array, or the block must say why not."""
-    model, tokens = small
-
-    class Holder:
-        pass
-
-    o = Holder()
-    try:
-        with model.trace(tokens):
-            o.h = model.h[0].output[0].save()  # L:attr_save
-    except JnnsightError as err:
-        names_line(err, "attr_save")
-        return
-    assert not isinstance(o.h, jax.core.Tracer), (
-        f"o.h is still a tracer of the block after it ({type(o.h).__name__}); "
-        "using it raises jax's UnexpectedTracerError far from the block"
-    )
-
-
-def test_save_of_tuple_output(small):
-    """``model.h[0].output.save()`` (nnsight's idiom) works, or says to use ``jnnsight.save``."""
-    model, tokens = small
-    try:
-        with model.trace(tokens):
-            out = model.h[0].output.save()  # L:tuple_save
-    except Exception as err:  # noqa: BLE001
-        names_line(err, "tuple_save")
-        assert "jnnsight.save" in advice(err), str(err)
-        return
-    assert isinstance(out, tuple) and out[0].shape == (1, 4, 16)
-
-
-def test_save_of_inputs(small):
-    """``model.h[0].inputs.save()`` works, or says to use ``jnnsight.save``."""
-    model, tokens = small
-    try:
-        with model.trace(tokens):
-            inputs = model.h[0].inputs.save()  # L:inputs_save
-    except Exception as err:  # noqa: BLE001
-        names_line(err, "inputs_save")
-        assert "jnnsight.save" in advice(err), str(err)
-        return
-    args, kwargs = inputs
-    assert args[0].shape == (1, 4, 16)
 
 
 def test_save_of_concrete_array_in_block(small):

@@ -103,10 +103,32 @@ def test_jnp_functions_and_sums_on_values(toy):
         total = jnp.sum(h).save()
         edited = (h + total).save()
         stats = jnnsight.save({"mean": h.mean(), "tanh": jnp.tanh(h)})
-    assert_close(total, jnp.sum(h))
-    assert_close(edited, h + jnp.sum(h))
-    assert_close(stats["tanh"], jnp.tanh(h))
-    assert isinstance(stats["mean"], jax.Array)
+    expected = reference(model, tokens)[1][(("h_2",), 0)][0]
+    assert_close(h, expected)
+    assert_close(total, jnp.sum(expected), tol=1e-4)
+    assert_close(edited, expected + jnp.sum(expected), tol=1e-4)
+    assert_close(stats["tanh"], jnp.tanh(expected))
+    assert_close(stats["mean"], expected.mean())
+
+
+def test_saves_of_tuples_inputs_and_attributes(toy):
+    model, tokens = toy
+
+    class Holder:
+        pass
+
+    holder = Holder()
+    with model.trace(tokens):
+        block = model.h[0].output.save()
+        inputs = model.h[1].inputs.save()
+        holder.h = model.h[2].output[0].save()
+    _, seen = reference(model, tokens)
+    assert type(block) is tuple and len(block) == 1
+    assert_close(block[0], seen[(("h_0",), 0)][0])
+    (args, kwargs) = inputs
+    assert kwargs == {}
+    assert_close(args[0], seen[(("h_0",), 0)][0])
+    assert_close(holder.h, seen[(("h_2",), 0)][0])
 
 
 def test_invokes_see_their_rows_and_equal_solo_runs(toy):

@@ -123,8 +123,10 @@ def test_two_threads_tracing_one_model_get_their_own_results(toy):
     for name, vec in vecs.items():
         expected = _steered(model, tokens, vec)
         assert len(results[name]) == 8
+        hidden = reference(model, tokens, edit=lambda p, c, o: (o[0] + vec,) if p == ("h_1",) else o)[1]
         for h, logits in results[name]:
             assert_close(logits, expected)
+            assert_close(h, hidden[(("h_1",), 0)][0])
 
 
 @pytest.fixture

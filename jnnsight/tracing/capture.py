@@ -129,14 +129,15 @@ class Capture:
     body: CapturedBody
     frame: types.FrameType
     previous_trace: Callable[..., Any] | None
+    previous_frame_trace: Callable[..., Any] | None
 
     @classmethod
     def enter(cls, frame: types.FrameType) -> "Capture":
         """Capture the block at ``frame`` and arrange for its body to be skipped."""
         body = captured_body(frame)
-        previous = sys.gettrace()
+        previous, previous_frame = sys.gettrace(), frame.f_trace
         if body.first_line is None:
-            return cls(body, frame, previous)  # nothing to skip: the body does nothing
+            return cls(body, frame, previous, previous_frame)  # nothing to skip: the body does nothing
         first = body.first_line
 
         def skip(frame: types.FrameType, event: str, arg: Any) -> Any:
@@ -146,11 +147,11 @@ class Capture:
 
         sys.settrace(_no_trace)
         frame.f_trace = skip
-        return cls(body, frame, previous)
+        return cls(body, frame, previous, previous_frame)
 
     def exit(self, exc_type: type[BaseException] | None) -> bool:
         """Undo the skip; True where the block is ours to run (its body was skipped)."""
-        self.frame.f_trace = None
+        self.frame.f_trace = self.previous_frame_trace
         sys.settrace(self.previous_trace)
         return exc_type is SkipBody or (exc_type is None and self.body.first_line is None)
 

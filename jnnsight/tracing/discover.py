@@ -19,6 +19,7 @@ Example::
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
 from functools import cached_property
 from typing import Any, Callable, Literal
@@ -27,6 +28,8 @@ import flax.linen as nn
 import jax
 import numpy as np
 from jax import core
+
+from ..errors import JnnsightError
 
 SiteKind = Literal["input", "output"]
 SiteKey = tuple[tuple[str, ...], int, SiteKind]
@@ -56,16 +59,15 @@ class Site:
       treedef: the value's pytree structure; an input site's value is
         ``(args, kwargs)``.
       leaves: ``ShapeDtypeStruct`` per array leaf, the value itself otherwise.
+      batched: per leaf, whether its axis 0 is the batch axis; None where not
+        measured (a forward with one invoke never needs it).
     """
 
     key: SiteKey
     order: int
     treedef: jax.tree_util.PyTreeDef
     leaves: tuple[Any, ...]
-
-    @property
-    def path(self) -> tuple[str, ...]:
-        return self.key[0]
+    batched: tuple[bool, ...] | None = None
 
     @cached_property
     def avals(self) -> tuple[core.ShapedArray | None, ...]:
@@ -99,8 +101,11 @@ class SiteTable:
     def get(self, key: SiteKey) -> Site | None:
         return self._by_key.get(key)
 
-    def __len__(self) -> int:
-        return len(self.sites)
+
+def site_name(key: SiteKey) -> str:
+    """How a user addresses a site: ``model.h_1.mlp.next().output``."""
+    path, call, kind = key
+    return "model" + "".join(f".{p}" for p in path) + ".next()" * call + f".{kind}"
 
 
 def site_interceptor(
@@ -133,10 +138,22 @@ def site_interceptor(
 
 
 def _unbound_copy(module: nn.Module) -> nn.Module:
+    """The module detached from its parent and variables, to apply it on its own."""
     return module.clone(parent=None, _deep_clone=True, _reset_names=True)
 
 
-def _record(module: nn.Module, variables: Any, args: tuple, kwargs: dict) -> SiteTable:
+def _is_abstract_array(leaf: Any) -> bool:
+    return is_array(leaf) or isinstance(leaf, jax.ShapeDtypeStruct)
+
+
+def discover(module: nn.Module, variables: Any, args: tuple, kwargs: dict) -> SiteTable:
+    """The site table of ``module.apply(variables, *args, **kwargs)``.
+
+    Inputs may be arrays or ``ShapeDtypeStruct``s; other leaves (flags,
+    strings) stay static Python values. The caller caches the table by
+    :func:`shape_key` of the inputs: a forward of the same shapes has the same
+    sites.
+    """
     sites: list[Site] = []
     modules: dict[tuple[str, ...], ModuleInfo] = {}
 
@@ -156,24 +173,54 @@ def _record(module: nn.Module, variables: Any, args: tuple, kwargs: dict) -> Sit
         add(key, out)
         return out
 
-    def forward(variables, args, kwargs):
-        with nn.intercept_methods(site_interceptor(on_input, on_output)):
-            return module.apply(variables, *args, **kwargs)
+    leaves, treedef = jax.tree_util.tree_flatten((args, kwargs))
+    arrays = [x for x in leaves if _is_abstract_array(x)]
 
-    jax.eval_shape(forward, variables, args, kwargs)
+    def forward(variables, arrays):
+        given = iter(arrays)
+        a, k = jax.tree_util.tree_unflatten(
+            treedef, [next(given) if _is_abstract_array(x) else x for x in leaves]
+        )
+        with nn.intercept_methods(site_interceptor(on_input, on_output)):
+            return module.apply(variables, *a, **k)
+
+    jax.eval_shape(forward, variables, arrays)
     return SiteTable(tuple(sites), modules, {s.key: s for s in sites})
+
+
+def with_batch_axes(table: SiteTable, module: nn.Module, variables: Any,
+                    args: tuple, kwargs: dict, size: int) -> SiteTable:
+    """``table`` with each site leaf marked batched or not.
+
+    A leaf is batched when its axis 0 follows the batch: one more discovery at
+    batch size ``size + 1`` tells, where looking at a shape alone cannot (a
+    ``[length, width]`` position embedding with ``length == size``).
+    """
+
+    def grown(leaf: Any) -> Any:
+        if is_array(leaf) and np.ndim(leaf) >= 1 and np.shape(leaf)[0] == size:
+            return jax.ShapeDtypeStruct((size + 1, *np.shape(leaf)[1:]), leaf.dtype)
+        return leaf
+
+    bigger = discover(module, variables, *jax.tree_util.tree_map(grown, (args, kwargs)))
+    if [s.key for s in bigger.sites] != [s.key for s in table.sites]:
+        raise JnnsightError(
+            "this model runs different modules for a batch one row larger, so jnnsight "
+            "cannot tell which values are batched, and invokes cannot be split into rows. "
+            "Trace one input at a time."
+        )
+    sites = []
+    for site, other in zip(table.sites, bigger.sites):
+        batched = tuple(
+            isinstance(a, jax.ShapeDtypeStruct) and len(a.shape) >= 1
+            and a.shape[0] == size and b.shape[0] == size + 1
+            for a, b in zip(site.leaves, other.leaves)
+        )
+        sites.append(dataclasses.replace(site, batched=batched))
+    return SiteTable(tuple(sites), table.modules, {s.key: s for s in sites})
 
 
 def shape_key(tree: Any) -> Any:
     """A hashable key of a pytree's structure, shapes, dtypes and static leaves."""
     leaves, treedef = jax.tree_util.tree_flatten(tree)
     return treedef, tuple((np.shape(x), x.dtype) if is_array(x) else x for x in leaves)
-
-
-def discover(module: nn.Module, variables: Any, args: tuple, kwargs: dict) -> SiteTable:
-    """The site table of ``module.apply(variables, *args, **kwargs)``.
-
-    The caller caches it by :func:`shape_key` of the inputs: a forward of the
-    same shapes has the same sites.
-    """
-    return _record(module, variables, args, kwargs)

@@ -6,31 +6,30 @@ calls; at each site the schedule touches, the interceptor binds the site's
 leaves, evaluates that stage's equations with ``jax.core.eval_jaxpr``, applies
 the site's write, and at the end the saves come out as outputs.
 
-Compiled programs are cached by the program's fingerprint and the static parts
-of the inputs; ``jax.jit`` keys the rest by argument shapes. Inputs, parameters
-and outside arrays are arguments, so a block run again with new values of the
-same shapes does not compile again.
+Compiled programs are cached by the program's key (its site table and
+fingerprint) and the static parts of the inputs; ``jax.jit`` keys the rest by
+argument shapes. Inputs, parameters and outside arrays are arguments, so a
+block run again with new values of the same shapes does not compile again.
 
 Example::
 
-    >>> # run = executor(module, schedule, program.fingerprint, static)
-    >>> # output, saves = run(variables, input_leaves, consts)
+    >>> # output, saves = executor(module, schedule, program_key, variables,
+    >>> #                          args, kwargs, consts)
 """
 
 from __future__ import annotations
 
-import threading
-from collections import OrderedDict
 from typing import Any, Callable
 
 import flax.linen as nn
 import jax
 
 from .discover import SiteKey, is_array, site_interceptor
+from .lru import LruCache
 from .schedule import Schedule, Stage, atom_value
 
 
-class _StopForward(Exception):
+class _StopForward(BaseException):
     """Raised by the interceptor after the last site a stopped program needs."""
 
 
@@ -102,15 +101,13 @@ class Executor:
     """A model's compiled-program cache: one jitted forward per program and input structure."""
 
     def __init__(self, max_entries: int = 256):
-        self._entries: OrderedDict[Any, Callable[..., Any]] = OrderedDict()
-        self._lock = threading.Lock()
-        self.max_entries = max_entries
+        self._entries = LruCache(max_entries)
 
     def __call__(
         self,
         module: nn.Module,
         schedule: Schedule,
-        fingerprint: Any,
+        program_key: Any,
         variables: Any,
         args: tuple,
         kwargs: dict,
@@ -120,14 +117,10 @@ class Executor:
         leaves, treedef = jax.tree_util.tree_flatten((args, kwargs))
         arrays = [x for x in leaves if is_array(x)]
         static = tuple(None if is_array(x) else x for x in leaves)
-        key = (fingerprint, treedef, static)
+        key = (program_key, treedef, static)
         jitted = self._entries.get(key)
         if jitted is None:
-            jitted = self._compile(module, schedule, treedef, static)
-            with self._lock:
-                self._entries[key] = jitted
-                while len(self._entries) > self.max_entries:
-                    self._entries.popitem(last=False)
+            jitted = self._entries.put(key, self._compile(module, schedule, treedef, static))
         return jitted(variables, arrays, consts)
 
     @staticmethod

@@ -33,7 +33,14 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from jax import core
-from jax.extend.core import ClosedJaxpr, Jaxpr, Literal, Primitive, take_current_trace
+from jax.extend.core import (
+    ClosedJaxpr,
+    Jaxpr,
+    Literal,
+    Primitive,
+    set_current_trace,
+    take_current_trace,
+)
 
 from ..errors import SiteError, UserLine, WriteError, at_user_line, user_line
 from .discover import Site, SiteKey, SiteTable, is_array
@@ -54,8 +61,6 @@ site_skip_p = Primitive("site_skip")
 site_skip_p.multiple_results = True
 site_skip_p.def_abstract_eval(lambda *leaves, site: [])
 
-PROGRAM_PRIMITIVES = (site_read_p, param_read_p, site_write_p, site_skip_p)
-
 
 # -- rows of an invoke --------------------------------------------------------------
 
@@ -72,23 +77,19 @@ class Rows:
     def whole(self) -> bool:
         return self.start == 0 and self.stop == self.size
 
-    def owns(self, leaf: Any) -> bool:
-        """Whether a leaf is batched: its first axis is the batch axis."""
-        shape = getattr(leaf, "shape", ())
-        return len(shape) >= 1 and shape[0] == self.size
-
-    def view(self, leaf: Any) -> Any:
-        if self.whole or not self.owns(leaf):
+    def view(self, leaf: Any, batched: bool) -> Any:
+        """What the invoke sees of a leaf: its rows of a batched leaf, else all of it."""
+        if self.whole or not batched:
             return leaf
         return jax.lax.slice_in_dim(leaf, self.start, self.stop, axis=0)
 
-    def view_shape(self, leaf: jax.ShapeDtypeStruct) -> tuple[int, ...]:
-        if self.whole or not self.owns(leaf):
+    def view_shape(self, leaf: jax.ShapeDtypeStruct, batched: bool) -> tuple[int, ...]:
+        if self.whole or not batched:
             return tuple(leaf.shape)
         return (self.stop - self.start, *leaf.shape[1:])
 
-    def update(self, full: Any, part: Any) -> Any:
-        if self.whole or not self.owns(full):
+    def update(self, full: Any, part: Any, batched: bool) -> Any:
+        if self.whole or not batched:
             return part
         return jax.lax.dynamic_update_slice_in_dim(full, part, self.start, axis=0)
 
@@ -131,12 +132,14 @@ class InterventionProgram:
 
 
 def jaxpr_key(jaxpr: Jaxpr) -> tuple:
-    """A hashable key equal for two jaxprs exactly when they compute the same thing.
+    """A hashable key of a jaxpr's computation: equal keys, same computation.
 
     Variables become their index, literals their value and type; primitives,
-    parameters and abstract values are compared as they are; sub-jaxprs in
-    parameters recursively. Functions in parameters (a ``custom_jvp``'s rule,
-    rebuilt on every trace) are compared by name. Faster than printing the jaxpr.
+    parameters and abstract values are compared as JAX compares them (by
+    value), sub-jaxprs recursively; unhashable parameters and large arrays in
+    parameters by identity, which may miss a cache hit but never gives a false
+    one. Site numbers are only meaningful with the site table: callers key
+    caches by (site table, this key). Faster than printing the jaxpr.
     """
     ids: dict[Any, int] = {}
 
@@ -166,24 +169,40 @@ def _param_key(value: Any) -> Hashable:
         return ("jaxpr", jaxpr_key(value))
     if isinstance(value, (tuple, list)):
         return tuple(_param_key(v) for v in value)
-    if callable(value) and not isinstance(value, type):
-        return ("callable", getattr(value, "__qualname__", type(value).__name__))
     try:
         hash(value)
     except TypeError:
-        return ("repr", type(value).__name__, repr(value))
+        return _Same(value) if callable(value) else ("repr", type(value).__name__, repr(value))
     return value
 
 
 def _value_key(value: Any) -> Hashable:
-    if hasattr(value, "shape") and hasattr(value, "dtype") and not isinstance(value, core.Tracer):
+    """Small arrays and scalars by value; larger arrays by identity (no copy, no hashing)."""
+    if hasattr(value, "shape") and hasattr(value, "dtype"):
+        if isinstance(value, core.Tracer) or np.size(value) > 64:
+            return _Same(value)
         array = np.asarray(value)
         return (array.shape, array.dtype.str, array.tobytes())
     try:
         hash(value)
     except TypeError:
-        return ("id", id(value))
+        return _Same(value)
     return (type(value).__name__, value)
+
+
+class _Same:
+    """A key part equal only to the very same object, which it keeps alive."""
+
+    __slots__ = ("value",)
+
+    def __init__(self, value: Any):
+        self.value = value
+
+    def __hash__(self) -> int:
+        return id(self.value)
+
+    def __eq__(self, other: Any) -> bool:
+        return isinstance(other, _Same) and other.value is self.value
 
 
 class Builder:
@@ -232,25 +251,34 @@ class Builder:
     def _leaves(self, site: Site) -> list[Any]:
         leaves = self.current.get(site.key)
         if leaves is None:
-            leaves = [
-                leaf if aval is None else site_read_p.bind(site=site.order, leaf=j, aval=aval)
-                for j, (leaf, aval) in enumerate(zip(site.leaves, site.avals))
-            ]
+            # Bound at the top level of the program even when the body reads the
+            # site inside its own jax.jit, lax.scan or jax.checkpoint.
+            with set_current_trace(self.trace):
+                leaves = [
+                    leaf if aval is None else site_read_p.bind(site=site.order, leaf=j, aval=aval)
+                    for j, (leaf, aval) in enumerate(zip(site.leaves, site.avals))
+                ]
             self.current[site.key] = leaves
         return leaves
+
+    @staticmethod
+    def _batched(site: Site) -> tuple[bool, ...]:
+        return site.batched if site.batched is not None else (False,) * len(site.leaves)
 
     def read(self, site: Site, rows: Rows) -> Any:
         """The site's value as an invoke sees it: its rows, after earlier writes."""
         if site.order not in self.read_lines:
             self.read_lines[site.order] = user_line(2)
-        return site.unflatten([rows.view(x) for x in self._leaves(site)])
+        batched = self._batched(site)
+        return site.unflatten([rows.view(x, b) for x, b in zip(self._leaves(site), batched)])
 
     def write(self, site: Site, rows: Rows, value: Any, describe: Callable[[], str]) -> None:
         """Replace the site's value in the invoke's rows; checked against the site."""
         line = user_line(2)
         new = self._checked(site, rows, value, describe)
         full = self._leaves(site)
-        self.current[site.key] = [rows.update(f, n) for f, n in zip(full, new)]
+        batched = self._batched(site)
+        self.current[site.key] = [rows.update(f, n, b) for f, n, b in zip(full, new, batched)]
         self.written[site.key] = line
         self.write_lines[site.order] = line
 
@@ -277,7 +305,7 @@ class Builder:
                 "structure (for one element of a tuple: `site.output[0] = v`)."
             ))
         out = []
-        for leaf, want in zip(leaves, site.leaves):
+        for leaf, want, batched in zip(leaves, site.leaves, self._batched(site)):
             if not isinstance(want, jax.ShapeDtypeStruct):
                 if leaf is not want and leaf != want:
                     raise WriteError(at_user_line(
@@ -287,7 +315,7 @@ class Builder:
                 out.append(leaf)
                 continue
             leaf = jnp.asarray(leaf)
-            shape = rows.view_shape(want)
+            shape = rows.view_shape(want, batched)
             if tuple(leaf.shape) != shape or leaf.dtype != want.dtype:
                 got = f"{leaf.dtype}{list(leaf.shape)}"
                 need = f"{want.dtype}{list(shape)}"
@@ -308,7 +336,8 @@ class Builder:
     def param(self, index: int) -> Any:
         tracer = self.params.get(index)
         if tracer is None:
-            tracer = param_read_p.bind(leaf=index, aval=self.param_avals[index])
+            with set_current_trace(self.trace):
+                tracer = param_read_p.bind(leaf=index, aval=self.param_avals[index])
             self.params[index] = tracer
         return tracer
 
@@ -392,6 +421,9 @@ class _SiteContainer:
                 f"element {index} is out of range: this value has {len(self)} elements."
             )) from None
         self._writer(tuple(items) if isinstance(self, tuple) else items)
+        if isinstance(self, (list, dict)):  # a later read of this object sees the write
+            child = writable(value, lambda new: self._set(index, new))
+            (list if isinstance(self, list) else dict).__setitem__(self, index, child)
 
     def save(self) -> Any:
         """Keep the whole value after the block (as a plain tuple/list/dict)."""
@@ -439,10 +471,22 @@ def plain(value: Any) -> Any:
 
 
 def writable(value: Any, writer: Callable[[Any], None]) -> Any:
-    """``value``, its top-level tuple/list/dict made to accept element writes."""
-    for cls, base in _PLAIN.items():
-        if type(value) is base:
-            wrapped = cls(value)
-            wrapped._writer = writer
-            return wrapped
-    return value
+    """``value`` with its tuples, lists and dicts made to accept element writes.
+
+    ``site.output["aux"][0] = v`` writes the site with that one element replaced.
+    """
+    cls = next((c for c, base in _PLAIN.items() if type(value) is base), None)
+    if cls is None:
+        return value
+
+    parent: list[Any] = []  # the wrapped value, once built: children write through it
+
+    def child_writer(index: Any) -> Callable[[Any], None]:
+        return lambda child: parent[0]._set(index, child)
+
+    indices = value.keys() if isinstance(value, dict) else range(len(value))
+    children = {i: writable(value[i], child_writer(i)) for i in indices}
+    wrapped = cls(children) if isinstance(value, dict) else cls(children[i] for i in indices)
+    parent.append(wrapped)
+    wrapped._writer = writer
+    return wrapped

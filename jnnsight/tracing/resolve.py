@@ -73,7 +73,7 @@ def replace_values(
     """``value`` with ``swap`` applied to every leaf; lists and dicts in place."""
     if depth > 8:
         return value
-    if type(value) is list or (isinstance(value, list) and not isinstance(value, tuple)):
+    if isinstance(value, list):
         for i, item in enumerate(value):
             new = replace_values(item, f"{name}[{i}]", swap, depth + 1)
             if new is not item:

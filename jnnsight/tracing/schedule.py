@@ -29,7 +29,7 @@ from .program import (
     site_skip_p,
     site_write_p,
 )
-from .discover import Site, SiteKey
+from .discover import Site, SiteKey, site_name
 
 PRE = -1  # the stage of everything that needs no site
 
@@ -78,10 +78,7 @@ class Schedule:
 
 
 def _site_name(program: InterventionProgram, order: int) -> str:
-    path, call, kind = program.table.sites[order].key
-    name = "model" + "".join(f".{p}" for p in path)
-    nexts = ".next()" * call
-    return f"{name}{nexts}.{kind}"
+    return site_name(program.table.sites[order].key)
 
 
 def _causality_error(program: InterventionProgram, at: int, needs: int, skip: bool) -> CausalityError:

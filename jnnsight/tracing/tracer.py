@@ -23,16 +23,16 @@ from __future__ import annotations
 
 import sys
 import threading
+import warnings
 import types
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Callable
+from typing import TYPE_CHECKING, Any
 
 from jax import core
 
 from ..errors import CaptureError, JnnsightError, UserLine, at_user_line, is_library_frame
 from . import program as _program
 from .capture import Capture
-from .collate import collate
 from .resolve import Unsaved, code_names, resolve_namespace, write_frame
 
 if TYPE_CHECKING:
@@ -128,7 +128,10 @@ class Tracer:
         the last site the block needs."""
         builder = _program.current()
         if builder is None:
-            raise CaptureError(at_user_line("`tracer.stop()` belongs inside an invoke's body."))
+            raise CaptureError(at_user_line(
+                "`tracer.stop()` belongs inside the block (inside an invoke's body when the "
+                "trace has invokes)."
+            ))
         builder.stopped = True
         raise StopTrace
 
@@ -143,13 +146,19 @@ class Tracer:
         """
         builder = _program.current()
         if builder is None:
-            raise CaptureError(at_user_line("`tracer.cache()` belongs inside an invoke's body."))
+            raise CaptureError(at_user_line(
+                "`tracer.cache()` belongs inside the block (inside an invoke's body when the "
+                "trace has invokes)."
+            ))
         cache = Cache()
 
         def fill() -> None:
-            for site in builder.table.sites:
+            table = builder.table
+            skipped = [(table.get(key).order, table.get((key[0], key[1], "output")).order)
+                       for key in builder.skipped]
+            for site in table.sites:
                 path, call, kind = site.key
-                if kind == "output":
+                if kind == "output" and not any(a < site.order < b for a, b in skipped):
                     leaves = builder._leaves(site)
                     dict.__setitem__(
                         cache, (".".join(path), call), builder.save(site.unflatten(leaves), internal=True)
@@ -177,11 +186,16 @@ class Tracer:
             self._run()
         except BaseException as err:
             raise err.with_traceback(_trimmed(err)) from err.__cause__
+        finally:
+            del self._capture  # the caller's frame, and through it its locals
+            self._invokes.clear()
         return True
 
     def _run(self) -> None:
         namespace = self._capture.namespace()
         body = self._capture.body
+        names = code_names(body.code)  # the invoke bodies' names included
+        before = {n: namespace[n] for n in names if n in namespace}
         if self._inputs is not None:
             invokes = [Invoke(self._inputs, body.code, UserLine(body.filename, body.header_line))]
         else:
@@ -196,26 +210,30 @@ class Tracer:
                     "and no `tracer.invoke(...)`: give it an input."
                 )
             invokes = self._invokes
-        batch = collate([inv.inputs for inv in invokes], [inv.line for inv in invokes])
-        names = frozenset().union(*(code_names(inv.code) for inv in invokes), code_names(body.code))
-        before = {n: namespace[n] for n in names if n in namespace}
+        batch = self.model._collate([inv.inputs for inv in invokes], [inv.line for inv in invokes])
+        collected = {n: namespace[n] for n in names if n in namespace}
 
         def bodies() -> None:
             builder = _program.current()
             from_bodies: set[str] = set()  # names an invoke body bound: they flow on
-            for invoke, rows in zip(invokes, batch.rows):
-                builder.rows = rows
-                builder.calls.clear()
-                for name, value in invoke.restore.items():
-                    if name not in from_bodies:
-                        namespace[name] = value
-                bound = {n: namespace.get(n) for n in names}
-                try:
-                    exec(invoke.code, namespace)
-                except StopTrace:
-                    return
-                finally:
-                    from_bodies.update(n for n in names if namespace.get(n) is not bound[n])
+            try:
+                for invoke, rows in zip(invokes, batch.rows):
+                    builder.rows = rows
+                    builder.calls.clear()
+                    for name, value in invoke.restore.items():
+                        if name not in from_bodies:
+                            namespace[name] = value
+                    bound = {n: namespace.get(n) for n in names}
+                    try:
+                        exec(invoke.code, namespace)
+                    except StopTrace:
+                        return
+                    finally:
+                        from_bodies.update(n for n in names if namespace.get(n) is not bound[n])
+            finally:
+                # Names only the trace's own body set keep their value from its end.
+                for name in collected.keys() - from_bodies:
+                    namespace[name] = collected[name]
 
         _, values, builder = self.model._run(self.model.variables, batch, bodies, scan=self._scan)
         line = UserLine(body.filename, body.header_line)
@@ -233,11 +251,13 @@ class Tracer:
         write_frame(self._capture.frame, namespace, changed)
         lost = [i for i in builder.saved if i not in found and i not in builder.internal]
         if lost:
-            raise JnnsightError(
-                f"{builder.save_lines[lost[0]]}\nthis value was saved, but the block put it "
-                "nowhere jnnsight can write it back: saved values reach the names the block "
-                "assigns (and lists, tuples and dicts in them, and attributes of your objects "
-                "that the block names). Assign it to a name: `h = ....save()`."
+            warnings.warn(
+                f"{builder.save_lines[lost[0]]}\n{len(lost)} saved value(s) of this block "
+                "ended up in no variable jnnsight writes back (saved values reach the names "
+                "the block binds, lists, tuples and dicts in them, and attributes of your "
+                "objects that the block names): a name bound again later in the block, or "
+                "a save that was not assigned. Keep each value you need under its own name.",
+                stacklevel=3,
             )
 
 

@@ -1,0 +1,277 @@
+"""Behaviours at the edges of the engine, each checked against a hand-written forward:
+input-dependent model structure, callbacks, static arguments, unbatched values in
+invokes, reads inside JAX transforms, dict and nested outputs, names in function frames,
+line tracers, and the forward really stopping."""
+
+from __future__ import annotations
+
+import sys
+import warnings
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from jnnsight import NNsight
+
+from conftest import assert_close, reference
+
+
+class ShapeDependent(nn.Module):
+    """Runs an extra module for 5 features: site numbers differ between input shapes."""
+
+    @nn.compact
+    def __call__(self, x, double: bool = False):
+        h = x[:, :4]
+        if x.shape[1] > 4:
+            h = nn.Dense(4, name="pre")(h)
+        h = nn.Dense(4, name="a")(h)
+        out = nn.Dense(4, name="b")(h)
+        return out * 2 if double else out
+
+
+@pytest.fixture(scope="module")
+def shape_dependent():
+    module = ShapeDependent()
+    x5 = jax.random.normal(jax.random.key(1), (2, 5))
+    variables = jax.tree_util.tree_map(lambda p: p + 0.3, module.init(jax.random.key(0), x5))
+    return NNsight(module, variables), x5
+
+
+def test_a_program_is_cached_with_its_site_table(shape_dependent):
+    model, x5 = shape_dependent
+
+    def zero(path):
+        return lambda p, c, out: out * 0 if p == path else out
+
+    with model.trace(x5[:, :4]):            # site 2 is `a` here ...
+        model.a.output = model.a.output * 0
+        first = model.output.save()
+    with model.trace(x5):                   # ... and `pre` here: same jaxpr, other site
+        model.pre.output = model.pre.output * 0
+        second = model.output.save()
+    assert_close(first, reference(model, x5[:, :4], edit=zero(("a",)))[0])
+    assert_close(second, reference(model, x5, edit=zero(("pre",)))[0])
+
+
+def test_static_arguments_reach_the_model(shape_dependent):
+    model, x5 = shape_dependent
+    with model.trace(x5, double=True):
+        kwarg = model.output.save()
+    with model.trace(x5, True):
+        positional = model.output.save()
+    expected = model.module.apply(model.variables, x5, double=True)
+    assert_close(kwarg, expected)
+    assert_close(positional, expected)
+
+
+def test_blocks_with_different_callbacks_do_not_share_a_program(toy):
+    model, tokens = toy
+
+    def apply(f):
+        with model.trace(tokens):
+            h = model.h[0].output[0]
+            y = jax.pure_callback(f, jax.ShapeDtypeStruct(h.shape, h.dtype), h).save()
+        return y
+
+    doubled = apply(lambda a: np.asarray(a) * 2)
+    tripled = apply(lambda a: np.asarray(a) * 3)
+    assert_close(tripled, doubled * 1.5, tol=1e-4)
+
+
+def test_invokes_see_values_without_a_batch_axis_whole():
+    from jnnsight.toy import toy_model
+
+    model, tokens = toy_model(layers=1, width=8, heads=2, vocab=16, length=2, batch=2)
+    with model.trace() as tracer:           # 2 rows of 2 positions: wpe is [length, width]
+        with tracer.invoke(tokens[:1]):
+            first = model.wpe.output.save()
+        with tracer.invoke(tokens[1:]):
+            second = model.wpe.output.save()
+            hidden = model.h[0].output[0].save()
+    _, seen = reference(model, tokens)
+    assert_close(first, seen[(("wpe",), 0)])
+    assert_close(second, seen[(("wpe",), 0)])
+    assert_close(hidden, seen[(("h_0",), 0)][0][1:])
+
+
+def test_sites_and_parameters_read_inside_jax_transforms_in_a_block(toy):
+    model, tokens = toy
+
+    @jax.jit
+    def helper(h):
+        return h + model.h[1].output[0]
+
+    with model.trace(tokens):
+        h = model.h[0].output[0]
+        jitted = helper(h).save()
+        mapped = jax.lax.map(lambda i: model.h[2].output[0].sum() * i, jnp.arange(3.0)).save()
+        grad = jax.grad(lambda x: model.lm_head(model.ln_f(x))[..., 0].sum())(h).save()
+    _, seen = reference(model, tokens)
+    h0, h1, h2 = (seen[((f"h_{i}",), 0)][0] for i in range(3))
+    assert_close(jitted, h0 + h1)
+    assert_close(mapped, h2.sum() * jnp.arange(3.0), tol=1e-3)
+    params = model.variables["params"]
+
+    def lens(x):
+        normed = nn.LayerNorm().apply({"params": params["ln_f"]}, x)
+        return (normed @ params["lm_head"]["kernel"])[..., 0].sum()
+
+    assert_close(grad, jax.grad(lens)(h0), tol=1e-4)
+
+
+class DictOutput(nn.Module):
+    @nn.compact
+    def __call__(self, x):
+        y = nn.Dense(4, name="d")(x)
+        return {"h": y, "aux": (y * 2, y * 3)}
+
+
+class UsesDict(nn.Module):
+    @nn.compact
+    def __call__(self, x):
+        o = DictOutput(name="inner")(x)
+        return o["h"] + o["aux"][0] + o["aux"][1]
+
+
+def test_dict_outputs_and_nested_element_writes():
+    x = jax.random.normal(jax.random.key(2), (2, 3))
+    module = UsesDict()
+    model = NNsight(module, module.init(jax.random.key(0), x))
+    with model.trace(x):
+        o = model.inner.output
+        o["aux"][0] = o["aux"][0] * 0
+        o["h"] = o["h"] * 2
+        seen_after = o["h"].save()
+        out = model.output.save()
+
+    def edit(path, call, out):
+        if path == ("inner",):
+            return {"h": out["h"] * 2, "aux": (out["aux"][0] * 0, out["aux"][1])}
+        return out
+
+    expected, seen = reference(model, x, edit=edit)
+    assert_close(out, expected)
+    assert_close(seen_after, seen[(("inner",), 0)]["h"])
+
+
+def test_writes_to_inputs_and_to_the_model_input(toy):
+    model, tokens = toy
+    other = (tokens + 3) % 32
+    with model.trace(tokens):
+        model.input = other
+        logits = model.output.save()
+    assert_close(logits, reference(model, other)[0])
+    with model.trace(tokens):
+        args, kwargs = model.h[1].mlp.inputs
+        model.h[1].mlp.inputs = ((args[0] * 0,), kwargs)
+        zeroed = model.output.save()
+
+    def no_mlp_input(next_fun, a, k, context):
+        if context.method_name == "__call__" and context.module.path == ("h_1", "mlp"):
+            a = (a[0] * 0,)
+        return next_fun(*a, **k)
+
+    with nn.intercept_methods(no_mlp_input):
+        expected = model.module.apply(model.variables, tokens)
+    assert_close(zeroed, expected)
+
+
+def test_names_set_by_a_trace_body_with_invokes_reach_the_function(toy):
+    model, tokens = toy
+    scale = 1.0
+    with model.trace() as tracer:
+        outs = []
+        with tracer.invoke(tokens[:1]):
+            model.h[0].output[0] = model.h[0].output[0] * scale
+            outs.append(model.output.save())
+        scale = 2.0
+    assert scale == 2.0                     # Python order: the trace body set it last
+    assert_close(outs[0], reference(model, tokens[:1])[0])
+
+
+def test_a_line_tracer_keeps_tracing_the_caller_after_a_block(toy):
+    model, tokens = toy
+    seen = []
+
+    def line_tracer(frame, event, arg):
+        if frame.f_code is run.__code__ and event == "line":
+            seen.append(frame.f_lineno - run.__code__.co_firstlineno)
+        return line_tracer
+
+    def run():
+        with model.trace(tokens):
+            h = model.output.save()
+        after = h.shape
+        return after
+
+    previous = sys.gettrace()
+    sys.settrace(line_tracer)
+    try:
+        run()
+    finally:
+        sys.settrace(previous)
+    assert 3 in seen and 4 in seen          # the two lines after the block
+
+
+LATER_CALLS: list[int] = []
+
+
+class Counted(nn.Module):
+    """Counts how often its forward is traced (discovery, each compile)."""
+
+    @nn.compact
+    def __call__(self, x):
+        LATER_CALLS.append(1)
+        return x * 2
+
+
+class StopsEarly(nn.Module):
+    @nn.compact
+    def __call__(self, x):
+        h = nn.Dense(4, name="first")(x)
+        return Counted(name="later")(h)
+
+
+def test_stop_keeps_the_rest_of_the_forward_out_of_the_program():
+    x = jnp.ones((2, 3))
+    module = StopsEarly()
+    model = NNsight(module, module.init(jax.random.key(0), x))
+    calls = LATER_CALLS
+    calls.clear()
+    with model.trace(x):
+        full = model.output.save()          # discovery and the compile both trace `later`
+    assert len(calls) == 2
+    with model.trace(x) as tracer:
+        h = model.first.output.save()
+        tracer.stop()
+    assert len(calls) == 2                  # the stopped program never reached `later`
+    p = model.variables["params"]["first"]
+    assert_close(h, x @ p["kernel"] + p["bias"])
+    assert_close(full, h * 2)
+
+
+def test_a_cache_next_to_a_skipped_module(toy):
+    model, tokens = toy
+    with model.trace(tokens) as tracer:
+        model.h[1].skip((model.h[1].input,))
+        cache = tracer.cache()
+    _, seen = reference(model, tokens)
+    assert ("h_1.mlp", 0) not in cache
+    assert_close(cache["h_1"][0], seen[(("h_0",), 0)][0])
+
+
+def test_rebinding_a_saved_name_warns_at_the_save_line(toy):
+    model, tokens = toy
+    with pytest.warns(UserWarning, match=r"test_edges\.py:\d+.*\n2 saved value"):
+        with model.trace(tokens):
+            for i in range(3):
+                h = model.h[i].output[0].save()
+    assert_close(h, reference(model, tokens)[1][(("h_2",), 0)][0])
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        with model.trace(tokens):
+            kept = [model.h[i].output[0].save() for i in range(3)]
+    assert len(kept) == 3
