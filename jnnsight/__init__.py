@@ -30,11 +30,13 @@ from .errors import (
     WriteError,
 )
 from .nnsight import NNsight
+from .language import LanguageModel
 from .tracing import program as _program
 from .tracing.tracer import Cache, Tracer
 
 __all__ = [
     "NNsight",
+    "LanguageModel",
     "Envoy",
     "EnvoyList",
     "Tracer",

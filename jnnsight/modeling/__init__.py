@@ -28,6 +28,9 @@ FAMILIES: dict[str, tuple[str, str, str]] = {
     "qwen3": ("llama", "LlamaConfig", "LlamaForCausalLM"),
 }
 
+# The input embedding's checkpoint key per family file: a tied lm_head.weight is this array.
+EMBEDDINGS: dict[str, str] = {"gpt2": "transformer.wte.weight", "llama": "model.embed_tokens.weight"}
+
 
 def family(model_type: str) -> tuple[Any, type[nn.Module], Callable[..., Any]]:
     """The config class, model class and ``init_variables`` of a ``model_type``."""
@@ -46,3 +49,14 @@ def build(config: dict[str, Any], dtype: Any = jnp.float32) -> tuple[nn.Module, 
     config_class, model_class, _ = family(config.get("model_type", ""))
     parsed = config_class.from_hf(config)
     return model_class(parsed, dtype=dtype), parsed
+
+
+def tie_embeddings(tensors: dict[str, Any], config: dict[str, Any]) -> dict[str, Any]:
+    """``tensors`` with ``lm_head.weight`` set to the embedding where the checkpoint ties them.
+
+    The same array object stands at both keys: no copy in memory.
+    """
+    if "lm_head.weight" in tensors:
+        return tensors
+    embedding = EMBEDDINGS[FAMILIES[config.get("model_type", "")][0]]
+    return {**tensors, "lm_head.weight": tensors[embedding]}

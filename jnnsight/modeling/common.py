@@ -28,6 +28,13 @@ class CausalLMOutput:
 
     logits: jax.Array
 
+    def save(self) -> "CausalLMOutput":
+        """Keep this output after a trace block, as ``jnnsight.save(output)`` does."""
+        from ..tracing.program import current
+
+        builder = current()
+        return self if builder is None else builder.save(self)
+
 
 def path_of(key: str) -> tuple[str, ...]:
     """A checkpoint key as a linen path: ``layers.0`` becomes ``layers_0``."""

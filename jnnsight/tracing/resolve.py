@@ -22,6 +22,8 @@ import sys
 import types
 from typing import Any, Callable
 
+import jax
+
 from ..errors import UnsavedValueError, UserLine, at_user_line
 
 
@@ -90,6 +92,12 @@ def replace_values(
         if all(a is b for a, b in zip(items, value)):
             return value
         return type(value)(*items) if hasattr(value, "_fields") else tuple(items)
+    leaves, treedef = jax.tree_util.tree_flatten(value)
+    if treedef.num_nodes > 1:  # another registered pytree: a model output dataclass, say
+        swapped = [swap(leaf, name) for leaf in leaves]
+        if any(a is not b for a, b in zip(swapped, leaves)):
+            return jax.tree_util.tree_unflatten(treedef, swapped)
+        return value
     return swap(value, name)
 
 

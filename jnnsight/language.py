@@ -1,0 +1,181 @@
+"""LanguageModel: a Hugging Face checkpoint as a traceable linen model, with its tokenizer.
+
+Each invoke's input is text (a string or a list of strings), token ids (a list,
+a list of lists, an array), or a tokenizer output (a dict with ``input_ids``
+and optionally ``attention_mask``). All rows of all invokes are left-padded to
+the longest, with an attention mask; the models derive position ids from the
+mask, so a padded row gives the same numbers as that prompt alone. Shapes are
+exact by default (a 10-token prompt shows 10 positions); ``pad_to_multiple_of``
+rounds lengths up so a loop over varied prompts compiles a few programs only.
+
+Example::
+
+    >>> from jnnsight import LanguageModel
+    >>> lm = LanguageModel("HuggingFaceTB/SmolLM2-135M-Instruct")
+    >>> with lm.trace("The Eiffel Tower is in the city of"):
+    ...     hidden = lm.model.layers[-1].output[0].save()
+    ...     logits = lm.lm_head.output.save()
+    >>> lm.tokenizer.decode(logits[0, -1].argmax())
+    ' Paris'
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from .errors import JnnsightError, UserLine
+from .nnsight import NNsight
+from .tracing.collate import Batch
+from .tracing.program import Rows
+
+
+def _rows_of_input(value: Any, tokenizer: Any, line: UserLine | None) -> tuple[list[list[int]], list[list[int]]]:
+    """One invoke's input as token-id rows and their attention masks."""
+    if isinstance(value, str):
+        value = [value]
+    if isinstance(value, dict) or hasattr(value, "keys"):
+        ids = np.asarray(value["input_ids"])
+        ids = ids[None] if ids.ndim == 1 else ids
+        mask = np.asarray(value.get("attention_mask", np.ones_like(ids)))
+        mask = mask[None] if mask.ndim == 1 else mask
+        return [list(map(int, r)) for r in ids], [list(map(int, r)) for r in mask]
+    if isinstance(value, (list, tuple)) and value and all(isinstance(v, str) for v in value):
+        if tokenizer is None:
+            raise JnnsightError(_at(line, "text was given, and this model has no tokenizer: pass token ids."))
+        rows = [list(tokenizer(text)["input_ids"]) for text in value]
+        return rows, [[1] * len(r) for r in rows]
+    ids = value.tolist() if hasattr(value, "tolist") else value
+    if isinstance(ids, int) or (isinstance(ids, list) and ids and isinstance(ids[0], int)):
+        ids = [ids] if isinstance(ids, list) else [[ids]]
+    if not isinstance(ids, list) or not ids or not all(isinstance(r, list) and r for r in ids):
+        raise JnnsightError(_at(line,
+            f"an invoke's input must be text, token ids or a tokenizer output; got {type(value).__name__}."
+        ))
+    return ids, [[1] * len(r) for r in ids]
+
+
+def _at(line: UserLine | None, message: str) -> str:
+    return f"{line}\n{message}" if line is not None else message
+
+
+class Tokenizer:
+    """A transformers tokenizer that also decodes JAX arrays (``decode(logits.argmax())``).
+
+    Everything else is the wrapped tokenizer's own.
+    """
+
+    def __init__(self, tokenizer: Any):
+        object.__setattr__(self, "_tokenizer", tokenizer)
+
+    def decode(self, ids: Any, **kwargs: Any) -> str:
+        return self._tokenizer.decode(np.asarray(ids).tolist(), **kwargs)
+
+    def batch_decode(self, ids: Any, **kwargs: Any) -> list[str]:
+        return self._tokenizer.batch_decode(np.asarray(ids).tolist(), **kwargs)
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        return self._tokenizer(*args, **kwargs)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._tokenizer, name)
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        setattr(self._tokenizer, name, value)
+
+    def __repr__(self) -> str:
+        return repr(self._tokenizer)
+
+
+class LanguageModel(NNsight):
+    """A causal language model from a hub id, a local folder or a ``.gguf`` file.
+
+    Args:
+      name_or_path: a Hugging Face hub id (read from the local cache, or
+        downloaded where online), a folder with ``config.json`` and
+        safetensors, or a ``.gguf`` file.
+      dtype: the parameters' and activations' dtype (``jnp.float32`` or
+        ``jnp.bfloat16``).
+      pad_to_multiple_of: round padded lengths up to a multiple of this, so
+        prompts of varied lengths share a few compiled programs (the padded
+        positions are then visible in the shapes).
+      module, variables, tokenizer: an already-built model instead of a
+        checkpoint (random weights in tests, say).
+
+    Example::
+
+        >>> lm = LanguageModel("path/to/SmolLM2-135M-Instruct.Q4_1.gguf")
+        >>> with lm.trace() as tracer:
+        ...     with tracer.invoke("Madison square garden is located in the city of New"):
+        ...         embeddings = lm.model.embed_tokens.output
+        ...     with tracer.invoke("_ _ _ _ _ _ _ _ _ _"):
+        ...         lm.model.embed_tokens.output = embeddings
+    """
+
+    def __init__(
+        self,
+        name_or_path: str | Path | None = None,
+        *,
+        dtype: Any = jnp.float32,
+        pad_to_multiple_of: int | None = None,
+        module: nn.Module | None = None,
+        variables: Any = None,
+        tokenizer: Any = None,
+        revision: str | None = None,
+    ):
+        if name_or_path is not None:
+            from .loading.pretrained import load_pretrained
+
+            module, variables, loaded_tokenizer = load_pretrained(str(name_or_path), dtype, revision)
+            tokenizer = tokenizer if tokenizer is not None else loaded_tokenizer
+        elif module is None or variables is None:
+            raise TypeError("LanguageModel needs a checkpoint (name or path), or module= and variables=.")
+        super().__init__(module, variables)
+        if tokenizer is not None:
+            tokenizer = tokenizer if isinstance(tokenizer, Tokenizer) else Tokenizer(tokenizer)
+            if tokenizer.pad_token_id is None:
+                tokenizer.pad_token = tokenizer.eos_token
+        object.__setattr__(self, "tokenizer", tokenizer)
+        object.__setattr__(self, "pad_to_multiple_of", pad_to_multiple_of)
+
+    def _collate(self, inputs: list[tuple[tuple, dict] | None], lines: list) -> Batch:
+        """Tokenize every invoke's input and left-pad all rows into one batch."""
+        rows: list[list[int]] = []
+        masks: list[list[int]] = []
+        spans: list[tuple[int, int] | None] = []
+        for given, line in zip(inputs, lines):
+            if given is None:
+                spans.append(None)
+                continue
+            args, kwargs = given
+            if len(args) != 1 or kwargs:
+                raise JnnsightError(_at(line,
+                    "a language model's invoke takes one input: text, token ids or a tokenizer output."
+                ))
+            ids, mask = _rows_of_input(args[0], self.tokenizer, line)
+            spans.append((len(rows), len(rows) + len(ids)))
+            rows += ids
+            masks += mask
+        if not rows:
+            raise JnnsightError(_at(lines[0] if lines else None,
+                "the trace has no input: pass a prompt to `lm.trace(...)` or to a `tracer.invoke(...)`."
+            ))
+        length = max(len(r) for r in rows)
+        if self.pad_to_multiple_of:
+            length = -(-length // self.pad_to_multiple_of) * self.pad_to_multiple_of
+        pad = self.tokenizer.pad_token_id if self.tokenizer is not None else 0
+        input_ids = np.full((len(rows), length), pad, np.int32)
+        attention_mask = np.zeros((len(rows), length), np.int32)
+        for i, (r, m) in enumerate(zip(rows, masks)):
+            input_ids[i, length - len(r):] = r
+            attention_mask[i, length - len(m):] = m
+        total = len(rows)
+        invoke_rows = tuple(
+            Rows(0, total, total) if span is None else Rows(span[0], span[1], total) for span in spans
+        )
+        return Batch((jnp.asarray(input_ids),), {"attention_mask": jnp.asarray(attention_mask)}, invoke_rows)
