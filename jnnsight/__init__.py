@@ -19,6 +19,8 @@ from typing import Any, TypeVar
 
 from jax import core as _core
 
+from . import compilation_cache as _compilation_cache
+
 from .envoy import Envoy, EnvoyList
 from .errors import (
     at_user_line,
@@ -81,3 +83,4 @@ def _tracer_save(self: Any) -> Any:
 
 
 _core.Tracer.save = _tracer_save
+_compilation_cache.enable()
