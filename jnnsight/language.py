@@ -83,6 +83,8 @@ class Tokenizer:
         return self._tokenizer(*args, **kwargs)
 
     def __getattr__(self, name: str) -> Any:
+        if name == "_tokenizer":  # not set yet (copy, pickle): no recursion
+            raise AttributeError(name)
         return getattr(self._tokenizer, name)
 
     def __setattr__(self, name: str, value: Any) -> None:
@@ -138,8 +140,6 @@ class LanguageModel(NNsight):
         super().__init__(module, variables)
         if tokenizer is not None:
             tokenizer = tokenizer if isinstance(tokenizer, Tokenizer) else Tokenizer(tokenizer)
-            if tokenizer.pad_token_id is None:
-                tokenizer.pad_token = tokenizer.eos_token
         object.__setattr__(self, "tokenizer", tokenizer)
         object.__setattr__(self, "pad_to_multiple_of", pad_to_multiple_of)
 
@@ -168,7 +168,8 @@ class LanguageModel(NNsight):
         length = max(len(r) for r in rows)
         if self.pad_to_multiple_of:
             length = -(-length // self.pad_to_multiple_of) * self.pad_to_multiple_of
-        pad = self.tokenizer.pad_token_id if self.tokenizer is not None else 0
+        pad_id = getattr(self.tokenizer, "pad_token_id", None)
+        pad = pad_id if pad_id is not None else 0  # padded positions are masked anyway
         input_ids = np.full((len(rows), length), pad, np.int32)
         attention_mask = np.zeros((len(rows), length), np.int32)
         for i, (r, m) in enumerate(zip(rows, masks)):

@@ -277,6 +277,7 @@ def test_gguf_tiny_round_trip(tmp_path, tiny_llama):
 
 
 def test_gguf_clear_errors():
+    pytest.importorskip("gguf")
     from jnnsight.loading.gguf_file import hf_name
 
     assert hf_name("blk.3.attn_k.weight") == "model.layers.3.self_attn.k_proj.weight"

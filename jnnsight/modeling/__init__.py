@@ -56,7 +56,7 @@ def tie_embeddings(tensors: dict[str, Any], config: dict[str, Any]) -> dict[str,
 
     The same array object stands at both keys: no copy in memory.
     """
-    if "lm_head.weight" in tensors:
+    if "lm_head.weight" in tensors or not config.get("tie_word_embeddings", True):
         return tensors
     embedding = EMBEDDINGS[FAMILIES[config.get("model_type", "")][0]]
     return {**tensors, "lm_head.weight": tensors[embedding]}

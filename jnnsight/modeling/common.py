@@ -143,4 +143,4 @@ def causal_mask(attention_mask: jax.Array, window: int | None = None) -> jax.Arr
     allowed = k <= q
     if window is not None:
         allowed = allowed & (q - k < window)
-    return jnp.asarray(allowed)[None, None] & attention_mask.astype(bool)[:, None, None, :]
+    return jnp.asarray(allowed[None, None]) & attention_mask.astype(bool)[:, None, None, :]

@@ -90,7 +90,7 @@ _USED_FIELDS = frozenset({
 # config.json fields that do not change the forward's numbers.
 HARMLESS_FIELDS = frozenset({
     # identity and bookkeeping
-    "architectures", "transformers_version", "_name_or_path", "name_or_path", "auto_map",
+    "architectures", "is_llama_config", "transformers_version", "_name_or_path", "name_or_path", "auto_map",
     "torch_dtype", "dtype", "use_bfloat16", "tokenizer_class", "_commit_hash",
     "_attn_implementation_autoset", "attn_implementation", "model_name", "library_name",
     # special tokens
