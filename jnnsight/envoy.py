@@ -92,7 +92,7 @@ class Envoy:
     # sites ----------------------------------------------------------------------------
 
     def _key(self, builder: _program.Builder, kind: str) -> tuple:
-        return (self._path, builder.calls.get(self._path, 0), kind)
+        return (self._path, builder.call_index(self._path), kind)
 
     def _describe(self, builder: _program.Builder, kind: str) -> str:
         return f"`{site_name(self._key(builder, kind))}`"
@@ -185,7 +185,7 @@ class Envoy:
             ...     model.block_2.skip(model.block_2.input)   # the block becomes identity
         """
         builder = _builder(self, "skip()")
-        call = builder.calls.get(self._path, 0)
+        call = builder.call_index(self._path)
         describe = lambda: f"`{self._name}`"  # noqa: E731
         module_input = builder.site((self._path, call, "input"), describe)
         output = builder.site((self._path, call, "output"), describe)

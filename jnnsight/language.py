@@ -22,7 +22,7 @@ Example::
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import flax.linen as nn
 import jax
@@ -33,6 +33,9 @@ from .errors import JnnsightError, UserLine
 from .nnsight import NNsight
 from .tracing.collate import Batch
 from .tracing.program import Rows
+
+if TYPE_CHECKING:
+    from .generation import GenerateTracer, GeneratorEnvoy
 
 
 def _rows_of_input(value: Any, tokenizer: Any, line: UserLine | None) -> tuple[list[list[int]], list[list[int]]]:
@@ -142,6 +145,65 @@ class LanguageModel(NNsight):
             tokenizer = tokenizer if isinstance(tokenizer, Tokenizer) else Tokenizer(tokenizer)
         object.__setattr__(self, "tokenizer", tokenizer)
         object.__setattr__(self, "pad_to_multiple_of", pad_to_multiple_of)
+
+    @property
+    def generator(self) -> "GeneratorEnvoy":
+        """``lm.generator.output`` in a generate block: the prompt and generated tokens."""
+        from .generation import GeneratorEnvoy
+        from .tracing.steps import RESULT_PATH
+
+        return GeneratorEnvoy(self, RESULT_PATH)
+
+    def generate(
+        self,
+        *inputs: Any,
+        max_new_tokens: int = 20,
+        do_sample: bool = False,
+        temperature: float = 1.0,
+        top_k: int | None = None,
+        top_p: float | None = None,
+        seed: int | None = None,
+        key: jax.Array | None = None,
+        eos_token_id: int | None | str = "default",
+        pad_token_id: int | None = None,
+        progress: bool | None = None,
+    ) -> "GenerateTracer":
+        """A block over a generation of ``max_new_tokens`` tokens, with per-step edits.
+
+        Step 0 is the forward over the prompt, step ``s`` the forward over the
+        ``s``-th new token; each envoy addresses step 0 until ``.next()``,
+        ``tracer.iter[...]`` or ``tracer.all()`` move it. ``tracer.result``
+        (also ``lm.generator.output``) is the prompt and the new tokens,
+        ``[batch, prompt + max_new_tokens]``. With no input, the body holds
+        ``tracer.invoke(prompt)`` blocks, batched into one generation.
+
+        Args:
+          do_sample, temperature, top_k, top_p: sampling (greedy by default).
+          seed, key: the sampling's randomness (a PRNG key wins over a seed).
+          eos_token_id: the token that ends a row (by default the tokenizer's
+            ``eos_token_id``; None: always run ``max_new_tokens`` steps). Rows
+            that ended get ``pad_token_id``; generation stops when all have.
+          progress: a progress bar (by default when stderr is a terminal).
+
+        Example::
+
+            >>> with lm.generate("The Eiffel Tower is in the city of", max_new_tokens=3) as tracer:
+            ...     with tracer.all():
+            ...         lm.model.layers[10].output[0] = lm.model.layers[10].output[0] + steer
+            ...     tokens = tracer.result.save()
+        """
+        from .generation import GenerateTracer, GenerationConfig
+
+        if eos_token_id == "default":
+            eos_token_id = getattr(self.tokenizer, "eos_token_id", None)
+        if pad_token_id is None:
+            pad_token_id = getattr(self.tokenizer, "pad_token_id", None)
+            pad_token_id = pad_token_id if pad_token_id is not None else (eos_token_id or 0)
+        config = GenerationConfig(max_new_tokens, do_sample, float(temperature), top_k, top_p,
+                                  eos_token_id, int(pad_token_id))
+        if key is None:
+            key = jax.random.key(0 if seed is None else seed)
+        return GenerateTracer(self, inputs, config, key, progress)
 
     def _collate(self, inputs: list[tuple[tuple, dict] | None], lines: list) -> Batch:
         """Tokenize every invoke's input and left-pad all rows into one batch."""

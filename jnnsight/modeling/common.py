@@ -24,9 +24,14 @@ import numpy as np
 
 @flax.struct.dataclass
 class CausalLMOutput:
-    """What a causal language model returns: ``output.logits`` is ``[batch, length, vocab]``."""
+    """What a causal language model returns: ``output.logits`` is ``[batch, length, vocab]``.
+
+    ``past_key_values`` is the updated key/value cache when the call was given
+    one (generation), one ``(keys, values)`` pair per layer; None otherwise.
+    """
 
     logits: jax.Array
+    past_key_values: Any = None
 
     def save(self) -> "CausalLMOutput":
         """Keep this output after a trace block, as ``jnnsight.save(output)`` does."""
@@ -144,3 +149,29 @@ def causal_mask(attention_mask: jax.Array, window: int | None = None) -> jax.Arr
     if window is not None:
         allowed = allowed & (q - k < window)
     return jnp.asarray(allowed[None, None]) & attention_mask.astype(bool)[:, None, None, :]
+
+
+def cache_mask(attention_mask: jax.Array, cache_position: jax.Array, length: int,
+               window: int | None = None) -> jax.Array:
+    """``[batch, 1, q, slots]`` booleans for ``length`` queries written at ``cache_position``.
+
+    Query ``i`` sits in cache slot ``cache_position + i``; it sees the slots at
+    or before its own that ``attention_mask`` ``[batch, slots]`` marks real
+    and (with a sliding ``window``) less than ``window`` slots back, as
+    :func:`causal_mask` does without a cache.
+    """
+    slots = attention_mask.shape[-1]
+    q = cache_position + jnp.arange(length)[:, None]
+    k = jnp.arange(slots)[None, :]
+    allowed = k <= q
+    if window is not None:
+        allowed = allowed & (q - k < window)
+    return allowed[None, None] & attention_mask.astype(bool)[:, None, None, :]
+
+
+def write_cache(cache: tuple[jax.Array, jax.Array], keys: jax.Array, values: jax.Array,
+                cache_position: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """The ``(keys, values)`` cache ``[batch, slots, heads, head_dim]`` with new entries at ``cache_position``."""
+    k, v = cache
+    return (jax.lax.dynamic_update_slice_in_dim(k, keys.astype(k.dtype), cache_position, axis=1),
+            jax.lax.dynamic_update_slice_in_dim(v, values.astype(v.dtype), cache_position, axis=1))

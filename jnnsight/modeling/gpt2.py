@@ -46,7 +46,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from .common import CausalLMOutput, Embedding, LayerNorm, Linear, causal_mask, torch_init
+from .common import (CausalLMOutput, Embedding, LayerNorm, Linear, cache_mask, causal_mask,
+                     torch_init, write_cache)
 
 # -- configuration --------------------------------------------------------------------
 
@@ -237,6 +238,9 @@ class GPT2Attention(nn.Module):
     ``attn_weights`` is ``[batch, heads, q, k]`` after the softmax, as transformers'
     eager attention returns it. Scores are masked and soft-maxed in float32;
     masked scores are ``finfo(float32).min`` so fully padded rows stay finite.
+    Given a ``layer_past`` cache (generation), the new keys and values are
+    written at ``cache_position`` and the updated cache comes third:
+    ``(attn_output, attn_weights, (keys, values))``.
 
     Example::
 
@@ -257,13 +261,20 @@ class GPT2Attention(nn.Module):
         self.c_proj = Conv1D(c.n_embd, dtype=self.dtype)
 
     def __call__(
-        self, hidden_states: jax.Array, attention_mask: jax.Array | None = None
-    ) -> tuple[jax.Array, jax.Array]:
+        self,
+        hidden_states: jax.Array,
+        attention_mask: jax.Array | None = None,
+        layer_past: tuple[jax.Array, jax.Array] | None = None,
+        cache_position: jax.Array | None = None,
+    ) -> tuple[Any, ...]:
         """``attention_mask``: ``[batch, 1, q, k]`` booleans (True: visible); ``None``: causal."""
         c = self.config
         b, t, _ = hidden_states.shape
         query, key, value = jnp.split(self.c_attn(hidden_states), 3, axis=-1)
         query, key, value = (a.reshape(b, t, c.n_head, c.head_dim) for a in (query, key, value))
+        present = None
+        if layer_past is not None:
+            key, value = present = write_cache(layer_past, key, value, cache_position)
 
         scaling = c.head_dim**-0.5 if c.scale_attn_weights else 1.0
         if c.scale_attn_by_inverse_layer_idx:
@@ -280,7 +291,7 @@ class GPT2Attention(nn.Module):
 
         attn_output = jnp.einsum("bhqk,bkhd->bqhd", attn_weights, value)
         attn_output = self.c_proj(attn_output.reshape(b, t, c.n_embd))
-        return attn_output, attn_weights
+        return (attn_output, attn_weights) if present is None else (attn_output, attn_weights, present)
 
 
 class GPT2MLP(nn.Module):
@@ -311,7 +322,8 @@ class GPT2Block(nn.Module):
     """A pre-LayerNorm transformer block; returns ``(hidden_states,)``.
 
     The tuple is transformers 4.x's block output, so ``block.output[0]`` is the
-    hidden state as in nnsight code written for Hugging Face GPT-2.
+    hidden state as in nnsight code written for Hugging Face GPT-2. With a
+    ``layer_past`` cache (generation) it is ``(hidden_states, (keys, values))``.
 
     Example::
 
@@ -333,15 +345,19 @@ class GPT2Block(nn.Module):
         self.mlp = GPT2MLP(c, dtype=self.dtype)
 
     def __call__(
-        self, hidden_states: jax.Array, attention_mask: jax.Array | None = None
-    ) -> tuple[jax.Array]:
+        self,
+        hidden_states: jax.Array,
+        attention_mask: jax.Array | None = None,
+        layer_past: tuple[jax.Array, jax.Array] | None = None,
+        cache_position: jax.Array | None = None,
+    ) -> tuple[Any, ...]:
         residual = hidden_states
-        attn_output, _ = self.attn(self.ln_1(hidden_states), attention_mask)
-        hidden_states = attn_output + residual
+        attn = self.attn(self.ln_1(hidden_states), attention_mask, layer_past, cache_position)
+        hidden_states = attn[0] + residual
 
         residual = hidden_states
         hidden_states = residual + self.mlp(self.ln_2(hidden_states))
-        return (hidden_states,)
+        return (hidden_states,) if layer_past is None else (hidden_states, attn[2])
 
 
 def _position_ids(input_ids: jax.Array, attention_mask: jax.Array | None) -> jax.Array:
@@ -357,6 +373,8 @@ class GPT2Model(nn.Module):
 
     The tuple is what transformers returns with ``return_dict=False``, so
     ``model.transformer.output[0]`` is the final hidden state (after ``ln_f``).
+    With ``past_key_values`` (generation; ``attention_mask`` over all cache
+    slots and ``position_ids`` given) it is ``(last_hidden_state, past_key_values)``.
 
     Example::
 
@@ -382,18 +400,32 @@ class GPT2Model(nn.Module):
         input_ids: jax.Array,
         attention_mask: jax.Array | None = None,
         position_ids: jax.Array | None = None,
-    ) -> tuple[jax.Array]:
+        past_key_values: tuple[tuple[jax.Array, jax.Array], ...] | None = None,
+        cache_position: jax.Array | None = None,
+    ) -> tuple[Any, ...]:
+        if past_key_values is not None and (position_ids is None or attention_mask is None):
+            raise ValueError("with past_key_values, pass attention_mask (over all cache slots) "
+                             "and position_ids.")
         if position_ids is None:
             position_ids = _position_ids(input_ids, attention_mask)
         hidden_states = self.wte(input_ids) + self.wpe(position_ids)
 
         if attention_mask is None:
             attention_mask = jnp.ones(input_ids.shape, bool)
-        mask = causal_mask(attention_mask)
+        if past_key_values is None:
+            mask = causal_mask(attention_mask)
+        else:
+            mask = cache_mask(attention_mask, cache_position, input_ids.shape[1])
 
-        for block in self.h:
-            hidden_states = block(hidden_states, mask)[0]
-        return (self.ln_f(hidden_states),)
+        presents = []
+        for i, block in enumerate(self.h):
+            past = None if past_key_values is None else past_key_values[i]
+            out = block(hidden_states, mask, past, cache_position)
+            hidden_states = out[0]
+            if past is not None:
+                presents.append(out[1])
+        hidden_states = self.ln_f(hidden_states)
+        return (hidden_states,) if past_key_values is None else (hidden_states, tuple(presents))
 
 
 class GPT2LMHeadModel(nn.Module):
@@ -432,9 +464,19 @@ class GPT2LMHeadModel(nn.Module):
         input_ids: jax.Array,
         attention_mask: jax.Array | None = None,
         position_ids: jax.Array | None = None,
+        past_key_values: tuple[tuple[jax.Array, jax.Array], ...] | None = None,
+        cache_position: jax.Array | None = None,
     ) -> CausalLMOutput:
-        hidden_states = self.transformer(input_ids, attention_mask, position_ids)[0]
-        return CausalLMOutput(logits=self.lm_head(hidden_states))
+        out = self.transformer(input_ids, attention_mask, position_ids, past_key_values,
+                               cache_position)
+        presents = out[1] if past_key_values is not None else None
+        return CausalLMOutput(logits=self.lm_head(out[0]), past_key_values=presents)
+
+    def cache_shapes(self, batch: int, slots: int) -> tuple[tuple[jax.ShapeDtypeStruct, ...], ...]:
+        """The ``past_key_values`` of a generation: ``(keys, values)`` per layer."""
+        c = self.config
+        one = jax.ShapeDtypeStruct((batch, slots, c.n_head, c.head_dim), self.dtype)
+        return tuple((one, one) for _ in range(c.n_layer))
 
 
 @functools.lru_cache(maxsize=16)

@@ -61,7 +61,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from .common import CausalLMOutput, Embedding, Linear, RMSNorm, causal_mask
+from .common import CausalLMOutput, Embedding, Linear, RMSNorm, cache_mask, causal_mask, write_cache
 
 # ----------------------------------------------------------------------------------------
 # Config
@@ -387,6 +387,10 @@ def apply_rotary_pos_emb(
 class LlamaAttention(nn.Module):
     """Grouped-query self-attention; returns ``(output, probabilities [batch, heads, q, k])``.
 
+    Given a ``past_key_value`` cache (generation), the new keys and values are
+    written at ``cache_position``, the queries attend over every cache slot,
+    and the updated cache comes third: ``(output, probabilities, (keys, values))``.
+
     Example::
 
         >>> out, probs = model.model.layers[0].self_attn.output   # inside a trace block
@@ -410,7 +414,9 @@ class LlamaAttention(nn.Module):
         hidden_states: jax.Array,
         position_embeddings: tuple[jax.Array, jax.Array],
         attention_mask: jax.Array,
-    ) -> tuple[jax.Array, jax.Array]:
+        past_key_value: tuple[jax.Array, jax.Array] | None = None,
+        cache_position: jax.Array | None = None,
+    ) -> tuple[jax.Array, ...]:
         c = self.config
         b, t, _ = hidden_states.shape
         heads, kv_heads, d = c.num_attention_heads, c.num_key_value_heads, c.head_dim
@@ -421,15 +427,20 @@ class LlamaAttention(nn.Module):
             q, k = self.q_norm(q), self.k_norm(k)
         cos, sin = position_embeddings
         q, k = apply_rotary_pos_emb(q, k, cos, sin)
+        present = None
+        if past_key_value is not None:
+            k, v = present = write_cache(past_key_value, k, v, cache_position)
+        s = k.shape[1]
 
         # query head g * groups + r reads key/value head g (transformers' repeat_kv)
         groups = heads // kv_heads
         q = q.reshape(b, t, kv_heads, groups, d)
-        scores = jnp.einsum("bqgrd,bkgd->bgrqk", q, k).reshape(b, heads, t, t) * d**-0.5
+        scores = jnp.einsum("bqgrd,bkgd->bgrqk", q, k).reshape(b, heads, t, s) * d**-0.5
         scores = jnp.where(attention_mask, scores, jnp.finfo(scores.dtype).min)
         probs = jax.nn.softmax(scores.astype(jnp.float32), axis=-1).astype(q.dtype)
-        out = jnp.einsum("bgrqk,bkgd->bqgrd", probs.reshape(b, kv_heads, groups, t, t), v)
-        return self.o_proj(out.reshape(b, t, heads * d)), probs
+        out = jnp.einsum("bgrqk,bkgd->bqgrd", probs.reshape(b, kv_heads, groups, t, s), v)
+        out = self.o_proj(out.reshape(b, t, heads * d))
+        return (out, probs) if present is None else (out, probs, present)
 
 
 class LlamaMLP(nn.Module):
@@ -453,6 +464,8 @@ class LlamaDecoderLayer(nn.Module):
     """Pre-norm attention and MLP with residuals; returns a tuple ``(hidden,)``.
 
     Element 0 is the hidden state, as in transformers 4.x and the nnsight README.
+    With a ``past_key_value`` cache (generation) it returns ``(hidden, (keys, values))``,
+    the updated cache second, as transformers 4.x did with ``use_cache``.
 
     Example::
 
@@ -475,14 +488,16 @@ class LlamaDecoderLayer(nn.Module):
         hidden_states: jax.Array,
         position_embeddings: tuple[jax.Array, jax.Array],
         attention_mask: jax.Array,
-    ) -> tuple[jax.Array]:
+        past_key_value: tuple[jax.Array, jax.Array] | None = None,
+        cache_position: jax.Array | None = None,
+    ) -> tuple[Any, ...]:
         residual = hidden_states
-        attn, _ = self.self_attn(self.input_layernorm(hidden_states), position_embeddings,
-                                 attention_mask)
-        hidden_states = residual + attn
+        attn = self.self_attn(self.input_layernorm(hidden_states), position_embeddings,
+                              attention_mask, past_key_value, cache_position)
+        hidden_states = residual + attn[0]
         residual = hidden_states
         hidden_states = residual + self.mlp(self.post_attention_layernorm(hidden_states))
-        return (hidden_states,)
+        return (hidden_states,) if past_key_value is None else (hidden_states, attn[2])
 
 
 # ----------------------------------------------------------------------------------------
@@ -497,6 +512,11 @@ def positions_from_mask(attention_mask: jax.Array) -> jax.Array:
 
 class LlamaModel(nn.Module):
     """Embeddings, decoder layers and the final norm; returns ``(last_hidden_state,)``.
+
+    With ``past_key_values`` (one ``(keys, values)`` pair per layer, each
+    ``[batch, slots, kv_heads, head_dim]``), the input's tokens are written at
+    slot ``cache_position``, ``attention_mask`` covers all ``slots``, and
+    ``position_ids`` must be given; it returns ``(last_hidden_state, past_key_values)``.
 
     Example::
 
@@ -518,8 +538,13 @@ class LlamaModel(nn.Module):
         input_ids: jax.Array,
         attention_mask: jax.Array | None = None,
         position_ids: jax.Array | None = None,
-    ) -> tuple[jax.Array]:
+        past_key_values: tuple[tuple[jax.Array, jax.Array], ...] | None = None,
+        cache_position: jax.Array | None = None,
+    ) -> tuple[Any, ...]:
         b, t = input_ids.shape
+        if past_key_values is not None and (position_ids is None or attention_mask is None):
+            raise ValueError("with past_key_values, pass attention_mask (over all cache slots) "
+                             "and position_ids.")
         if position_ids is None:
             if attention_mask is not None:
                 position_ids = positions_from_mask(attention_mask)
@@ -531,12 +556,19 @@ class LlamaModel(nn.Module):
         hidden_states = self.embed_tokens(input_ids).astype(self.dtype)
         position_embeddings = self.rotary_emb(hidden_states, position_ids)
         masks: dict[int | None, jax.Array] = {}
+        presents = []
         for i, layer in enumerate(self.layers):
             window = self.config.window_of(i)
             if window not in masks:
-                masks[window] = causal_mask(attention_mask, window)
-            hidden_states = layer(hidden_states, position_embeddings, masks[window])[0]
-        return (self.norm(hidden_states),)
+                masks[window] = (causal_mask(attention_mask, window) if past_key_values is None
+                                 else cache_mask(attention_mask, cache_position, t, window))
+            past = None if past_key_values is None else past_key_values[i]
+            out = layer(hidden_states, position_embeddings, masks[window], past, cache_position)
+            hidden_states = out[0]
+            if past is not None:
+                presents.append(out[1])
+        hidden_states = self.norm(hidden_states)
+        return (hidden_states,) if past_key_values is None else (hidden_states, tuple(presents))
 
 
 class LlamaForCausalLM(nn.Module):
@@ -573,9 +605,18 @@ class LlamaForCausalLM(nn.Module):
         input_ids: jax.Array,
         attention_mask: jax.Array | None = None,
         position_ids: jax.Array | None = None,
+        past_key_values: tuple[tuple[jax.Array, jax.Array], ...] | None = None,
+        cache_position: jax.Array | None = None,
     ) -> CausalLMOutput:
-        hidden_states = self.model(input_ids, attention_mask, position_ids)[0]
-        return CausalLMOutput(logits=self.lm_head(hidden_states))
+        out = self.model(input_ids, attention_mask, position_ids, past_key_values, cache_position)
+        presents = out[1] if past_key_values is not None else None
+        return CausalLMOutput(logits=self.lm_head(out[0]), past_key_values=presents)
+
+    def cache_shapes(self, batch: int, slots: int) -> tuple[tuple[jax.ShapeDtypeStruct, ...], ...]:
+        """The ``past_key_values`` of a generation: ``(keys, values)`` per layer."""
+        c = self.config
+        one = jax.ShapeDtypeStruct((batch, slots, c.num_key_value_heads, c.head_dim), self.dtype)
+        return tuple((one, one) for _ in range(c.num_hidden_layers))
 
 
 def init_variables(config: LlamaConfig, key: jax.Array, dtype: Any = jnp.float32) -> dict:

@@ -101,6 +101,23 @@ class SiteTable:
     def get(self, key: SiteKey) -> Site | None:
         return self._by_key.get(key)
 
+    def call_offset(self, path: tuple[str, ...], step: int) -> int:
+        """The call index of ``path``'s first call at generation step ``step``: 0 here."""
+        return 0
+
+    def missing(self, key: SiteKey, name: str) -> str:
+        """Why the site ``key`` (shown to the user as ``name``) does not exist."""
+        path, call, kind = key
+        info = self.modules.get(path)
+        ran = 0 if info is None else info.calls
+        times = "once" if ran == 1 else f"{ran} times"
+        which = f"call {call + 1} of it" if ran else "it"
+        return (
+            f"{name} is never reached: the module ran {times} in this "
+            f"forward pass, so {which} has no {kind}. Check the inputs "
+            "(does this forward call the module?) or the number of .next() calls."
+        )
+
 
 def site_name(key: SiteKey) -> str:
     """How a user addresses a site: ``model.h_1.mlp.next().output``."""

@@ -33,7 +33,7 @@ class _StopForward(BaseException):
     """Raised by the interceptor after the last site a stopped program needs."""
 
 
-def _run_stage(stage: Stage, env: dict, leaves: list[Any] | None) -> None:
+def run_stage(stage: Stage, env: dict, leaves: list[Any] | None) -> None:
     for j, var in stage.reads:
         env[var] = leaves[j]
     if stage.jaxpr is not None:
@@ -47,16 +47,15 @@ def _replace_arrays(leaves: list[Any], atoms: tuple[Any, ...], env: dict) -> lis
     return [next(new) if is_array(x) or isinstance(x, jax.ShapeDtypeStruct) else x for x in leaves]
 
 
-def _forward(module: nn.Module, schedule: Schedule, stop_after: int | None) -> Callable[..., Any]:
-    """The forward with the program woven in: ``(variables, args, kwargs, consts) -> (out, saves)``."""
-    stages = schedule.stages
+def woven_apply(module: nn.Module, stages: dict[SiteKey, Stage], env: dict,
+                stop_after: int | None = None) -> Callable[..., Any]:
+    """``module.apply`` with each stage run when the forward reaches its site.
 
-    def run(variables: Any, args: tuple, kwargs: dict, consts: list[Any]) -> tuple[Any, list[Any]]:
-        env: dict = dict(zip(schedule.consts, consts))
-        params = jax.tree_util.tree_leaves(variables)
-        for j, var in schedule.params:
-            env[var] = params[j]
-        _run_stage(schedule.pre, env, None)
+    Stages read and extend ``env``, the values of the program's variables.
+    Call it inside the traced function.
+    """
+
+    def apply(variables: Any, *args: Any, **kwargs: Any) -> Any:
         skipped: dict[SiteKey, Stage] = {}
 
         def visit(key: SiteKey, value: Any) -> Any:
@@ -64,7 +63,7 @@ def _forward(module: nn.Module, schedule: Schedule, stop_after: int | None) -> C
             if stage is None:
                 return value
             leaves, treedef = jax.tree_util.tree_flatten(value)
-            _run_stage(stage, env, leaves)
+            run_stage(stage, env, leaves)
             if stage.skip is not None:
                 skipped[key] = stage
             if stage.write is not None:
@@ -86,12 +85,32 @@ def _forward(module: nn.Module, schedule: Schedule, stop_after: int | None) -> C
             site = stage.skip_output
             return site.unflatten(_replace_arrays(list(site.leaves), stage.skip, env))
 
-        out = None
         with nn.intercept_methods(site_interceptor(on_input, on_output, call_module)):
             try:
-                out = module.apply(variables, *args, **kwargs)
+                return module.apply(variables, *args, **kwargs)
             except _StopForward:
-                pass
+                return None
+
+    return apply
+
+
+def bind_inputs(schedule: Schedule, variables: Any, consts: list[Any],
+                params: tuple[tuple[int, Any], ...] | None = None) -> dict:
+    """A fresh environment: the program's outside arrays and the parameters it reads."""
+    env: dict = dict(zip(schedule.consts, consts))
+    leaves = jax.tree_util.tree_leaves(variables)
+    for j, var in schedule.params if params is None else params:
+        env[var] = leaves[j]
+    return env
+
+
+def _forward(module: nn.Module, schedule: Schedule, stop_after: int | None) -> Callable[..., Any]:
+    """The forward with the program woven in: ``(variables, args, kwargs, consts) -> (out, saves)``."""
+
+    def run(variables: Any, args: tuple, kwargs: dict, consts: list[Any]) -> tuple[Any, list[Any]]:
+        env = bind_inputs(schedule, variables, consts)
+        run_stage(schedule.pre, env, None)
+        out = woven_apply(module, schedule.stages, env, stop_after)(variables, *args, **kwargs)
         return out, [atom_value(env, a) for a in schedule.outvars]
 
     return run

@@ -224,7 +224,8 @@ class Builder:
         self.save_lines: dict[int, UserLine | None] = {}
         self.internal: set[int] = set()  # saves the library makes (tracer.cache())
         self.params: dict[int, Any] = {}
-        self.calls: dict[tuple[str, ...], int] = {}  # envoy path -> call index (.next())
+        self.calls: dict[tuple[str, ...], int] = {}  # envoy path -> .next() count
+        self.step = 0  # the generation step the body addresses (tracer.iter, tracer.all)
         self.rows = Rows(0, 0, 0)  # the rows of the invoke whose body is running
         self.stopped = False
         self.finalizers: list[Callable[[], None]] = []
@@ -234,19 +235,12 @@ class Builder:
     def site(self, key: SiteKey, describe: Callable[[], str]) -> Site:
         site = self.table.get(key)
         if site is None:
-            path, call, kind = key
-            info = self.table.modules.get(path)
-            ran = 0 if info is None else info.calls
-            times = "once" if ran == 1 else f"{ran} times"
-            which = f"call {call + 1} of it" if ran else "it"
-            raise SiteError(
-                at_user_line(
-                    f"{describe()} is never reached: the module ran {times} in this "
-                    f"forward pass, so {which} has no {kind}. Check the inputs "
-                    "(does this forward call the module?) or the number of .next() calls."
-                )
-            )
+            raise SiteError(at_user_line(self.table.missing(key, describe())))
         return site
+
+    def call_index(self, path: tuple[str, ...]) -> int:
+        """The call of ``path`` an envoy addresses now: the step's first, plus ``.next()``s."""
+        return self.table.call_offset(path, self.step) + self.calls.get(path, 0)
 
     def _leaves(self, site: Site) -> list[Any]:
         leaves = self.current.get(site.key)

@@ -26,17 +26,19 @@ import threading
 import warnings
 import types
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Callable
 
 from jax import core
 
 from ..errors import CaptureError, JnnsightError, UserLine, at_user_line, is_library_frame
 from . import program as _program
 from .capture import Capture
+from .collate import Batch
 from .resolve import Unsaved, code_names, resolve_namespace, write_frame
 
 if TYPE_CHECKING:
     from ..nnsight import NNsight
+    from .program import Builder
 
 
 class StopTrace(BaseException):
@@ -169,6 +171,11 @@ class Tracer:
 
     # the block ----------------------------------------------------------------------
 
+    def _execute(self, batch: Batch, bodies: Callable[[], None]) -> tuple[dict[int, Any], "Builder"]:
+        """Steps 3 to 6: saved values by tracer id, and the builder of the abstract pass."""
+        _, values, builder = self.model._run(self.model.variables, batch, bodies, scan=self._scan)
+        return values, builder
+
     def __enter__(self) -> "Tracer":
         if _program.current() is not None or _collecting() is not None:
             raise CaptureError(at_user_line(
@@ -235,7 +242,7 @@ class Tracer:
                 for name in collected.keys() - from_bodies:
                     namespace[name] = collected[name]
 
-        _, values, builder = self.model._run(self.model.variables, batch, bodies, scan=self._scan)
+        values, builder = self._execute(batch, bodies)
         line = UserLine(body.filename, body.header_line)
         found: set[int] = set()
 

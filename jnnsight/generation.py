@@ -1,0 +1,448 @@
+"""Generation with interventions: compiled key/value-cache decoding, per-step addressing.
+
+``lm.generate(prompt, max_new_tokens=n)`` runs the model on the prompt (step 0)
+and then on one new token per step (steps 1 to n - 1), each step a jitted
+forward over a static-shape key/value cache. The block's body runs once, against
+every step's sites at the same time (:mod:`jnnsight.tracing.steps`): a module
+called once per forward has call ``s`` at step ``s``, so ``.next()`` is the next
+step, ``tracer.iter[...]`` and ``tracer.all()`` run their body once per selected
+step, and values flow freely from one step to a later one. Each step's part of
+the program is woven into that step's forward; steps doing the same thing share
+one compiled program, so the prompt pass and the decode step compile once per
+shape and intervention.
+
+Example::
+
+    >>> with lm.generate("The Eiffel Tower is in the city of", max_new_tokens=8) as tracer:
+    ...     first = lm.model.layers[-1].output[0].save()             # step 0, the prompt
+    ...     second = lm.model.layers[-1].next().output[0].save()     # step 1
+    ...     for step in tracer.iter[1:4]:                            # steps 1, 2, 3
+    ...         lm.model.layers[10].output[0] = lm.model.layers[10].output[0] + steer
+    ...     with tracer.all():                                       # every step
+    ...         lm.model.layers[5].mlp.output = lm.model.layers[5].mlp.output * 0.5
+    ...     tokens = tracer.result.save()
+    >>> lm.tokenizer.batch_decode(tokens)
+"""
+
+from __future__ import annotations
+
+import sys
+import warnings
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, Callable, Iterator
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.extend.core import Literal
+
+from .envoy import Envoy
+from .errors import CaptureError, JnnsightError, SiteError, UserLine, at_user_line
+from .tracing import program as _program
+from .tracing.capture import Capture
+from .tracing.collate import Batch
+from .tracing.discover import Site, abstract_leaves
+from .tracing.execute import run_stage, woven_apply
+from .tracing.lru import LruCache
+from .tracing.program import Builder
+from .tracing.schedule import Schedule, atom_value, schedule
+from .tracing.steps import RESULT, StepPlan, StepTable, split
+from .tracing.tracer import Tracer
+
+if TYPE_CHECKING:
+    from .language import LanguageModel
+
+
+@dataclass(frozen=True)
+class GenerationConfig:
+    """How tokens are chosen and when generation ends (static: part of the program key).
+
+    Greedy by default. With ``do_sample``, logits are divided by ``temperature``,
+    cut to the ``top_k`` largest and to the smallest set of probability at least
+    ``top_p`` (transformers' order), and sampled. A row that produced
+    ``eos_token_id`` gets ``pad_token_id`` from then on; generation ends early
+    once every row has.
+    """
+
+    max_new_tokens: int = 20
+    do_sample: bool = False
+    temperature: float = 1.0
+    top_k: int | None = None
+    top_p: float | None = None
+    eos_token_id: int | None = None
+    pad_token_id: int = 0
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.max_new_tokens, int) or self.max_new_tokens < 1:
+            raise ValueError(f"max_new_tokens must be a positive int, got {self.max_new_tokens!r}.")
+        if self.do_sample and not self.temperature > 0:
+            raise ValueError(f"temperature must be > 0 when sampling, got {self.temperature!r}.")
+        if self.top_k is not None and self.top_k < 1:
+            raise ValueError(f"top_k must be >= 1, got {self.top_k!r}.")
+        if self.top_p is not None and not 0 < self.top_p <= 1:
+            raise ValueError(f"top_p must be in (0, 1], got {self.top_p!r}.")
+
+
+def choose_tokens(logits: jax.Array, key: jax.Array, config: GenerationConfig) -> jax.Array:
+    """The next token of each row from its last-position ``logits`` ``[batch, vocab]``.
+
+    Example::
+
+        >>> choose_tokens(jnp.array([[0.0, 2.0, 1.0]]), jax.random.key(0), GenerationConfig())
+        Array([1], dtype=int32)
+    """
+    logits = logits.astype(jnp.float32)
+    if not config.do_sample:
+        return jnp.argmax(logits, axis=-1).astype(jnp.int32)
+    logits = logits / config.temperature
+    floor = jnp.finfo(jnp.float32).min
+    if config.top_k is not None and config.top_k < logits.shape[-1]:
+        kth = jax.lax.top_k(logits, config.top_k)[0][:, -1:]
+        logits = jnp.where(logits < kth, floor, logits)
+    if config.top_p is not None and config.top_p < 1:
+        ascending = jnp.sort(logits, axis=-1)
+        cumulative = jnp.cumsum(jax.nn.softmax(ascending, axis=-1), axis=-1)
+        cut = (cumulative <= 1 - config.top_p).at[:, -1].set(False)
+        smallest_kept = jnp.take_along_axis(ascending, jnp.argmin(cut, axis=-1)[:, None], axis=-1)
+        logits = jnp.where(logits < smallest_kept, floor, logits)
+    return jax.random.categorical(key, logits, axis=-1).astype(jnp.int32)
+
+
+# -- what a block writes -------------------------------------------------------------
+
+
+class GeneratorEnvoy(Envoy):
+    """``lm.generator``: ``.output`` is the generated tokens ``[batch, prompt + new]``."""
+
+    @property
+    def output(self) -> Any:
+        """The prompt and the generated tokens, left-padded rows as the batch has them."""
+        return Envoy._read(self, "output")
+
+    @output.setter
+    def output(self, value: Any) -> None:
+        raise SiteError(at_user_line(
+            "the generated tokens (`lm.generator.output`, `tracer.result`) can be read "
+            "and saved, not written. Edit the logits (`lm.lm_head.output`) to change "
+            "which tokens are chosen."
+        ))
+
+
+class _Steps:
+    """``tracer.iter[selection]``: a loop whose body addresses one step per iteration."""
+
+    def __init__(self, steps: int):
+        self._steps = steps
+
+    def __getitem__(self, selection: int | slice | list[int]) -> Iterator[int]:
+        steps = self._steps
+        if isinstance(selection, slice):
+            chosen = list(range(steps))[selection]
+        else:
+            chosen = [selection] if isinstance(selection, int) else list(selection)
+            bad = [s for s in chosen if not isinstance(s, int) or not -steps <= s < steps]
+            if bad:
+                raise IndexError(at_user_line(
+                    f"step {bad[0]!r} does not exist: this generation has {steps} step(s), "
+                    f"0 to {steps - 1} (step 0 is the prompt). Raise max_new_tokens."
+                ))
+            chosen = [s % steps for s in chosen]
+        return _at_steps(chosen)
+
+
+def _at_steps(chosen: list[int]) -> Iterator[int]:
+    builder = _require_builder("tracer.iter[...]")
+    step, calls = builder.step, dict(builder.calls)
+    try:
+        for s in chosen:
+            builder.step = s
+            builder.calls.clear()
+            yield s
+    finally:
+        builder.step = step
+        builder.calls.clear()
+        builder.calls.update(calls)
+
+
+def _require_builder(what: str) -> Builder:
+    builder = _program.current()
+    if builder is None:
+        raise CaptureError(at_user_line(
+            f"`{what}` belongs inside a generate block (inside an invoke's body when the "
+            "block has invokes)."
+        ))
+    return builder
+
+
+class _AllSteps:
+    """``with tracer.all():`` the body runs once for every step."""
+
+    def __init__(self, steps: int):
+        self._steps = steps
+
+    def __enter__(self) -> "_AllSteps":
+        _require_builder("tracer.all()")
+        self._capture = Capture.enter(sys._getframe(1))
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> bool:
+        capture = self._capture
+        del self._capture
+        if not capture.exit(exc_type):
+            return False
+        namespace = capture.namespace()
+        for _ in _at_steps(list(range(self._steps))):
+            exec(capture.body.code, namespace)
+        return True
+
+
+class GenerateTracer(Tracer):
+    """The context of ``lm.generate(...)``: a trace over every step of a generation.
+
+    Example::
+
+        >>> with lm.generate("Hello", max_new_tokens=4) as tracer:
+        ...     for step in tracer.iter[:]:
+        ...         lm.lm_head.output = lm.lm_head.output.at[..., bad_token].set(-1e9)
+        ...     tokens = tracer.result.save()
+    """
+
+    def __init__(self, model: "LanguageModel", args: tuple, config: GenerationConfig,
+                 key: jax.Array, progress: bool):
+        super().__init__(model, args, {})
+        self.config = config
+        self._key = key
+        self._progress = progress
+        self.iter = _Steps(config.max_new_tokens)
+
+    def all(self) -> _AllSteps:
+        """A ``with`` block whose body applies to every step (``tracer.iter[:]``)."""
+        return _AllSteps(self.config.max_new_tokens)
+
+    @property
+    def result(self) -> Any:
+        """The prompt and generated tokens, ``[batch, prompt + max_new_tokens]``."""
+        return self.model.generator.output
+
+    @result.setter
+    def result(self, value: Any) -> None:
+        self.model.generator.output = value
+
+    def _execute(self, batch: Batch, bodies: Callable[[], None]) -> tuple[dict[int, Any], Builder]:
+        return generate(self.model, batch, bodies, self.config, self._key, self._progress)
+
+
+# -- the loop -------------------------------------------------------------------------
+
+
+class Unreached:
+    """A saved value of a step that generation did not reach: any use is an error."""
+
+    def __init__(self, line: UserLine | None, stopped: int):
+        self._message = (
+            f"{line}\nthis value belongs to a generation step that never ran: every row "
+            f"produced the end-of-sequence token at step {stopped}. Save values of "
+            "earlier steps, or pass eos_token_id=None to always run max_new_tokens steps."
+        )
+
+    def __getattr__(self, name: str) -> Any:
+        if name.startswith("__") or name == "_message":
+            raise AttributeError(name)
+        raise JnnsightError(self._message)
+
+    def __repr__(self) -> str:
+        return "<value of a generation step that never ran>"
+
+
+def _inputs(tokens_in: jax.Array, state: dict, positions: jax.Array, cache_position: jax.Array) -> tuple[tuple, dict]:
+    return (tokens_in,), {
+        "attention_mask": state["mask"],
+        "position_ids": positions,
+        "past_key_values": state["cache"],
+        "cache_position": cache_position,
+    }
+
+
+def _prompt_positions(mask: jax.Array) -> jax.Array:
+    return jnp.maximum(jnp.cumsum(mask, axis=-1) - 1, 0).astype(jnp.int32)
+
+
+def _step_function(module: Any, plan: StepPlan, program: Schedule, config: GenerationConfig,
+                   prompt: int, first: bool) -> Callable[..., Any]:
+    """One jitted step: ``(variables, state, carry, consts, key, step) -> (state, carry, saves)``."""
+
+    def step(variables, state, carry, consts, key, index):
+        env = dict(zip(plan.carry_in, carry))
+        env.update(zip(program.consts, consts))
+        leaves = jax.tree_util.tree_leaves(variables)
+        for leaf, var in plan.params:
+            env[var] = leaves[leaf]
+        if plan.pre is not None:
+            run_stage(plan.pre, env, None)
+        if first:
+            slot = 0
+            ids = state["tokens"][:, :prompt]
+            positions = _prompt_positions(state["mask"][:, :prompt])
+        else:
+            slot = prompt + index - 1
+            ids = jax.lax.dynamic_slice_in_dim(state["tokens"], slot, 1, axis=1)
+            positions = state["position"][:, None]
+        args, kwargs = _inputs(ids, state, positions, jnp.asarray(slot, jnp.int32))
+        out = woven_apply(module, plan.stages, env)(variables, *args, **kwargs)
+        token = choose_tokens(out.logits[:, -1], jax.random.fold_in(key, index), config)
+        finished = state["finished"]
+        if config.eos_token_id is not None:
+            token = jnp.where(finished, config.pad_token_id, token)
+            finished = finished | (token == config.eos_token_id)
+        new = {
+            "tokens": jax.lax.dynamic_update_slice_in_dim(
+                state["tokens"], token[:, None], prompt + index, axis=1),
+            "mask": state["mask"],
+            "cache": out.past_key_values,
+            "position": positions[:, -1] + 1,
+            "finished": finished,
+        }
+        carried = [atom_value(env, v) for v in plan.carry_out]
+        return new, carried, [atom_value(env, program.outvars[i]) for i in plan.saves]
+
+    return jax.jit(step, donate_argnums=(1,))
+
+
+def _final_function(plan: StepPlan, program: Schedule) -> Callable[..., Any]:
+    """The stage at the generated tokens: ``(variables, tokens, carry, consts) -> saves``."""
+    (stage,) = plan.stages.values()
+
+    def final(variables, tokens, carry, consts):
+        env = dict(zip(plan.carry_in, carry))
+        env.update(zip(program.consts, consts))
+        leaves = jax.tree_util.tree_leaves(variables)
+        for leaf, var in plan.params:
+            env[var] = leaves[leaf]
+        run_stage(stage, env, [tokens])
+        return [atom_value(env, program.outvars[i]) for i in plan.saves]
+
+    return jax.jit(final)
+
+
+def _programs(lm: "LanguageModel") -> LruCache:
+    cache = lm.__dict__.get("_generation_programs")
+    if cache is None:
+        cache = LruCache(256)
+        object.__setattr__(lm, "_generation_programs", cache)
+    return cache
+
+
+def generate(lm: "LanguageModel", batch: Batch, bodies: Callable[[], None],
+             config: GenerationConfig, key: jax.Array, progress: bool) -> tuple[dict[int, Any], Builder]:
+    """Run the block's program over a generation; the saved values by tracer id, and the builder."""
+    module = lm.module
+    if not hasattr(module, "cache_shapes"):
+        raise JnnsightError(
+            f"{type(module).__name__} has no key/value cache (`cache_shapes`), so jnnsight "
+            "cannot generate with it. jnnsight's GPT-2 and Llama families can."
+        )
+    variables = lm.variables
+    ids, mask = batch.args[0], batch.kwargs["attention_mask"]
+    rows, prompt = ids.shape
+    steps = config.max_new_tokens
+    slots = prompt + steps
+    state = {
+        "tokens": jnp.concatenate([ids, jnp.full((rows, steps), config.pad_token_id, jnp.int32)], 1),
+        "mask": jnp.concatenate([mask, jnp.ones((rows, steps), jnp.int32)], 1),
+        "cache": jax.tree_util.tree_map(lambda s: jnp.zeros(s.shape, s.dtype),
+                                        module.cache_shapes(rows, slots)),
+        "position": jnp.zeros((rows,), jnp.int32),
+        "finished": jnp.zeros((rows,), bool),
+    }
+
+    # The sites of the prompt pass and of one decode step (cached by shapes), then all steps.
+    positions = _prompt_positions(mask)
+    first_args, first_kwargs = _inputs(ids, state, positions, jnp.int32(0))
+    first_key, first_table, avals = lm._site_table(variables, Batch(first_args, first_kwargs, batch.rows))
+    step_table = step_key = None
+    if steps > 1:
+        step_args, step_kwargs = _inputs(ids[:, :1], state, positions[:, :1], jnp.int32(prompt))
+        step_key, step_table, _ = lm._site_table(variables, Batch(step_args, step_kwargs, batch.rows))
+    treedef, leaves = abstract_leaves(state["tokens"])
+    result = Site(RESULT, 0, treedef, leaves, (True,))
+    table = StepTable(first_table, step_table, steps, result)
+
+    builder = Builder(table, avals)
+    program = builder.run(bodies)
+    if program.stop:
+        raise JnnsightError(
+            "`tracer.stop()` is not supported in a generate block: lower max_new_tokens instead."
+        )
+    programs = _programs(lm)
+    plan_key = ("plans", first_key, step_key, steps, program.fingerprint)
+    cut = programs.get(plan_key)
+    if cut is None:
+        plan = schedule(program)
+        cut = programs.put(plan_key, (plan, *split(plan, table)))
+    plan, plans, final = cut
+    consts = list(program.jaxpr.consts)
+    shapes = tuple(v.aval for v in plan.consts)
+
+    def compiled(plan_for_step: StepPlan, first: bool) -> Callable[..., Any]:
+        k = ("step", first, first_key if first else step_key, prompt, config, shapes, plan_for_step.key)
+        fn = programs.get(k)
+        if fn is None:
+            fn = programs.put(k, _step_function(module, plan_for_step, plan, config, prompt, first))
+        return fn
+
+    values: dict[int, Any] = {}
+    carried: dict[Any, Any] = {}
+    base_key = jax.random.key(0) if key is None else key
+    ran = 0
+    bar = _progress_bar(steps, progress)
+    try:
+        for step, step_plan in enumerate(plans):
+            fn = compiled(step_plan, step == 0)
+            state, out, saves = fn(variables, state, [carried[v] for v in step_plan.carry_in],
+                                   consts, base_key, jnp.int32(step))
+            carried.update(zip(step_plan.carry_out, out))
+            values.update(zip(step_plan.saves, saves))
+            ran = step + 1
+            bar.update(1)
+            if config.eos_token_id is not None and step + 1 < steps and bool(state["finished"].all()):
+                break
+    finally:
+        bar.close()
+
+    tokens = state["tokens"]
+    if final.stages and all(v in carried for v in final.carry_in):
+        k = ("final", step_key or first_key, final.key, shapes)
+        fn = programs.get(k) or programs.put(k, _final_function(final, plan))
+        values.update(zip(final.saves, fn(variables, tokens, [carried[v] for v in final.carry_in], consts)))
+
+    # Saves that no step computes: literals, outside arrays, parameters.
+    outside = {v: c for v, c in zip(plan.consts, consts)}
+    leaves = jax.tree_util.tree_leaves(variables)
+    outside.update((v, leaves[j]) for j, v in plan.params)
+    for i, atom in enumerate(plan.outvars):
+        if i not in values and (isinstance(atom, Literal) or atom in outside):
+            values[i] = atom_value(outside, atom)
+    saved = list(builder.saved)
+    missing = [i for i in range(len(saved)) if i not in values]
+    late = [s for s in plans[ran:] if s.stages or s.saves]
+    if late or missing:
+        lines = [builder.save_lines.get(saved[i]) for i in missing]
+        warnings.warn(
+            f"generation ended after step {ran - 1} (every row produced eos_token_id "
+            f"{config.eos_token_id}); the block's reads, writes and saves at later steps "
+            f"did not run{f', first at {lines[0]}' if lines and lines[0] else ''}.",
+            stacklevel=4,
+        )
+        for i in missing:
+            values[i] = Unreached(builder.save_lines.get(saved[i]), ran - 1)
+    return {saved[i]: values[i] for i in range(len(saved))}, builder
+
+
+def _progress_bar(steps: int, progress: bool | None) -> Any:
+    from tqdm.auto import tqdm
+
+    show = sys.stderr.isatty() if progress is None else progress
+    return tqdm(total=steps, desc="generate", unit="token", disable=not show, leave=False)
+
+
+__all__ = ["GenerationConfig", "GenerateTracer", "GeneratorEnvoy", "choose_tokens", "generate"]

@@ -1,0 +1,303 @@
+"""Generation with interventions, against transformers' PyTorch ``generate`` and forward
+hooks on the same random weights (N(0, 0.5), so cache, position and mask bugs show)."""
+
+from __future__ import annotations
+
+import json
+import warnings
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from jnnsight import LanguageModel
+from jnnsight.errors import JnnsightError, SiteError
+from jnnsight.modeling.gpt2 import GPT2LMHeadModel
+
+torch = pytest.importorskip("torch")
+transformers = pytest.importorskip("transformers")
+safetensors_numpy = pytest.importorskip("safetensors.numpy")
+
+NEW = 6
+TINY_LLAMA = dict(vocab_size=101, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+                  num_attention_heads=4, num_key_value_heads=2, head_dim=16, rms_norm_eps=1e-5,
+                  rope_theta=5000.0)
+TINY_GPT2 = dict(vocab_size=101, n_positions=64, n_embd=32, n_layer=2, n_head=4)
+# name: (transformers family, config)
+CASES = {
+    "gpt2": ("GPT2", TINY_GPT2),
+    "llama": ("Llama", TINY_LLAMA),
+    "mistral_window": ("Mistral", dict(TINY_LLAMA, sliding_window=4)),
+    "qwen3": ("Qwen3", dict(TINY_LLAMA, attention_bias=True)),
+}
+PROMPTS = [[11, 12, 13, 14, 15, 16, 17], [21, 22, 23, 24]]
+
+
+def _build(name: str, folder):
+    family, config = CASES[name]
+    torch.manual_seed(0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        hf_config = getattr(transformers, f"{family}Config")(**config, attn_implementation="eager")
+        head = "GPT2LMHeadModel" if family == "GPT2" else f"{family}ForCausalLM"
+        tm = getattr(transformers, head)(hf_config).eval()
+    with torch.no_grad():
+        for p in tm.parameters():
+            p.normal_(0.0, 0.5)
+    tm.generation_config.eos_token_id = None
+    tm.generation_config.pad_token_id = 0
+    tm.save_pretrained(folder)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # no tokenizer files in the folder
+        lm = LanguageModel(folder)
+    return tm, lm
+
+
+@pytest.fixture(scope="module")
+def models(tmp_path_factory):
+    root = tmp_path_factory.mktemp("generate")
+    return {name: _build(name, root / name) for name in CASES}
+
+
+def hf_greedy(tm, prompt: list[int], hooks=(), new: int = NEW, **kwargs) -> list[int]:
+    handles = [m.register_forward_hook(h) for m, h in hooks]
+    try:
+        with torch.no_grad():
+            out = tm.generate(torch.tensor([prompt]), max_new_tokens=new, do_sample=False,
+                              attention_mask=torch.ones(1, len(prompt), dtype=torch.long), **kwargs)
+    finally:
+        for handle in handles:
+            handle.remove()
+    return out[0].tolist()
+
+
+def layer(tm, i: int):
+    return tm.transformer.h[i] if hasattr(tm, "transformer") else tm.model.layers[i]
+
+
+def ours_layer(lm, i: int):
+    return lm.transformer.h[i] if isinstance(lm.module, GPT2LMHeadModel) else lm.model.layers[i]
+
+
+def hidden_of(out):
+    return out[0] if isinstance(out, tuple) else out
+
+
+def with_hidden(out, hidden):
+    return (hidden, *out[1:]) if isinstance(out, tuple) else hidden
+
+
+def rows_of(tokens, prompts=PROMPTS) -> list[list[int]]:
+    """Each row's prompt and new tokens, its left padding removed."""
+    width = max(map(len, prompts))
+    return [list(np.asarray(row)[width - len(p):]) for row, p in zip(tokens, prompts)]
+
+
+# -- greedy decoding -----------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("name", list(CASES))
+def test_greedy_tokens_equal_transformers_generate(models, name):
+    tm, lm = models[name]
+    with lm.generate(max_new_tokens=NEW, eos_token_id=None) as tracer:
+        for prompt in PROMPTS:  # two invokes of different lengths: left padding
+            with tracer.invoke(prompt):
+                pass
+        with tracer.invoke():
+            tokens = tracer.result.save()
+    assert tokens.shape == (2, max(map(len, PROMPTS)) + NEW)
+    for ours, prompt in zip(rows_of(tokens), PROMPTS):
+        assert ours == hf_greedy(tm, prompt)
+
+
+@pytest.mark.parametrize("name", ["gpt2", "llama"])
+def test_steering_every_step_equals_a_torch_hook(models, name):
+    tm, lm = models[name]
+    width = lm.module.config.n_embd if name == "gpt2" else lm.module.config.hidden_size
+    steer = jnp.asarray(np.random.default_rng(0).normal(0, 2.0, width), jnp.float32)
+    with lm.generate(PROMPTS[0], max_new_tokens=NEW, eos_token_id=None) as tracer:
+        with tracer.all():
+            ours_layer(lm, 0).output[0] = ours_layer(lm, 0).output[0] + steer
+        tokens = tracer.result.save()
+
+    def add(module, args, out):
+        return with_hidden(out, hidden_of(out) + torch.tensor(np.asarray(steer)))
+
+    theirs = hf_greedy(tm, PROMPTS[0], hooks=[(layer(tm, 0), add)])
+    assert list(np.asarray(tokens[0])) == theirs
+    assert theirs != hf_greedy(tm, PROMPTS[0])  # the steering changed the tokens
+
+
+def test_per_step_reads_equal_the_hidden_states_of_the_generated_sequence(models):
+    tm, lm = models["llama"]
+    prompt = PROMPTS[0]
+    with lm.generate(prompt, max_new_tokens=NEW, eos_token_id=None) as tracer:
+        first = lm.model.layers[0].output[0].save()                 # step 0
+        second = lm.model.layers[0].next().output[0].save()         # step 1
+        steps = []
+        for step in tracer.iter[2:5]:
+            steps.append(lm.model.layers[0].output[0].save())       # steps 2, 3, 4
+        logits = [lm.lm_head.next(k).output.save() for k in (0, 1)]  # steps 0 and 1
+        tokens = tracer.result.save()
+    with torch.no_grad():
+        out = tm(torch.tensor(np.asarray(tokens)), output_hidden_states=True)
+    reference = out.hidden_states[1].numpy()  # layer 0's output, every position
+    t = len(prompt)
+    assert first.shape == (1, t, 64) and second.shape == (1, 1, 64)
+    np.testing.assert_allclose(first, reference[:, :t], atol=1e-4)
+    np.testing.assert_allclose(second, reference[:, t : t + 1], atol=1e-4)
+    for s, h in zip(range(2, 5), steps):
+        np.testing.assert_allclose(h, reference[:, t + s - 1 : t + s], atol=1e-4)
+    np.testing.assert_allclose(logits[0][:, -1], out.logits[:, t - 1].numpy(), atol=1e-4)
+    np.testing.assert_allclose(logits[1][:, 0], out.logits[:, t].numpy(), atol=1e-4)
+
+
+def test_a_value_saved_at_step_0_is_written_at_step_3_as_a_torch_hook_does(models):
+    tm, lm = models["llama"]
+    with lm.generate(PROMPTS[0], max_new_tokens=NEW, eos_token_id=None) as tracer:
+        h = lm.model.layers[1].output[0][:, -1:]                     # step 0, last position
+        for step in tracer.iter[3]:
+            lm.model.layers[1].output[0] = h * 2.0
+        tokens = tracer.result.save()
+
+    calls = {"n": 0}
+
+    def hook(module, args, out):
+        n = calls["n"]
+        calls["n"] += 1
+        hidden = hidden_of(out)
+        if n == 0:
+            calls["h"] = hidden[:, -1:].clone()
+        if n == 3:
+            return with_hidden(out, calls["h"] * 2.0)
+        return out
+
+    theirs = hf_greedy(tm, PROMPTS[0], hooks=[(layer(tm, 1), hook)])
+    assert list(np.asarray(tokens[0])) == theirs
+    assert theirs != hf_greedy(tm, PROMPTS[0])
+
+
+def test_cross_prompt_embeddings_drive_the_other_invokes_generation(models):
+    _, lm = models["llama"]
+    a, b = [31, 32, 33, 34, 35], [41, 42, 43, 44, 45]
+    with lm.generate(max_new_tokens=4, eos_token_id=None) as tracer:
+        with tracer.invoke(a):
+            embeddings = lm.model.embed_tokens.output
+        with tracer.invoke(b):
+            lm.model.embed_tokens.output = embeddings
+        with tracer.invoke():
+            tokens = tracer.result.save()
+    with lm.generate(b, max_new_tokens=4, eos_token_id=None) as tracer:
+        plain_b = tracer.result.save()
+    tokens = np.asarray(tokens)
+    # Row b saw a's embeddings at step 0 and its own sampled tokens after: a's continuation.
+    assert list(tokens[1, 5:]) == list(tokens[0, 5:])
+    assert list(tokens[1, 5:]) != list(np.asarray(plain_b)[0, 5:])
+
+
+# -- sampling, eos -------------------------------------------------------------------------
+
+
+def test_sampling_is_reproducible_per_key_and_rows_are_independent(models):
+    _, lm = models["gpt2"]
+
+    def sample(seed: int, **kwargs):
+        with lm.generate([PROMPTS[1]] * 4, max_new_tokens=NEW, do_sample=True, seed=seed,
+                         eos_token_id=None, **kwargs) as tracer:
+            tokens = tracer.result.save()
+        return np.asarray(tokens)[:, len(PROMPTS[1]):]
+
+    a, b, c = sample(1, temperature=3.0), sample(1, temperature=3.0), sample(2, temperature=3.0)
+    np.testing.assert_array_equal(a, b)
+    assert (a != c).any()
+    assert len({tuple(r) for r in a}) > 1  # the same prompt in 4 rows: different samples
+    greedy = sample(3, top_k=1)  # one candidate: sampling is greedy
+    assert all(list(row) == hf_greedy(models["gpt2"][0], PROMPTS[1])[len(PROMPTS[1]):] for row in greedy)
+    nucleus = sample(4, top_p=1e-6)  # the smallest nucleus is the top token
+    np.testing.assert_array_equal(nucleus, greedy)
+
+
+def test_eos_ends_rows_and_generation_as_transformers_does(models):
+    tm, lm = models["llama"]
+    plain = hf_greedy(tm, PROMPTS[0])
+    eos = plain[len(PROMPTS[0]) + 2]  # the third new token
+    with pytest.warns(UserWarning, match="generation ended after step"):
+        with lm.generate(PROMPTS[0], max_new_tokens=NEW, eos_token_id=eos, pad_token_id=7) as tracer:
+            tokens = tracer.result.save()
+            late = lm.model.layers[0].next(5).output[0].save()      # step 5: never reached
+    theirs = hf_greedy(tm, PROMPTS[0], eos_token_id=eos, pad_token_id=7)
+    ours = list(np.asarray(tokens[0]))
+    assert ours[: len(theirs)] == theirs and len(theirs) < len(ours)
+    assert set(ours[len(theirs):]) == {7}
+    with pytest.raises(JnnsightError, match="never ran"):
+        late.shape
+
+
+# -- programs --------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def compile_counter():
+    events: list[str] = []
+
+    def listener(event: str, duration: float, **kwargs) -> None:
+        if event == "/jax/core/compile/backend_compile_duration":
+            events.append(event)
+
+    jax.monitoring.register_event_duration_secs_listener(listener)
+    yield events
+    jax.monitoring.unregister_event_duration_listener(listener)
+
+
+def test_steps_with_the_same_edits_share_one_program_and_repeats_compile_nothing(models, compile_counter):
+    _, lm = models["qwen3"]
+
+    def run(steer):
+        with lm.generate(PROMPTS[0], max_new_tokens=8, eos_token_id=None) as tracer:
+            with tracer.all():
+                lm.model.layers[1].mlp.output = lm.model.layers[1].mlp.output * 0.5 + steer
+            tokens = tracer.result.save()
+        return tokens
+
+    before = {k for k in lm._generation_programs._entries if k[0] == "step"}
+    run(jnp.zeros(64))
+    new = {k for k in lm._generation_programs._entries if k[0] == "step"} - before
+    assert len(new) == 2  # the prompt pass and one decode step for all 7 later steps
+    compile_counter.clear()
+    run(jnp.ones(64))  # a new outside array of the same shape
+    assert compile_counter == []
+
+
+# -- bad input -------------------------------------------------------------------------------
+
+
+def test_bad_generation_inputs_get_clear_errors(models):
+    _, lm = models["llama"]
+    with pytest.raises(SiteError, match="can be read and saved, not written"):
+        with lm.generate(PROMPTS[0], max_new_tokens=2) as tracer:
+            tracer.result = 0  # noqa: F841  (a plain attribute: refused below instead)
+    with pytest.raises(SiteError, match="not written"):
+        with lm.generate(PROMPTS[0], max_new_tokens=2):
+            lm.generator.output = jnp.zeros((1, 9), jnp.int32)
+    with pytest.raises(IndexError, match="has 3 step"):
+        with lm.generate(PROMPTS[0], max_new_tokens=3) as tracer:
+            for step in tracer.iter[3]:
+                pass
+    with pytest.raises(SiteError, match="Raise max_new_tokens"):
+        with lm.generate(PROMPTS[0], max_new_tokens=2):
+            lm.model.layers[0].next(2).output.save()
+    with pytest.raises(ValueError, match="max_new_tokens"):
+        lm.generate(PROMPTS[0], max_new_tokens=0)
+    with pytest.raises(ValueError, match="top_p"):
+        lm.generate(PROMPTS[0], do_sample=True, top_p=1.5)
+    with pytest.raises(JnnsightError, match="stop"):
+        with lm.generate(PROMPTS[0], max_new_tokens=2) as tracer:
+            lm.model.layers[0].output.save()
+            tracer.stop()
+    with pytest.raises(Exception, match="belongs inside"):
+        with lm.generate(max_new_tokens=2) as tracer:
+            for step in tracer.iter[:]:
+                pass
+            with tracer.invoke(PROMPTS[0]):
+                pass
