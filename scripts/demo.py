@@ -84,6 +84,39 @@ def main() -> None:
     print(f"source prompt predicts {lm.tokenizer.decode(source_logits[0, -1].argmax())!r}; "
           f"the '_ _ _' prompt with its embeddings predicts {lm.tokenizer.decode(patched[0, -1].argmax())!r}")
 
+    section("Generation: three tokens, the last layer's hidden state at each step")
+    with lm.generate(prompt, max_new_tokens=3) as tracer:
+        hidden_1 = lm.model.layers[-1].output[0].save()          # step 0: the prompt
+        hidden_2 = lm.model.layers[-1].next().output[0].save()   # step 1: the first new token
+        hidden_3 = lm.model.layers[-1].next().output[0].save()   # step 2
+        tokens = tracer.result.save()
+    print(f"hidden states {hidden_1.shape}, {hidden_2.shape}, {hidden_3.shape}")
+    print(f"{lm.tokenizer.decode(tokens[0])!r}")
+
+    section("Generation across prompts: embeddings of one prompt drive the other's generation")
+    with lm.generate(max_new_tokens=3) as tracer:
+        with tracer.invoke("Madison square garden is located in the city of New"):
+            embeddings = lm.model.embed_tokens.output
+        with tracer.invoke("_ _ _ _ _ _ _ _ _ _"):
+            lm.model.embed_tokens.output = embeddings
+        with tracer.invoke():                                     # no input: the whole batch
+            output = lm.generator.output.save()
+    print(repr(lm.tokenizer.decode(output[0])))
+    print(repr(lm.tokenizer.decode(output[1])))
+
+    section("Steering every step of a generation with an activation difference")
+    with lm.trace() as tracer:
+        with tracer.invoke("The Colosseum is in the city of"):
+            rome = lm.model.layers[4].output[0][0, -1].save()
+        with tracer.invoke(prompt):
+            paris = lm.model.layers[4].output[0][0, -1].save()
+    steer = 4.0 * (rome - paris)
+    with lm.generate(prompt, max_new_tokens=6) as tracer:
+        with tracer.all():
+            lm.model.layers[4].output[0] = lm.model.layers[4].output[0] + steer
+        steered = tracer.result.save()
+    print(f"layer 4 + 4 x (Colosseum - Eiffel Tower): {lm.tokenizer.decode(steered[0])!r}")
+
 
 if __name__ == "__main__":
     main()

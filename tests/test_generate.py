@@ -301,3 +301,14 @@ def test_bad_generation_inputs_get_clear_errors(models):
                 pass
             with tracer.invoke(PROMPTS[0]):
                 pass
+
+
+def test_the_progress_bar_is_off_by_default_when_not_interactive_and_on_when_asked(models, capsys):
+    _, lm = models["gpt2"]
+    with lm.generate(PROMPTS[1], max_new_tokens=3, eos_token_id=None) as tracer:
+        quiet = tracer.result.save()
+    assert "generate" not in capsys.readouterr().err  # pytest's stderr is not a terminal
+    with lm.generate(PROMPTS[1], max_new_tokens=3, eos_token_id=None, progress=True) as tracer:
+        shown = tracer.result.save()
+    assert "generate" in capsys.readouterr().err
+    np.testing.assert_array_equal(quiet, shown)

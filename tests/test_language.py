@@ -67,6 +67,37 @@ def test_smollm2_predicts_paris_and_matches_torch(smollm2, smollm2_torch):
     assert hidden.shape == (1, ids.shape[1], 576)
 
 
+def test_smollm2_greedy_generation_equals_transformers_with_and_without_steering(smollm2, smollm2_torch):
+    import torch
+
+    steer = jnp.asarray(np.random.default_rng(0).normal(0, 4.0, 576), jnp.float32)
+    with smollm2.generate(PROMPT, max_new_tokens=8, eos_token_id=None) as tracer:
+        plain = tracer.result.save()
+    with smollm2.generate(PROMPT, max_new_tokens=8, eos_token_id=None) as tracer:
+        with tracer.all():
+            smollm2.model.layers[15].output[0] = smollm2.model.layers[15].output[0] + steer
+        steered = tracer.result.save()
+
+    def add(module, args, out):
+        hidden = out[0] if isinstance(out, tuple) else out
+        hidden = hidden + torch.tensor(np.asarray(steer))
+        return (hidden, *out[1:]) if isinstance(out, tuple) else hidden
+
+    ids = torch.tensor([smollm2.tokenizer(PROMPT)["input_ids"]])
+    smollm2_torch.generation_config.eos_token_id = None  # exactly 8 tokens, as ours
+    with torch.no_grad():
+        theirs = smollm2_torch.generate(ids, max_new_tokens=8, do_sample=False, pad_token_id=0)
+        handle = smollm2_torch.model.layers[15].register_forward_hook(add)
+        try:
+            theirs_steered = smollm2_torch.generate(ids, max_new_tokens=8, do_sample=False,
+                                                    pad_token_id=0)
+        finally:
+            handle.remove()
+    assert np.asarray(plain).tolist() == theirs.tolist()
+    assert smollm2.tokenizer.decode(plain[0, ids.shape[1]]) == " Paris"
+    assert np.asarray(steered).tolist() == theirs_steered.tolist() != theirs.tolist()
+
+
 def test_invokes_of_different_lengths_equal_solo_runs(smollm2):
     short, long = "Paris is", "The capital of France is the city of"
     with smollm2.trace() as tracer:
