@@ -43,7 +43,6 @@ from .tracing.capture import Capture
 from .tracing.collate import Batch
 from .tracing.discover import Site, abstract_leaves
 from .tracing.execute import run_stage, woven_apply
-from .tracing.lru import LruCache
 from .tracing.program import Builder
 from .tracing.schedule import Schedule, atom_value, schedule
 from .tracing.steps import RESULT, StepPlan, StepTable, split
@@ -117,6 +116,12 @@ class GeneratorEnvoy(Envoy):
     @property
     def output(self) -> Any:
         """The prompt and the generated tokens, left-padded rows as the batch has them."""
+        builder = _program.current()
+        if builder is not None and not isinstance(builder.table, StepTable):
+            raise SiteError(at_user_line(
+                "`lm.generator.output` (and `tracer.result`) exist in `lm.generate(...)` "
+                "blocks; a trace's output is `lm.output`."
+            ))
         return Envoy._read(self, "output")
 
     @output.setter
@@ -324,14 +329,6 @@ def _final_function(plan: StepPlan, program: Schedule) -> Callable[..., Any]:
     return jax.jit(final)
 
 
-def _programs(lm: "LanguageModel") -> LruCache:
-    cache = lm.__dict__.get("_generation_programs")
-    if cache is None:
-        cache = LruCache(256)
-        object.__setattr__(lm, "_generation_programs", cache)
-    return cache
-
-
 def generate(lm: "LanguageModel", batch: Batch, bodies: Callable[[], None],
              config: GenerationConfig, key: jax.Array, progress: bool) -> tuple[dict[int, Any], Builder]:
     """Run the block's program over a generation; the saved values by tracer id, and the builder."""
@@ -373,7 +370,7 @@ def generate(lm: "LanguageModel", batch: Batch, bodies: Callable[[], None],
         raise JnnsightError(
             "`tracer.stop()` is not supported in a generate block: lower max_new_tokens instead."
         )
-    programs = _programs(lm)
+    programs = lm._generation_programs
     plan_key = ("plans", first_key, step_key, steps, program.fingerprint)
     cut = programs.get(plan_key)
     if cut is None:
@@ -431,7 +428,7 @@ def generate(lm: "LanguageModel", batch: Batch, bodies: Callable[[], None],
             f"generation ended after step {ran - 1} (every row produced eos_token_id "
             f"{config.eos_token_id}); the block's reads, writes and saves at later steps "
             f"did not run{f', first at {lines[0]}' if lines and lines[0] else ''}.",
-            stacklevel=4,
+            stacklevel=5,  # generate, _execute, _run, __exit__: the user's `with`
         )
         for i in missing:
             values[i] = Unreached(builder.save_lines.get(saved[i]), ran - 1)

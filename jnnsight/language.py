@@ -32,6 +32,7 @@ import numpy as np
 from .errors import JnnsightError, UserLine
 from .nnsight import NNsight
 from .tracing.collate import Batch
+from .tracing.lru import LruCache
 from .tracing.program import Rows
 
 if TYPE_CHECKING:
@@ -145,6 +146,8 @@ class LanguageModel(NNsight):
             tokenizer = tokenizer if isinstance(tokenizer, Tokenizer) else Tokenizer(tokenizer)
         object.__setattr__(self, "tokenizer", tokenizer)
         object.__setattr__(self, "pad_to_multiple_of", pad_to_multiple_of)
+        # generation's schedules and compiled steps, by program and shapes
+        object.__setattr__(self, "_generation_programs", LruCache(256))
 
     @property
     def generator(self) -> "GeneratorEnvoy":

@@ -111,14 +111,18 @@ def test_greedy_tokens_equal_transformers_generate(models, name):
         assert ours == hf_greedy(tm, prompt)
 
 
-@pytest.mark.parametrize("name", ["gpt2", "llama"])
-def test_steering_every_step_equals_a_torch_hook(models, name):
+@pytest.mark.parametrize("name, form", [("gpt2", "for"), ("llama", "with")])
+def test_steering_every_step_equals_a_torch_hook(models, name, form):
     tm, lm = models[name]
     width = lm.module.config.n_embd if name == "gpt2" else lm.module.config.hidden_size
     steer = jnp.asarray(np.random.default_rng(0).normal(0, 2.0, width), jnp.float32)
     with lm.generate(PROMPTS[0], max_new_tokens=NEW, eos_token_id=None) as tracer:
-        with tracer.all():
-            ours_layer(lm, 0).output[0] = ours_layer(lm, 0).output[0] + steer
+        if form == "with":
+            with tracer.all():
+                ours_layer(lm, 0).output[0] = ours_layer(lm, 0).output[0] + steer
+        else:
+            for step in tracer.iter[:]:  # unbounded: the code after it runs too
+                ours_layer(lm, 0).output[0] = ours_layer(lm, 0).output[0] + steer
         tokens = tracer.result.save()
 
     def add(module, args, out):
@@ -222,10 +226,11 @@ def test_eos_ends_rows_and_generation_as_transformers_does(models):
     tm, lm = models["llama"]
     plain = hf_greedy(tm, PROMPTS[0])
     eos = plain[len(PROMPTS[0]) + 2]  # the third new token
-    with pytest.warns(UserWarning, match="generation ended after step"):
+    with pytest.warns(UserWarning, match="generation ended after step") as caught:
         with lm.generate(PROMPTS[0], max_new_tokens=NEW, eos_token_id=eos, pad_token_id=7) as tracer:
             tokens = tracer.result.save()
             late = lm.model.layers[0].next(5).output[0].save()      # step 5: never reached
+    assert caught[0].filename == __file__  # the warning names the user's block
     theirs = hf_greedy(tm, PROMPTS[0], eos_token_id=eos, pad_token_id=7)
     ours = list(np.asarray(tokens[0]))
     assert ours[: len(theirs)] == theirs and len(theirs) < len(ours)
@@ -280,6 +285,9 @@ def test_bad_generation_inputs_get_clear_errors(models):
     with pytest.raises(SiteError, match="not written"):
         with lm.generate(PROMPTS[0], max_new_tokens=2):
             lm.generator.output = jnp.zeros((1, 9), jnp.int32)
+    with pytest.raises(SiteError, match="exist in `lm.generate"):
+        with lm.trace(PROMPTS[0]):
+            lm.generator.output.save()
     with pytest.raises(IndexError, match="has 3 step"):
         with lm.generate(PROMPTS[0], max_new_tokens=3) as tracer:
             for step in tracer.iter[3]:
