@@ -35,6 +35,8 @@ from .nnsight import NNsight
 from .language import LanguageModel
 from .tracing import program as _program
 from .tracing.tracer import Cache, Tracer
+from .interventions import LinearProbe, LowRankRotation, SteeringVector, at_positions
+from .optimize import restore_checkpoint, save_checkpoint, train_step
 
 __all__ = [
     "NNsight",
@@ -44,6 +46,13 @@ __all__ = [
     "Tracer",
     "Cache",
     "save",
+    "SteeringVector",
+    "LowRankRotation",
+    "LinearProbe",
+    "at_positions",
+    "train_step",
+    "save_checkpoint",
+    "restore_checkpoint",
     "JnnsightError",
     "CaptureError",
     "CausalityError",

@@ -28,6 +28,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax import core
 
 from .errors import JnnsightError, UserLine
 from .nnsight import NNsight
@@ -62,6 +63,32 @@ def _rows_of_input(value: Any, tokenizer: Any, line: UserLine | None) -> tuple[l
             f"an invoke's input must be text, token ids or a tokenizer output; got {type(value).__name__}."
         ))
     return ids, [[1] * len(r) for r in ids]
+
+
+def _invoke_arrays(value: Any, tokenizer: Any, line: UserLine | None, pad: int) -> tuple[Any, Any]:
+    """One invoke's input as ``(ids, mask)`` ``[rows, length]``, its rows left-padded.
+
+    JAX arrays (token ids, or a dict of them) stay JAX arrays, so an invoke's input
+    may be a tracer of a user's ``jax.jit``; everything else becomes numpy.
+    """
+    ids = value.get("input_ids") if isinstance(value, dict) else value
+    if isinstance(ids, (jax.Array, core.Tracer)):
+        if not jnp.issubdtype(ids.dtype, jnp.integer) or ids.ndim not in (1, 2):
+            raise JnnsightError(_at(line,
+                f"token ids must be integers of shape [length] or [rows, length]; got "
+                f"{ids.dtype}{list(ids.shape)}."
+            ))
+        mask = value.get("attention_mask") if isinstance(value, dict) else None
+        mask = jnp.ones_like(ids) if mask is None else jnp.asarray(mask)
+        return (ids[None], mask[None]) if ids.ndim == 1 else (ids, mask)
+    rows, masks = _rows_of_input(value, tokenizer, line)
+    width = max(len(r) for r in rows)
+    padded = np.full((len(rows), width), pad, np.int32)
+    mask = np.zeros((len(rows), width), np.int32)
+    for i, (r, m) in enumerate(zip(rows, masks)):
+        padded[i, width - len(r):] = r
+        mask[i, width - len(m):] = m
+    return padded, mask
 
 
 def _at(line: UserLine | None, message: str) -> str:
@@ -210,9 +237,11 @@ class LanguageModel(NNsight):
 
     def _collate(self, inputs: list[tuple[tuple, dict] | None], lines: list) -> Batch:
         """Tokenize every invoke's input and left-pad all rows into one batch."""
-        rows: list[list[int]] = []
-        masks: list[list[int]] = []
+        pad_id = getattr(self.tokenizer, "pad_token_id", None)
+        pad = pad_id if pad_id is not None else 0  # padded positions are masked anyway
+        parts: list[tuple[Any, Any]] = []
         spans: list[tuple[int, int] | None] = []
+        total = 0
         for given, line in zip(inputs, lines):
             if given is None:
                 spans.append(None)
@@ -222,25 +251,22 @@ class LanguageModel(NNsight):
                 raise JnnsightError(_at(line,
                     "a language model's invoke takes one input: text, token ids or a tokenizer output."
                 ))
-            ids, mask = _rows_of_input(args[0], self.tokenizer, line)
-            spans.append((len(rows), len(rows) + len(ids)))
-            rows += ids
-            masks += mask
-        if not rows:
+            ids, mask = _invoke_arrays(args[0], self.tokenizer, line, pad)
+            spans.append((total, total + ids.shape[0]))
+            total += ids.shape[0]
+            parts.append((ids, mask))
+        if not parts:
             raise JnnsightError(_at(lines[0] if lines else None,
                 "the trace has no input: pass a prompt to `lm.trace(...)` or to a `tracer.invoke(...)`."
             ))
-        length = max(len(r) for r in rows)
+        length = max(ids.shape[1] for ids, _ in parts)
         if self.pad_to_multiple_of:
             length = -(-length // self.pad_to_multiple_of) * self.pad_to_multiple_of
-        pad_id = getattr(self.tokenizer, "pad_token_id", None)
-        pad = pad_id if pad_id is not None else 0  # padded positions are masked anyway
-        input_ids = np.full((len(rows), length), pad, np.int32)
-        attention_mask = np.zeros((len(rows), length), np.int32)
-        for i, (r, m) in enumerate(zip(rows, masks)):
-            input_ids[i, length - len(r):] = r
-            attention_mask[i, length - len(m):] = m
-        total = len(rows)
+        # Host arrays are padded on the host; JAX arrays (tracers under jax.jit) on the device.
+        xp = np if all(isinstance(ids, np.ndarray) for ids, _ in parts) else jnp
+        left = lambda a, value: xp.pad(a, ((0, 0), (length - a.shape[1], 0)), constant_values=value)  # noqa: E731
+        input_ids = xp.concatenate([left(ids, pad) for ids, _ in parts]).astype(np.int32)
+        attention_mask = xp.concatenate([left(mask, 0) for _, mask in parts]).astype(np.int32)
         invoke_rows = tuple(
             Rows(0, total, total) if span is None else Rows(span[0], span[1], total) for span in spans
         )

@@ -277,6 +277,37 @@ class NNsight(Envoy):
         """
         return Tracer(self, args, kwargs, scan=True)
 
+    def bind(self, variables: Any) -> "NNsight":
+        """This model with other variables of the same structure: its blocks run on them.
+
+        Inside a user's ``jax.jit``, pass the parameters in and trace through
+        ``model.bind(params)``: the block then takes them as an input of the
+        compiled program instead of baking the model's own arrays into it as
+        constants. The bound model shares this one's envoys' paths, site tables and
+        compiled programs; the block's body may keep using ``model.`` envoys.
+
+        Example::
+
+            >>> @jax.jit
+            ... def loss(vec, params, ids):
+            ...     with lm.bind(params).trace(ids):
+            ...         lm.model.layers[10].output[0] = lm.model.layers[10].output[0] + vec
+            ...         logits = lm.lm_head.output.save()
+            ...     return -jax.nn.log_softmax(logits[0, -1])[target]
+        """
+        structure = jax.tree_util.tree_structure(variables)
+        if structure != jax.tree_util.tree_structure(self.variables):
+            raise TypeError(at_user_line(
+                "bind() takes variables of the model's own structure (as `model.variables`); "
+                f"got {structure}."
+            ))
+        bound = object.__new__(type(self))
+        bound.__dict__.update(self.__dict__)
+        object.__setattr__(bound, "variables", variables)
+        object.__setattr__(bound, "_leaves", jax.tree_util.tree_leaves(variables))
+        object.__setattr__(bound, "_variables_key", shape_key(variables))
+        return bound
+
     def intervene(self, body: Callable[..., Any]) -> Callable[..., tuple[Any, Any]]:
         """The engine as a function transform, without ``with``.
 

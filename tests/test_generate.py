@@ -3,61 +3,26 @@ hooks on the same random weights (N(0, 0.5), so cache, position and mask bugs sh
 
 from __future__ import annotations
 
-import json
-import warnings
-
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from jnnsight import LanguageModel
+from conftest import tiny_language_model
 from jnnsight.errors import JnnsightError, SiteError
 from jnnsight.modeling.gpt2 import GPT2LMHeadModel
 
 torch = pytest.importorskip("torch")
-transformers = pytest.importorskip("transformers")
-safetensors_numpy = pytest.importorskip("safetensors.numpy")
 
 NEW = 6
-TINY_LLAMA = dict(vocab_size=101, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
-                  num_attention_heads=4, num_key_value_heads=2, head_dim=16, rms_norm_eps=1e-5,
-                  rope_theta=5000.0)
-TINY_GPT2 = dict(vocab_size=101, n_positions=64, n_embd=32, n_layer=2, n_head=4)
-# name: (transformers family, config)
-CASES = {
-    "gpt2": ("GPT2", TINY_GPT2),
-    "llama": ("Llama", TINY_LLAMA),
-    "mistral_window": ("Mistral", dict(TINY_LLAMA, sliding_window=4)),
-    "qwen3": ("Qwen3", dict(TINY_LLAMA, attention_bias=True)),
-}
+CASES = ("gpt2", "llama", "mistral_window", "qwen3")
 PROMPTS = [[11, 12, 13, 14, 15, 16, 17], [21, 22, 23, 24]]
-
-
-def _build(name: str, folder):
-    family, config = CASES[name]
-    torch.manual_seed(0)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        hf_config = getattr(transformers, f"{family}Config")(**config, attn_implementation="eager")
-        head = "GPT2LMHeadModel" if family == "GPT2" else f"{family}ForCausalLM"
-        tm = getattr(transformers, head)(hf_config).eval()
-    with torch.no_grad():
-        for p in tm.parameters():
-            p.normal_(0.0, 0.5)
-    tm.generation_config.eos_token_id = None
-    tm.generation_config.pad_token_id = 0
-    tm.save_pretrained(folder)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # no tokenizer files in the folder
-        lm = LanguageModel(folder)
-    return tm, lm
 
 
 @pytest.fixture(scope="module")
 def models(tmp_path_factory):
     root = tmp_path_factory.mktemp("generate")
-    return {name: _build(name, root / name) for name in CASES}
+    return {name: tiny_language_model(name, root / name) for name in CASES}
 
 
 def hf_greedy(tm, prompt: list[int], hooks=(), new: int = NEW, **kwargs) -> list[int]:
@@ -97,7 +62,7 @@ def rows_of(tokens, prompts=PROMPTS) -> list[list[int]]:
 # -- greedy decoding -----------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("name", list(CASES))
+@pytest.mark.parametrize("name", CASES)
 def test_greedy_tokens_equal_transformers_generate(models, name):
     tm, lm = models[name]
     with lm.generate(max_new_tokens=NEW, eos_token_id=None) as tracer:
@@ -240,19 +205,6 @@ def test_eos_ends_rows_and_generation_as_transformers_does(models):
 
 
 # -- programs --------------------------------------------------------------------------------
-
-
-@pytest.fixture
-def compile_counter():
-    events: list[str] = []
-
-    def listener(event: str, duration: float, **kwargs) -> None:
-        if event == "/jax/core/compile/backend_compile_duration":
-            events.append(event)
-
-    jax.monitoring.register_event_duration_secs_listener(listener)
-    yield events
-    jax.monitoring.unregister_event_duration_listener(listener)
 
 
 def test_steps_with_the_same_edits_share_one_program_and_repeats_compile_nothing(models, compile_counter):

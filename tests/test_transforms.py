@@ -129,20 +129,6 @@ def test_two_threads_tracing_one_model_get_their_own_results(toy):
             assert_close(h, hidden[(("h_1",), 0)][0])
 
 
-@pytest.fixture
-def compile_counter():
-    """Counts XLA backend compilations while the test runs."""
-    events: list[str] = []
-
-    def listener(event: str, duration: float, **kwargs) -> None:
-        if event == "/jax/core/compile/backend_compile_duration":
-            events.append(event)
-
-    jax.monitoring.register_event_duration_secs_listener(listener)
-    yield events
-    jax.monitoring.unregister_event_duration_listener(listener)
-
-
 def test_repeating_a_block_with_new_values_of_the_same_shapes_does_not_compile(toy, compile_counter):
     model, tokens = toy
 

@@ -1,0 +1,136 @@
+"""Trainable interventions: pytrees with a pure ``__call__``, applied at sites.
+
+Each intervention is a ``flax.struct`` dataclass, so it is a pytree: ``jax.grad``
+differentiates it, optax updates it, orbax saves it. Calling it on a site's value
+gives the edited value, inside a block or a ``model.intervene`` body::
+
+    h = lm.model.layers[10].output[0]
+    lm.model.layers[10].output[0] = steer(h)
+
+Where an intervention acts (positions, a subspace's size) is an array or a shape,
+never a Python value baked into the program: moving it to other positions does
+not compile again.
+
+Example::
+
+    >>> steer = SteeringVector.zeros(576)
+    >>> rotation = LowRankRotation.random(jax.random.key(0), width=576, rank=4)
+    >>> probe = LinearProbe.zeros(576, classes=2)
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import flax.struct
+import jax
+import jax.numpy as jnp
+
+
+def at_positions(value: jax.Array, edited: jax.Array, positions: jax.Array | None) -> jax.Array:
+    """``edited`` at the sequence ``positions`` (axis 1 of ``[batch, length, width]``), ``value`` elsewhere.
+
+    ``positions`` is an int array of indices (negative counts from the end) or a
+    boolean mask ``[length]`` / ``[batch, length]``; None means every position.
+
+    Example::
+
+        >>> at_positions(h, h + v, jnp.array([-1]))     # the last position only
+    """
+    if positions is None:
+        return edited
+    positions = jnp.asarray(positions)
+    length = value.shape[1]
+    if positions.dtype == jnp.bool_:
+        mask = positions
+    else:
+        mask = jnp.zeros((length,), bool).at[positions % length].set(True)
+    mask = jnp.broadcast_to(mask if mask.ndim == 2 else mask[None], value.shape[:2])
+    return jnp.where(mask[..., None], edited, value)
+
+
+@flax.struct.dataclass
+class SteeringVector:
+    """``h + vector`` at the chosen positions: an additive steering vector.
+
+    Example::
+
+        >>> steer = SteeringVector.zeros(576)
+        >>> lm.model.layers[10].output[0] = steer(lm.model.layers[10].output[0])
+    """
+
+    vector: jax.Array
+
+    @classmethod
+    def zeros(cls, width: int, dtype: Any = jnp.float32) -> "SteeringVector":
+        return cls(jnp.zeros((width,), dtype))
+
+    def __call__(self, value: jax.Array, positions: jax.Array | None = None) -> jax.Array:
+        return at_positions(value, value + self.vector.astype(value.dtype), positions)
+
+
+def orthonormal(weight: jax.Array) -> jax.Array:
+    """Orthonormal columns spanning ``weight``'s ``[width, rank]``: QR, signs fixed.
+
+    A parametrization, not a projection: any unconstrained ``weight`` gives an
+    exactly orthonormal basis, so gradient steps on ``weight`` keep the basis
+    orthonormal (to float32 rounding) with nothing to re-project.
+    """
+    q, r = jnp.linalg.qr(weight)
+    return q * jnp.where(jnp.diagonal(r) < 0, -1.0, 1.0).astype(q.dtype)
+
+
+@flax.struct.dataclass
+class LowRankRotation:
+    """Distributed alignment search: interchange a learned ``rank``-dimensional subspace.
+
+    ``basis = orthonormal(weight)`` is ``[width, rank]``; ``__call__(base, source)``
+    replaces the base's coordinates in that subspace with the source's:
+    ``base + basis @ (basis.T @ (source - base))``, the rotated-space interchange of
+    Geiger et al. restricted to the first ``rank`` rotated dimensions.
+
+    Example::
+
+        >>> das = LowRankRotation.random(jax.random.key(0), width=64, rank=2)
+        >>> patched = das(base_hidden, source_hidden)
+    """
+
+    weight: jax.Array
+
+    @classmethod
+    def random(cls, key: jax.Array, width: int, rank: int, dtype: Any = jnp.float32) -> "LowRankRotation":
+        return cls(jax.random.normal(key, (width, rank), dtype))
+
+    @property
+    def basis(self) -> jax.Array:
+        return orthonormal(self.weight)
+
+    def __call__(self, base: jax.Array, source: jax.Array,
+                 positions: jax.Array | None = None) -> jax.Array:
+        basis = self.basis.astype(base.dtype)
+        edited = base + (source - base) @ basis @ basis.T
+        return at_positions(base, edited, positions)
+
+
+@flax.struct.dataclass
+class LinearProbe:
+    """``value @ weight + bias``: a linear read-out of a site (it edits nothing).
+
+    Example::
+
+        >>> probe = LinearProbe.zeros(576, classes=2)
+        >>> logits = probe(lm.model.layers[10].output[0][:, -1])
+    """
+
+    weight: jax.Array
+    bias: jax.Array
+
+    @classmethod
+    def zeros(cls, width: int, classes: int, dtype: Any = jnp.float32) -> "LinearProbe":
+        return cls(jnp.zeros((width, classes), dtype), jnp.zeros((classes,), dtype))
+
+    def __call__(self, value: jax.Array) -> jax.Array:
+        return value @ self.weight.astype(value.dtype) + self.bias.astype(value.dtype)
+
+
+__all__ = ["SteeringVector", "LowRankRotation", "LinearProbe", "at_positions", "orthonormal"]

@@ -1,0 +1,88 @@
+"""Optimizing interventions: a jitted optax train step, and orbax checkpoints.
+
+The model's parameters are an input of the step like the batch (frozen: no
+gradient, no update), never constants baked into the compiled program, so one
+compiled step serves any checkpoint of the same shapes.
+
+Example::
+
+    >>> forward = lm.intervene(lambda steer: ...)            # a pure function of variables
+    >>> def loss_fn(steer, variables, ids, target):
+    ...     _, logits = forward(variables, ids, steer)
+    ...     return -jax.nn.log_softmax(logits[:, -1])[:, target].mean()
+    >>> step = train_step(loss_fn, optax.adam(1e-2))
+    >>> steer, opt_state = SteeringVector.zeros(576), optax.adam(1e-2).init(...)
+    >>> steer, opt_state, loss = step(steer, opt_state, lm.variables, ids, target)
+    >>> save_checkpoint("/tmp/run/step_100", {"steer": steer, "opt_state": opt_state})
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Callable
+
+import jax
+import optax
+
+
+def train_step(loss_fn: Callable[..., jax.Array], optimizer: optax.GradientTransformation
+               ) -> Callable[..., tuple[Any, Any, jax.Array]]:
+    """``step(trainable, opt_state, *args) -> (trainable, opt_state, loss)``, jitted.
+
+    ``loss_fn(trainable, *args)`` returns a scalar; only ``trainable`` (any
+    pytree: an intervention, a dict of them) is differentiated and updated.
+    The old ``trainable`` and ``opt_state`` buffers are donated to the new ones.
+    """
+
+    def step(trainable: Any, opt_state: Any, *args: Any) -> tuple[Any, Any, jax.Array]:
+        loss, grads = jax.value_and_grad(loss_fn)(trainable, *args)
+        updates, opt_state = optimizer.update(grads, opt_state, trainable)
+        return optax.apply_updates(trainable, updates), opt_state, loss
+
+    return jax.jit(step, donate_argnums=(0, 1))
+
+
+def _checkpointer() -> Any:
+    import orbax.checkpoint as ocp
+
+    return ocp.StandardCheckpointer()
+
+
+def save_checkpoint(path: str | Path, tree: Any) -> Path:
+    """Save a pytree of arrays (interventions, optimizer state, activations) with orbax.
+
+    ``path`` is a folder that must not exist yet. Returns its absolute path.
+
+    Example::
+
+        >>> save_checkpoint("runs/steer/100", {"steer": steer, "opt_state": opt_state})
+    """
+    path = Path(path).absolute()
+    if path.exists():
+        raise FileExistsError(f"{path} exists: orbax writes a new folder; choose another path.")
+    checkpointer = _checkpointer()
+    checkpointer.save(path, tree)
+    checkpointer.wait_until_finished()
+    return path
+
+
+def restore_checkpoint(path: str | Path, like: Any = None) -> Any:
+    """A pytree saved by :func:`save_checkpoint`.
+
+    With ``like`` (a pytree of the same structure: arrays, or
+    ``jax.ShapeDtypeStruct``s), the result has its structure and types (an
+    intervention, an optax state); without, nested dicts of arrays.
+
+    Example::
+
+        >>> state = restore_checkpoint("runs/steer/100", {"steer": steer, "opt_state": opt_state})
+    """
+    path = Path(path).absolute()
+    if not path.exists():
+        raise FileNotFoundError(f"no checkpoint at {path}.")
+    target = None if like is None else jax.tree_util.tree_map(
+        lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), like)
+    return _checkpointer().restore(path, target)
+
+
+__all__ = ["train_step", "save_checkpoint", "restore_checkpoint"]

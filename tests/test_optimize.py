@@ -1,0 +1,242 @@
+"""Gradients through blocks and trainable interventions, against torch autograd with a
+forward hook on the same weights; optax train steps; orbax checkpoints."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+import jnnsight
+from conftest import tiny_language_model
+from jnnsight import LinearProbe, LowRankRotation, SteeringVector, at_positions
+
+torch = pytest.importorskip("torch")
+
+IDS = np.array([[11, 12, 13, 14, 15, 16, 17]])
+TARGET = 42
+
+
+@pytest.fixture(scope="module")
+def models(tmp_path_factory):
+    root = tmp_path_factory.mktemp("optimize")
+    return {name: tiny_language_model(name, root / name) for name in ("gpt2", "llama")}
+
+
+def block(lm, i: int):
+    return lm.transformer.h[i] if "transformer" in dir(lm) else lm.model.layers[i]
+
+
+def torch_block(tm, i: int):
+    return tm.transformer.h[i] if hasattr(tm, "transformer") else tm.model.layers[i]
+
+
+def nll(logits: jax.Array) -> jax.Array:
+    return -jax.nn.log_softmax(logits[0, -1])[TARGET]
+
+
+def torch_steering_grad(tm, steer: np.ndarray, layer: int) -> tuple[float, np.ndarray, np.ndarray]:
+    """Loss, d loss / d steer and d loss / d lm_head.weight in torch, steering by a hook."""
+    vec = torch.tensor(steer, requires_grad=True)
+
+    def hook(module, args, out):
+        if isinstance(out, tuple):
+            return (out[0] + vec, *out[1:])
+        return out + vec
+
+    tm.zero_grad()
+    handle = torch_block(tm, layer).register_forward_hook(hook)
+    try:
+        logits = tm(torch.tensor(IDS)).logits
+        loss = -torch.log_softmax(logits[0, -1], -1)[TARGET]
+        loss.backward()
+    finally:
+        handle.remove()
+    return float(loss), vec.grad.numpy(), tm.lm_head.weight.grad.numpy()
+
+
+def close(a, b, rtol=1e-4) -> None:
+    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+    assert np.abs(a - b).max() <= rtol * max(1.0, np.abs(b).max()), np.abs(a - b).max()
+
+
+@pytest.mark.parametrize("name", ["gpt2", "llama"])
+def test_gradients_through_a_block_equal_torch_autograd_in_every_spelling(models, name):
+    tm, lm = models[name]
+    width = lm.variables["params"]["lm_head"]["weight"].shape[1]
+    steer = np.random.default_rng(0).normal(0, 1.0, width).astype(np.float32)
+    loss_t, grad_t, head_t = torch_steering_grad(tm, steer, 1)
+
+    def with_block(vec):                                    # jax.grad, no jit
+        with lm.trace(IDS):
+            block(lm, 1).output[0] = block(lm, 1).output[0] + vec
+            logits = lm.lm_head.output.save()
+        return nll(logits)
+
+    @jax.jit
+    def bound(vec, params):                                 # jit: parameters are an input
+        with lm.bind(params).trace(jnp.asarray(IDS)):
+            block(lm, 1).output[0] = block(lm, 1).output[0] + vec
+            logits = lm.lm_head.output.save()
+        return nll(logits)
+
+    def body(vec):
+        block(lm, 1).output[0] = block(lm, 1).output[0] + vec
+        return lm.lm_head.output
+
+    forward = lm.intervene(body)                            # the function form
+    functional = lambda vec, params: nll(forward(params, jnp.asarray(IDS), vec)[1])  # noqa: E731
+
+    vec = jnp.asarray(steer)
+    loss, grad = jax.value_and_grad(with_block)(vec)
+    close(loss, loss_t)
+    close(grad, grad_t)
+    close(jax.grad(bound)(vec, lm.variables), grad_t)
+    grad_vec, grad_params = jax.grad(functional, argnums=(0, 1))(vec, lm.variables)
+    close(grad_vec, grad_t)
+    head = grad_params["params"]["lm_head"]["weight"]
+    if name == "gpt2":  # tied: torch's one parameter gets both uses' gradients
+        head = head + grad_params["params"]["transformer"]["wte"]["weight"]
+    close(head, head_t)
+
+
+def test_a_bound_model_is_an_input_of_the_compiled_program_not_a_constant(models):
+    _, lm = models["llama"]
+
+    def loss(vec, params):
+        with lm.bind(params).trace(jnp.asarray(IDS)):
+            lm.model.layers[1].output[0] = lm.model.layers[1].output[0] + vec
+            logits = lm.lm_head.output.save()
+        return nll(logits)
+
+    params_bytes = sum(x.nbytes for x in jax.tree_util.tree_leaves(lm.variables))
+    text = jax.jit(loss).lower(jnp.zeros(64), lm.variables).as_text()
+    assert len(text) < params_bytes / 4  # constants would be printed in full
+    with pytest.raises(TypeError, match="model's own structure"):
+        lm.bind({"params": {}})
+
+
+def test_a_steering_vector_trained_with_optax_raises_the_target_probability(models, compile_counter):
+    _, lm = models["llama"]
+    ids = jnp.asarray(IDS)
+    forward = lm.intervene(lambda steer, positions: _steer_at(lm, steer, positions))
+
+    def loss_fn(steer, variables, ids, positions):
+        return nll(forward(variables, ids, steer, positions)[1])
+
+    optimizer = optax.adam(1.0)  # hidden states of N(0, 0.5) weights are large
+    steer = SteeringVector.zeros(64)
+    state = optimizer.init(steer)
+    step = jnnsight.train_step(loss_fn, optimizer)
+    last = jnp.array([-1])
+    before = float(jnp.exp(-loss_fn(steer, lm.variables, ids, last)))
+    losses = []
+    for i in range(25):
+        steer, state, loss = step(steer, state, lm.variables, ids, last)
+        losses.append(float(loss))
+        if i == 0:
+            compile_counter.clear()
+    assert compile_counter == []  # one compiled step for all of them
+    after = float(jnp.exp(-loss_fn(steer, lm.variables, ids, last)))
+    assert after > 0.5 > before and losses[-1] < losses[0]
+    # Other positions are an array of the same shape: no new program.
+    step(steer, state, lm.variables, ids, jnp.array([2]))
+    assert compile_counter == []
+
+
+def _steer_at(lm, steer, positions):
+    h = lm.model.layers[1].output[0]
+    lm.model.layers[1].output[0] = steer(h, positions)
+    return lm.lm_head.output
+
+
+def test_at_positions_edits_only_the_chosen_positions():
+    value = jnp.zeros((2, 5, 3))
+    edited = jnp.ones((2, 5, 3))
+    got = at_positions(value, edited, jnp.array([0, -1]))
+    np.testing.assert_array_equal(got[:, :, 0], [[1, 0, 0, 0, 1]] * 2)
+    mask = jnp.array([[True, False, False, False, False], [False, False, True, False, False]])
+    np.testing.assert_array_equal(at_positions(value, edited, mask)[:, :, 0], mask)
+    np.testing.assert_array_equal(at_positions(value, edited, None), edited)
+
+
+def test_das_rotation_interchanges_its_subspace_and_stays_orthonormal_while_training(models):
+    _, lm = models["llama"]
+    das = LowRankRotation.random(jax.random.key(0), width=64, rank=3)
+    base, source = jax.random.normal(jax.random.key(1), (2, 1, 4, 64))
+    basis = das.basis
+    patched = das(base, source)
+    close(patched @ basis, source @ basis, 1e-5)                        # the subspace is the source's
+    rest = jnp.eye(64) - basis @ basis.T
+    close(patched @ rest, base @ rest, 1e-5)                            # the rest is the base's
+    close(LowRankRotation.random(jax.random.key(2), 64, 64)(base, source), source, 1e-5)
+
+    # Train it to move prompt b's output toward prompt a's next token at layer 1.
+    a, b = jnp.asarray([[31, 32, 33, 34, 35]]), jnp.asarray([[41, 42, 43, 44, 45]])
+
+    def body(das):
+        source = lm.model.layers[1].output[0][:1]
+        base = lm.model.layers[1].output[0][1:]
+        both = jnp.concatenate([source, das(base, source, jnp.array([-1]))])
+        lm.model.layers[1].output[0] = both
+        return lm.lm_head.output
+
+    forward = lm.intervene(body)
+    target = int(lm.module.apply(lm.variables, a).logits[0, -1].argmax())
+
+    def loss_fn(das, variables):
+        logits = forward(variables, jnp.concatenate([a, b]), das)[1]
+        return -jax.nn.log_softmax(logits[1, -1])[target]
+
+    optimizer = optax.adam(0.05)
+    state = optimizer.init(das)
+    step = jnnsight.train_step(loss_fn, optimizer)
+    first = float(loss_fn(das, lm.variables))
+    for _ in range(20):
+        das, state, loss = step(das, state, lm.variables)
+    assert float(loss) < first
+    basis = das.basis
+    assert float(jnp.abs(basis.T @ basis - jnp.eye(3)).max()) <= 1e-5
+
+
+def test_a_linear_probe_learns_to_read_a_site(models):
+    _, lm = models["llama"]
+    ids = jnp.asarray(np.random.default_rng(0).integers(0, 101, (64, 5)))
+    labels = (ids[:, -1] % 2).astype(jnp.int32)
+    with lm.trace(ids):
+        features = lm.model.layers[0].output[0][:, -1].save()
+
+    def loss_fn(probe, features, labels):
+        return optax.softmax_cross_entropy_with_integer_labels(probe(features), labels).mean()
+
+    optimizer = optax.adam(0.05)
+    probe = LinearProbe.zeros(64, classes=2)
+    state = optimizer.init(probe)
+    step = jnnsight.train_step(loss_fn, optimizer)
+    for _ in range(200):
+        probe, state, _ = step(probe, state, features, labels)
+    accuracy = float((probe(features).argmax(-1) == labels).mean())
+    assert accuracy >= 0.9
+
+
+def test_orbax_checkpoints_restore_interventions_and_optimizer_state(tmp_path):
+    steer = SteeringVector(jnp.arange(8.0))
+    optimizer = optax.adam(0.1)
+    state = optimizer.init(steer)
+    steer2, state2, _ = jnnsight.train_step(lambda s: jnp.sum(s.vector ** 2), optimizer)(steer, state)
+    saved = {"steer": steer2, "opt_state": state2}
+    path = jnnsight.save_checkpoint(tmp_path / "step_1", saved)
+    restored = jnnsight.restore_checkpoint(path, like=saved)
+    assert isinstance(restored["steer"], SteeringVector)
+    for x, y in zip(jax.tree_util.tree_leaves(restored), jax.tree_util.tree_leaves(saved), strict=True):
+        np.testing.assert_array_equal(x, y)
+    activations = {"layer_1": np.random.default_rng(0).normal(size=(16, 5, 64)).astype(np.float32)}
+    jnnsight.save_checkpoint(tmp_path / "activations", activations)
+    np.testing.assert_array_equal(
+        jnnsight.restore_checkpoint(tmp_path / "activations")["layer_1"], activations["layer_1"])
+    with pytest.raises(FileExistsError, match="exists"):
+        jnnsight.save_checkpoint(path, saved)
+    with pytest.raises(FileNotFoundError, match="no checkpoint"):
+        jnnsight.restore_checkpoint(tmp_path / "missing")
