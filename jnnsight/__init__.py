@@ -91,5 +91,49 @@ def _tracer_save(self: Any) -> Any:
     return builder.save(self)
 
 
+class _Backward:
+    """``with loss.backward():`` the block's ``.grad`` reads and writes are d loss / d value."""
+
+    def __init__(self, loss: Any):
+        self._loss = loss
+
+    def __enter__(self) -> "_Backward":
+        builder = _program.current()
+        if builder is None:
+            raise JnnsightError(at_user_line(
+                "`.backward()` belongs inside a trace block, on a scalar computed there."
+            ))
+        self._previous = builder.begin_backward(self._loss)
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        _program.current().backward = self._previous
+
+
+def _tracer_backward(self: Any) -> _Backward:
+    """``with loss.backward():`` gradients of this scalar, read and edited with ``.grad``."""
+    return _Backward(self)
+
+
+def _builder_for(what: str) -> Any:
+    builder = _program.current()
+    if builder is None:
+        raise JnnsightError(at_user_line(
+            f"`{what}` exists inside a trace block, in a `with loss.backward():` block."
+        ))
+    return builder
+
+
+def _get_grad(self: Any) -> Any:
+    """d loss / d this module value, in a ``with loss.backward():`` block."""
+    return _builder_for(".grad").grad(self)
+
+
+def _set_grad(self: Any, value: Any) -> None:
+    _builder_for(".grad = ...").set_grad(self, value)
+
+
 _core.Tracer.save = _tracer_save
+_core.Tracer.backward = _tracer_backward
+_core.Tracer.grad = property(_get_grad, _set_grad)
 _compilation_cache.enable()

@@ -33,6 +33,7 @@ from .tracing import program as _program
 from .tracing.collate import Batch, collate
 from .tracing.discover import SiteTable, discover, shape_key, with_batch_axes
 from .tracing.execute import Executor
+from .tracing.gradients import check_edits, split_backward
 from .tracing.lru import LruCache
 from .tracing.program import Builder
 from .tracing.schedule import schedule
@@ -212,16 +213,21 @@ class NNsight(Envoy):
         builder = Builder(table, avals)
         program = builder.run(bodies)
         program_key = (table_key, program.fingerprint)
-        plan = self._schedules.get(program_key)
-        if plan is None:
-            plan = self._schedules.put(program_key, schedule(program))
+        entry = self._schedules.get(program_key)
+        if entry is None:
+            forward, backward = split_backward(program)
+            plan = schedule(forward)
+            if backward is not None:
+                check_edits(plan, backward, table, program.write_lines)
+            entry = self._schedules.put(program_key, (plan, backward))
+        plan, backward = entry
         saved = list(builder.saved)
         if scan:
             outs = [jax.ShapeDtypeStruct(v.aval.shape, v.aval.dtype) for v in program.jaxpr.jaxpr.outvars]
             return None, dict(zip(saved, outs)), builder
         output, saves = self._executor(
             self.module, plan, program_key, variables,
-            batch.args, batch.kwargs, list(program.jaxpr.consts),
+            batch.args, batch.kwargs, list(program.jaxpr.consts), backward,
         )
         return output, dict(zip(saved, saves)), builder
 

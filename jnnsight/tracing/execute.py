@@ -26,6 +26,7 @@ import jax
 
 from .discover import SiteKey, is_array, site_interceptor
 from .lru import LruCache
+from .gradients import Backward, with_gradients
 from .schedule import Schedule, Stage, atom_value
 
 
@@ -48,27 +49,35 @@ def _replace_arrays(leaves: list[Any], atoms: tuple[Any, ...], env: dict) -> lis
 
 
 def woven_apply(module: nn.Module, stages: dict[SiteKey, Stage], env: dict,
-                stop_after: int | None = None) -> Callable[..., Any]:
+                stop_after: int | None = None,
+                hooks: dict[SiteKey, Callable[[list[Any]], list[Any]]] | None = None,
+                ) -> Callable[..., Any]:
     """``module.apply`` with each stage run when the forward reaches its site.
 
     Stages read and extend ``env``, the values of the program's variables.
-    Call it inside the traced function.
+    ``hooks[key](leaves)`` then gives the leaves that flow on from that site
+    (gradient probes). Call it inside the traced function.
     """
+    hooks = hooks or {}
 
     def apply(variables: Any, *args: Any, **kwargs: Any) -> Any:
         skipped: dict[SiteKey, Stage] = {}
 
         def visit(key: SiteKey, value: Any) -> Any:
-            stage = stages.get(key)
-            if stage is None:
+            stage, hook = stages.get(key), hooks.get(key)
+            if stage is None and hook is None:
                 return value
             leaves, treedef = jax.tree_util.tree_flatten(value)
-            run_stage(stage, env, leaves)
-            if stage.skip is not None:
-                skipped[key] = stage
-            if stage.write is not None:
-                value = jax.tree_util.tree_unflatten(treedef, _replace_arrays(leaves, stage.write, env))
-            if stop_after is not None and stage.order == stop_after:
+            if stage is not None:
+                run_stage(stage, env, leaves)
+                if stage.skip is not None:
+                    skipped[key] = stage
+                if stage.write is not None:
+                    leaves = _replace_arrays(leaves, stage.write, env)
+            if hook is not None:
+                leaves = hook(leaves)
+            value = jax.tree_util.tree_unflatten(treedef, leaves)
+            if stop_after is not None and stage is not None and stage.order == stop_after:
                 raise _StopForward
             return value
 
@@ -116,6 +125,22 @@ def _forward(module: nn.Module, schedule: Schedule, stop_after: int | None) -> C
     return run
 
 
+def _forward_and_backward(module: nn.Module, schedule: Schedule, backward: Backward) -> Callable[..., Any]:
+    """The forward with the program woven in, under ``jax.vjp`` for the block's gradients."""
+
+    def run(variables: Any, args: tuple, kwargs: dict, consts: list[Any]) -> tuple[Any, list[Any]]:
+        outside = bind_inputs(schedule, variables, consts)
+
+        def apply(env: dict, hooks: dict) -> Any:
+            env.update(outside)
+            run_stage(schedule.pre, env, None)
+            return woven_apply(module, schedule.stages, env, None, hooks)(variables, *args, **kwargs)
+
+        return with_gradients(apply, schedule, backward, outside)
+
+    return run
+
+
 class Executor:
     """A model's compiled-program cache: one jitted forward per program and input structure."""
 
@@ -131,6 +156,7 @@ class Executor:
         args: tuple,
         kwargs: dict,
         consts: list[Any],
+        backward: Backward | None = None,
     ) -> tuple[Any, list[Any]]:
         """Run the forward with ``schedule`` woven in; compile only on a new key."""
         leaves, treedef = jax.tree_util.tree_flatten((args, kwargs))
@@ -139,13 +165,16 @@ class Executor:
         key = (program_key, treedef, static)
         jitted = self._entries.get(key)
         if jitted is None:
-            jitted = self._entries.put(key, self._compile(module, schedule, treedef, static))
+            jitted = self._entries.put(key, self._compile(module, schedule, treedef, static, backward))
         return jitted(variables, arrays, consts)
 
     @staticmethod
-    def _compile(module, schedule, treedef, static) -> Callable[..., Any]:
+    def _compile(module, schedule, treedef, static, backward) -> Callable[..., Any]:
         stop_after = schedule.last if schedule.stop else None
-        run = _forward(module, schedule, stop_after)
+        if backward is None:
+            run = _forward(module, schedule, stop_after)
+        else:
+            run = _forward_and_backward(module, schedule, backward)
 
         def forward(variables, arrays, consts):
             it = iter(arrays)

@@ -61,6 +61,19 @@ site_skip_p = Primitive("site_skip")
 site_skip_p.multiple_results = True
 site_skip_p.def_abstract_eval(lambda *leaves, site: [])
 
+# Gradients (tracing/gradients.py): the cotangent of one site leaf in the backward pass
+# of one target, its replacement, and the scalar each `loss.backward()` differentiates.
+grad_read_p = Primitive("grad_read")
+grad_read_p.def_abstract_eval(lambda *, site, leaf, target, aval: aval)
+
+grad_write_p = Primitive("grad_write")
+grad_write_p.multiple_results = True
+grad_write_p.def_abstract_eval(lambda value, *, site, leaf, target: [])
+
+backward_target_p = Primitive("backward_target")
+backward_target_p.multiple_results = True
+backward_target_p.def_abstract_eval(lambda loss, *, target: [])
+
 
 # -- rows of an invoke --------------------------------------------------------------
 
@@ -229,6 +242,12 @@ class Builder:
         self.rows = Rows(0, 0, 0)  # the rows of the invoke whose body is running
         self.stopped = False
         self.finalizers: list[Callable[[], None]] = []
+        # gradients: where each read value came from, the backward targets, cotangents
+        self.origins: dict[int, tuple[Any, Site, int, Rows]] = {}
+        self.targets: list[Any] = []
+        self.backward: int | None = None  # the target whose `backward()` block runs
+        self.grads: dict[tuple[int, int, int], Any] = {}  # (site, leaf, target) -> cotangent
+        self.grad_written: dict[tuple[int, int, int], None] = {}
 
     # reading and writing sites --------------------------------------------------
 
@@ -264,7 +283,11 @@ class Builder:
         if site.order not in self.read_lines:
             self.read_lines[site.order] = user_line(2)
         batched = self._batched(site)
-        return site.unflatten([rows.view(x, b) for x, b in zip(self._leaves(site), batched)])
+        views = [rows.view(x, b) for x, b in zip(self._leaves(site), batched)]
+        for j, view in enumerate(views):
+            if isinstance(view, core.Tracer):
+                self.origins[id(view)] = (view, site, j, rows)
+        return site.unflatten(views)
 
     def write(self, site: Site, rows: Rows, value: Any, describe: Callable[[], str]) -> None:
         """Replace the site's value in the invoke's rows; checked against the site."""
@@ -325,6 +348,63 @@ class Builder:
             out.append(leaf)
         return out
 
+    # gradients --------------------------------------------------------------------
+
+    def begin_backward(self, loss: Any) -> int | None:
+        """Open ``loss.backward()``: later ``.grad`` reads and writes belong to it."""
+        if not self.is_ours(loss) or jnp.shape(loss) != ():
+            raise WriteError(at_user_line(
+                "`.backward()` differentiates a scalar computed in this block from module "
+                f"values; this value has shape {list(jnp.shape(loss))}. Reduce it first "
+                "(`loss.sum().backward()`, `loss.mean()`)."
+            ))
+        previous = self.backward
+        target = next((i for i, t in enumerate(self.targets) if t is loss), None)
+        if target is None:
+            target = len(self.targets)
+            self.targets.append(loss)
+        self.backward = target
+        return previous
+
+    def _grad_key(self, value: Any) -> tuple[tuple[int, int, int], Site, int, Rows]:
+        if self.backward is None:
+            raise SiteError(at_user_line(
+                "`.grad` exists inside a `with loss.backward():` block: it is the "
+                "gradient of that loss."
+            ))
+        origin = self.origins.get(id(value))
+        if origin is None or origin[0] is not value:
+            raise SiteError(at_user_line(
+                "`.grad` belongs to a value read from a module (`envoy.output`, `.input`, "
+                "an element of them), as read, not to a value computed from one."
+            ))
+        _, site, j, rows = origin
+        return (site.order, j, self.backward), site, j, rows
+
+    def grad(self, value: Any) -> Any:
+        """d loss / d value for the open backward target, as the invoke sees it."""
+        key, site, j, rows = self._grad_key(value)
+        full = self.grads.get(key)
+        if full is None:
+            with set_current_trace(self.trace):
+                full = grad_read_p.bind(site=site.order, leaf=j, target=self.backward,
+                                        aval=site.avals[j])
+            self.grads[key] = full
+        return rows.view(full, self._batched(site)[j])
+
+    def set_grad(self, value: Any, new: Any) -> None:
+        """Replace the gradient that flows on, upstream of ``value``'s site."""
+        key, site, j, rows = self._grad_key(value)
+        current = self.grad(value)
+        new = jnp.asarray(new)
+        if new.shape != current.shape or new.dtype != current.dtype:
+            raise WriteError(at_user_line(
+                f"the gradient here is {current.dtype}{list(current.shape)}, and the value "
+                f"written is {new.dtype}{list(new.shape)}."
+            ))
+        self.grads[key] = rows.update(self.grads[key], new, self._batched(site)[j])
+        self.grad_written[key] = None
+
     # parameters, saves -------------------------------------------------------------
 
     def param(self, index: int) -> Any:
@@ -359,6 +439,10 @@ class Builder:
         for key, leaves in self.skipped.items():
             site = self.table.get(key)
             site_skip_p.bind(*[x for x in leaves if is_array(x)], site=site.order)
+        for site, leaf, target in self.grad_written:
+            grad_write_p.bind(self.grads[(site, leaf, target)], site=site, leaf=leaf, target=target)
+        for target, loss in enumerate(self.targets):
+            backward_target_p.bind(loss, target=target)
         return list(self.saved.values())
 
     def run(self, bodies: Callable[[], None]) -> InterventionProgram:

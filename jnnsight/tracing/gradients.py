@@ -1,0 +1,277 @@
+"""Gradients in a block: ``with loss.backward():`` reads and edits ``.grad`` of site values.
+
+A program with ``backward_target`` equations is cut in two before scheduling
+(:func:`split_backward`). The forward part is an ordinary program: it is
+scheduled and woven into the forward as usual, and also hands out the losses and
+the forward values the backward part uses. The backward part runs after the
+forward, from ``jax.vjp`` of the whole woven forward with respect to zero
+*probes* added to the site leaves whose gradient the block reads:
+
+- the cotangent of a probe is the gradient of the loss with respect to that
+  site value (``h.grad``), after the edits of sites downstream of it;
+- a gradient edit (``h.grad = f(h.grad)``) is a ``jax.custom_vjp`` identity
+  at the site whose backward rule applies ``f`` to the incoming cotangent, so
+  everything upstream of the site receives the edited gradient;
+- what the block computes from gradients (saves) is evaluated last.
+
+Each backward target is one pull-back of the same ``jax.vjp``. Everything stays
+JAX: the block under ``jax.jit`` compiles forward and backward into one program.
+
+Example::
+
+    >>> with lm.trace(prompt):
+    ...     h = lm.model.layers[10].output[0]
+    ...     loss = -jax.nn.log_softmax(lm.lm_head.output[0, -1])[target]
+    ...     with loss.backward():
+    ...         g = h.grad.save()
+    ...         h.grad = h.grad * 0      # nothing flows upstream of layer 10
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.extend.core import ClosedJaxpr, DebugInfo, Jaxpr, Var
+
+from ..errors import JnnsightError
+from .discover import SiteKey
+from .program import (
+    InterventionProgram,
+    backward_target_p,
+    grad_read_p,
+    grad_write_p,
+)
+from .schedule import PRE, Schedule, atom_value
+
+_GRAD = (grad_read_p, grad_write_p, backward_target_p)
+
+
+@dataclass(frozen=True)
+class GradientEdit:
+    """``h.grad = f(h.grad)`` at one site leaf: ``f`` as a jaxpr of the cotangent and residuals."""
+
+    cotangent: Var
+    residuals: tuple[Var, ...]
+    jaxpr: Jaxpr
+
+
+@dataclass(frozen=True)
+class Backward:
+    """The part of a program that needs gradients.
+
+    Attributes:
+      losses: the forward variable of each backward target's scalar.
+      probes: the abstract value of each ``(site, leaf)`` whose gradient is read or edited.
+      reads: the variable of each ``(site, leaf, target)`` gradient read.
+      edits: per ``(site, leaf)``, its gradient edit.
+      rest: what the block computes from gradients, over forward variables and reads.
+      outvars: the program's saves.
+      keys: the site key of each site order in ``probes``.
+    """
+
+    losses: tuple[Var, ...]
+    probes: dict[tuple[int, int], Any]
+    reads: dict[tuple[int, int, int], Var]
+    edits: dict[tuple[int, int], GradientEdit]
+    rest: Jaxpr
+    outvars: tuple[Any, ...]
+    keys: dict[int, SiteKey]
+
+
+def _jaxpr(inputs: list[Var], outputs: list[Any], eqns: list[Any], name: str) -> Jaxpr:
+    effects = frozenset().union(*(e.effects for e in eqns)) if eqns else frozenset()
+    info = DebugInfo("jnnsight gradients", name, None, None).with_unknown_names()
+    return Jaxpr([], inputs, outputs, eqns, effects, debug_info=info)
+
+
+def _closure(eqns: list[Any], wanted: list[Any]) -> list[Any]:
+    """The equations of ``eqns`` that ``wanted`` variables need, in order."""
+    need = {v for v in wanted if isinstance(v, Var)}
+    kept = []
+    for eqn in reversed(eqns):
+        if any(v in need for v in eqn.outvars):
+            kept.append(eqn)
+            need.update(v for v in eqn.invars if isinstance(v, Var))
+    return kept[::-1]
+
+
+def _free(eqns: list[Any], extra: list[Any] = ()) -> list[Var]:
+    """Variables ``eqns`` (and ``extra`` atoms) use that they do not define, in first-use order."""
+    defined = {v for e in eqns for v in e.outvars}
+    free: dict[Var, None] = {}
+    for atom in [v for e in eqns for v in e.invars] + list(extra):
+        if isinstance(atom, Var) and atom not in defined:
+            free[atom] = None
+    return list(free)
+
+
+def split_backward(program: InterventionProgram) -> tuple[InterventionProgram, Backward | None]:
+    """The forward program and the backward part of ``program`` (None without ``backward()``)."""
+    jaxpr = program.jaxpr.jaxpr
+    if not any(e.primitive is backward_target_p for e in jaxpr.eqns):
+        return program, None
+    needs_grad: set[Var] = set()
+    forward, backward, losses = [], [], {}
+    for eqn in jaxpr.eqns:
+        if eqn.primitive is backward_target_p:
+            losses[eqn.params["target"]] = eqn.invars[0]
+        elif eqn.primitive in _GRAD or any(v in needs_grad for v in eqn.invars if isinstance(v, Var)):
+            needs_grad.update(eqn.outvars)
+            backward.append(eqn)
+        else:
+            forward.append(eqn)
+
+    reads = {(e.params["site"], e.params["leaf"], e.params["target"]): e.outvars[0]
+             for e in backward if e.primitive is grad_read_p}
+    probes = {(e.params["site"], e.params["leaf"]): e.params["aval"]
+              for e in backward if e.primitive is grad_read_p}
+    writes = [e for e in backward if e.primitive is grad_write_p]
+    plain = [e for e in backward if e.primitive not in _GRAD]
+    if writes and len(losses) > 1:
+        raise JnnsightError(
+            "a block that edits gradients can have one `backward()` target; this one has "
+            f"{len(losses)}. Differentiate their sum, or use one trace per target."
+        )
+    edits = {}
+    for write in writes:
+        site, leaf, target = (write.params[k] for k in ("site", "leaf", "target"))
+        eqns = _closure(plain, write.invars)
+        own = reads[(site, leaf, target)]
+        inputs = _free(eqns, write.invars)
+        others = [v for v in inputs if v in needs_grad and v is not own]
+        if others:
+            raise JnnsightError(
+                f"{program.write_lines.get(site)}\na gradient edit at a site can use that site's "
+                "own gradient, module values and outside arrays, not the gradient of "
+                "another site."
+            )
+        residuals = tuple(v for v in inputs if v is not own)
+        edits[(site, leaf)] = GradientEdit(own, residuals, _jaxpr([own, *residuals], list(write.invars), eqns, f"edit {site}"))
+
+    saved_plain = _closure(plain, [v for v in jaxpr.outvars if v in needs_grad])
+    rest_inputs = _free(saved_plain, [v for v in jaxpr.outvars if v in needs_grad])
+    rest = _jaxpr(rest_inputs, [v for v in jaxpr.outvars if isinstance(v, Var) and v in needs_grad],
+                  saved_plain, "saves")
+
+    residual_vars = [v for e in edits.values() for v in e.residuals]
+    keep = [v for v in jaxpr.outvars if isinstance(v, Var) and v not in needs_grad]
+    keep += [losses[t] for t in sorted(losses)] + residual_vars
+    keep += [v for v in rest_inputs if v not in needs_grad]
+    keep = [v for v in dict.fromkeys(keep) if v not in set(jaxpr.constvars)]
+    forward_jaxpr = Jaxpr(jaxpr.constvars, [], keep, forward,
+                          frozenset().union(*(e.effects for e in forward)) if forward else frozenset(),
+                          debug_info=DebugInfo("jnnsight gradients", "forward", None, None
+                                               ).with_unknown_names())
+    forward_program = InterventionProgram(
+        ClosedJaxpr(forward_jaxpr, program.jaxpr.consts), program.table,
+        program.read_lines, program.write_lines, program.stop,
+    )
+    keys = {site: program.table.sites[site].key for site, _ in probes}
+    return forward_program, Backward(
+        tuple(losses[t] for t in sorted(losses)), probes, reads, edits, rest, tuple(jaxpr.outvars), keys
+    )
+
+
+def check_edits(plan: Schedule, backward: Backward, table: Any, write_lines: Any) -> None:
+    """A gradient edit runs at its site: the forward values it uses must exist there."""
+    stage_of: dict[Var, int] = {v: PRE for v in plan.consts}
+    stage_of.update((v, PRE) for _, v in plan.params)
+    if plan.pre.jaxpr is not None:
+        stage_of.update((v, PRE) for v in plan.pre.jaxpr.outvars)
+    for stage in plan.stages.values():
+        stage_of.update((v, stage.order) for _, v in stage.reads)
+        if stage.jaxpr is not None:
+            stage_of.update((v, stage.order) for v in stage.jaxpr.outvars)
+    for (site, _), edit in backward.edits.items():
+        late = [stage_of.get(v, PRE) for v in edit.residuals if stage_of.get(v, PRE) > site]
+        if late:
+            raise JnnsightError(
+                f"{write_lines.get(site)}\nthis gradient edit uses a value of a site that runs "
+                f"after it (site #{max(late)} > #{site}): in the backward pass the edit "
+                "happens when the gradient reaches its own site, with what the forward had "
+                "computed by then."
+            )
+
+
+def _edit_hook(edit: GradientEdit, residuals: list[Any]) -> Callable[[jax.Array], jax.Array]:
+    """An identity whose backward rule replaces the cotangent by the edit's value."""
+
+    @jax.custom_vjp
+    def hook(x, res):
+        return x
+
+    def forward(x, res):
+        return x, res
+
+    def backward(res, cotangent):
+        env = dict(zip(edit.residuals, res))
+        env[edit.cotangent] = cotangent
+        (new,) = jax.core.eval_jaxpr(edit.jaxpr, [], *[atom_value(env, v) for v in edit.jaxpr.invars])
+        zeros = [np.zeros(np.shape(r), jax.dtypes.float0)
+                 if not jnp.issubdtype(jnp.result_type(r), jnp.inexact) else jnp.zeros_like(r)
+                 for r in res]
+        return new, zeros
+
+    hook.defvjp(forward, backward)
+    return lambda x: hook(x, residuals)
+
+
+def with_gradients(
+    apply: Callable[[dict, dict], Any],
+    plan: Schedule,
+    backward: Backward,
+    outside: dict,
+) -> tuple[Any, list[Any]]:
+    """Run ``apply(env, hooks)`` (the woven forward) under ``jax.vjp``; the output and the saves.
+
+    ``apply`` fills ``env`` with the forward program's values and calls
+    ``hooks[site key](leaves)`` on a site's leaves after the stage there (edits
+    included) has run. ``outside`` holds the outside arrays and parameters.
+    """
+    by_site: dict[int, list[int]] = {}
+    for site, leaf in backward.probes:
+        by_site.setdefault(site, []).append(leaf)
+    forward_vars = [v for v in plan.outvars if isinstance(v, Var)]
+
+    def forward(probes: dict) -> tuple[list[Any], tuple[Any, list[Any]]]:
+        env: dict = {}
+
+        def hook_for(site: int) -> Callable[[list[Any]], list[Any]]:
+            def hook(leaves: list[Any]) -> list[Any]:
+                leaves = list(leaves)
+                for leaf in by_site[site]:
+                    x = leaves[leaf]
+                    edit = backward.edits.get((site, leaf))
+                    if edit is not None:
+                        x = _edit_hook(edit, [atom_value(env, v) for v in edit.residuals])(x)
+                    leaves[leaf] = x + probes[f"{site}:{leaf}"]
+                return leaves
+            return hook
+
+        out = apply(env, {backward.keys[site]: hook_for(site) for site in by_site})
+        losses = [env[v] for v in backward.losses]
+        return losses, (out, [env[v] for v in forward_vars])
+
+    probes = {f"{site}:{leaf}": jnp.zeros(aval.shape, aval.dtype)
+              for (site, leaf), aval in backward.probes.items()}
+    losses, pull_back, (out, values) = jax.vjp(forward, probes, has_aux=True)
+    env = dict(outside)
+    env.update(zip(forward_vars, values))
+    for target in range(len(losses)):
+        seeds = [jnp.ones_like(l) if i == target else jnp.zeros_like(l) for i, l in enumerate(losses)]
+        (cotangents,) = pull_back(seeds)
+        for (site, leaf, t), var in backward.reads.items():
+            if t == target:
+                env[var] = cotangents[f"{site}:{leaf}"]
+    rest = backward.rest
+    if rest.eqns or rest.outvars:
+        values = jax.core.eval_jaxpr(rest, [], *[atom_value(env, v) for v in rest.invars])
+        env.update(zip(rest.outvars, values))
+    return out, [atom_value(env, v) for v in backward.outvars]
+
+
+__all__ = ["Backward", "GradientEdit", "split_backward", "check_edits", "with_gradients"]
