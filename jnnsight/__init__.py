@@ -65,30 +65,33 @@ __version__ = "0.1.0"
 T = TypeVar("T")
 
 
-def save(value: T) -> T:
+def save(value: T, gather: bool = False) -> T:
     """Keep ``value`` (any pytree) after the block; returns it unchanged.
 
-    After the block the variable holds plain ``jax.Array`` leaves. Outside a
-    block this does nothing.
+    After the block the variable holds plain ``jax.Array`` leaves, sharded as
+    the compiled program left them on a mesh; with ``gather=True``, numpy
+    arrays on the host instead. Outside a block this does nothing.
 
     Example::
 
         >>> with model.trace(x):
         ...     stats = jnnsight.save({"mean": h.mean(), "max": h.max()})
+        ...     full = jnnsight.save(lm.model.layers[40].output[0], gather=True)
     """
     builder = _program.current()
-    return value if builder is None else builder.save(value)
+    return value if builder is None else builder.save(value, gather=gather)
 
 
-def _tracer_save(self: Any) -> Any:
-    """``value.save()``: keep this value of a trace block after the block."""
+def _tracer_save(self: Any, gather: bool = False) -> Any:
+    """``value.save()``: keep this value of a trace block after the block
+    (``gather=True``: as a numpy array on the host)."""
     builder = _program.current()
     if builder is None or not builder.is_ours(self):
         raise JnnsightError(at_user_line(
             "`.save()` was called on a JAX value that does not belong to a running "
             "trace block. Call it inside `with model.trace(...):`."
         ))
-    return builder.save(self)
+    return builder.save(self, gather=gather)
 
 
 class _Backward:

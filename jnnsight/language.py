@@ -29,10 +29,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from jax import core
+from jax.sharding import Mesh
 
 from .errors import JnnsightError, UserLine
 from .nnsight import NNsight
 from .tracing.collate import Batch
+from .sharding import DEFAULT_RULES, Rules, automatic, param_shardings, shard_inputs
 from .tracing.lru import LruCache
 from .tracing.program import Rows
 
@@ -139,6 +141,10 @@ class LanguageModel(NNsight):
         positions are then visible in the shapes).
       module, variables, tokenizer: an already-built model instead of a
         checkpoint (random weights in tests, say).
+      mesh, rules: place the parameters on a ``jax.sharding.Mesh`` by the
+        family's logical axes and ``rules`` (:mod:`jnnsight.sharding`; by
+        default heads, MLP and vocabulary on ``"model"``, the batch on
+        ``"data"``). Checkpoints in safetensors load straight into their shards.
 
     Example::
 
@@ -160,15 +166,26 @@ class LanguageModel(NNsight):
         variables: Any = None,
         tokenizer: Any = None,
         revision: str | None = None,
+        mesh: Mesh | None = None,
+        rules: Rules = DEFAULT_RULES,
     ):
+        mesh = automatic(mesh) if mesh is not None else None
         if name_or_path is not None:
             from .loading.pretrained import load_pretrained
 
-            module, variables, loaded_tokenizer = load_pretrained(str(name_or_path), dtype, revision)
+            module, variables, loaded_tokenizer = load_pretrained(
+                str(name_or_path), dtype, revision, mesh, rules)
             tokenizer = tokenizer if tokenizer is not None else loaded_tokenizer
         elif module is None or variables is None:
             raise TypeError("LanguageModel needs a checkpoint (name or path), or module= and variables=.")
+        elif mesh is not None:
+            from .modeling import param_axes_of
+
+            variables = jax.device_put(
+                variables, param_shardings(param_axes_of(module), variables, mesh, rules))
         super().__init__(module, variables)
+        object.__setattr__(self, "mesh", mesh)
+        object.__setattr__(self, "rules", rules)
         if tokenizer is not None:
             tokenizer = tokenizer if isinstance(tokenizer, Tokenizer) else Tokenizer(tokenizer)
         object.__setattr__(self, "tokenizer", tokenizer)
@@ -270,4 +287,7 @@ class LanguageModel(NNsight):
         invoke_rows = tuple(
             Rows(0, total, total) if span is None else Rows(span[0], span[1], total) for span in spans
         )
-        return Batch((jnp.asarray(input_ids),), {"attention_mask": jnp.asarray(attention_mask)}, invoke_rows)
+        input_ids, attention_mask = jnp.asarray(input_ids), jnp.asarray(attention_mask)
+        if self.mesh is not None:
+            input_ids, attention_mask = shard_inputs((input_ids, attention_mask), self.mesh, self.rules)
+        return Batch((input_ids,), {"attention_mask": attention_mask}, invoke_rows)

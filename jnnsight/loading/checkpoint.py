@@ -28,6 +28,7 @@ import json
 import os
 import struct
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterable, Iterator
 
@@ -368,6 +369,43 @@ def load_safetensors(
                         array = _read_raw(file, key)
                     tensors[key] = _cast(array, target)
                     bar.update(array.nbytes)
+    return tensors
+
+
+@dataclass(frozen=True)
+class LazyTensor:
+    """One tensor of a safetensors file, read when asked, a slice at a time.
+
+    Example::
+
+        >>> tensor = lazy_safetensors("model/")["lm_head.weight"]
+        >>> tensor.shape, tensor.read((slice(0, 8), slice(None))).shape
+    """
+
+    file: Path
+    key: str
+    shape: tuple[int, ...]
+
+    def read(self, index: tuple = ()) -> np.ndarray:
+        """The slice ``index`` of the tensor (the whole tensor by default)."""
+        from safetensors import safe_open
+
+        with safe_open(self.file, framework="numpy") as f:
+            try:
+                return f.get_slice(self.key)[index]
+            except TypeError:  # a dtype numpy does not know: read the bytes, then slice
+                return _read_raw(self.file, self.key)[index]
+
+
+def lazy_safetensors(path: str | os.PathLike) -> dict[str, LazyTensor]:
+    """Every tensor of a safetensors checkpoint, unread: keys, files and shapes only."""
+    from safetensors import safe_open
+
+    tensors: dict[str, LazyTensor] = {}
+    for file in safetensors_files(path):
+        with safe_open(file, framework="numpy") as f:
+            for key in f.keys():
+                tensors[key] = LazyTensor(file, key, tuple(f.get_slice(key).get_shape()))
     return tensors
 
 

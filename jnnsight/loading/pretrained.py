@@ -15,24 +15,72 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from ..modeling import build, tie_embeddings
+import numpy as np
+from jax.sharding import Mesh, NamedSharding
+
+from ..modeling import build, param_axes_of, tie_embeddings
 from ..modeling.common import nest, path_of
-from .checkpoint import CheckpointError, CheckpointNotFoundError, load_checkpoint, resolve
+from ..sharding import DEFAULT_RULES, Rules, param_shardings, spec_for
+from .checkpoint import (
+    CheckpointError,
+    CheckpointNotFoundError,
+    _cast,
+    _progress_bar,
+    lazy_safetensors,
+    load_checkpoint,
+    load_config,
+    resolve,
+)
 from .tokenizer import load_tokenizer
 
 
 def load_model(
-    name_or_path: str, dtype: Any = jnp.float32, revision: str | None = None
+    name_or_path: str, dtype: Any = jnp.float32, revision: str | None = None,
+    mesh: Mesh | None = None, rules: Rules = DEFAULT_RULES,
 ) -> tuple[nn.Module, dict[str, Any], Path]:
-    """``(module, {"params": ...}, local path)`` of a hub id, folder or ``.gguf`` file."""
+    """``(module, {"params": ...}, local path)`` of a hub id, folder or ``.gguf`` file.
+
+    With a ``mesh``, each parameter is placed as the family's logical axes and
+    ``rules`` say; safetensors checkpoints are then read tensor by tensor, each
+    device reading only its own slice, so the host never holds the whole model.
+    """
     path = resolve(name_or_path, revision)
+    if mesh is not None and not (path.is_file() and path.suffix.lower() == ".gguf"):
+        return (*_load_sharded(path, dtype, mesh, rules), path)
     config, tensors = load_checkpoint(path, dtype=dtype)
     module, _ = build(config, dtype)
     expected = _expected_shapes(module)
     tensors = _hub_layout(tensors, expected)
     tensors = tie_embeddings({k: jnp.asarray(v) for k, v in tensors.items()}, config)
     _check_keys(tensors, expected, path)
-    return module, {"params": nest(tensors)}, path
+    variables = {"params": nest(tensors)}
+    if mesh is not None:
+        variables = jax.device_put(variables, param_shardings(param_axes_of(module), variables, mesh, rules))
+    return module, variables, path
+
+
+def _load_sharded(path: Path, dtype: Any, mesh: Mesh, rules: Rules) -> tuple[nn.Module, dict[str, Any]]:
+    """Module and variables, every tensor read straight into its shards."""
+    config = load_config(path)
+    module, _ = build(config, dtype)
+    expected = _expected_shapes(module)
+    tensors = tie_embeddings(_hub_layout(lazy_safetensors(path), expected), config)
+    _check_keys(tensors, expected, path)
+    axes = param_axes_of(module)
+    target = np.dtype(dtype)
+    arrays: dict[str, jax.Array] = {}
+    made: dict[int, jax.Array] = {}  # a tied tensor is read once
+    total = sum(int(np.prod(t.shape)) * target.itemsize for t in tensors.values())
+    with _progress_bar(total, "Loading into shards", None) as bar:
+        for key, tensor in tensors.items():
+            if id(tensor) not in made:
+                sharding = NamedSharding(mesh, spec_for(axes(("params", *path_of(key))), tensor.shape,
+                                                        mesh, rules))
+                made[id(tensor)] = jax.make_array_from_callback(
+                    tensor.shape, sharding, lambda index, t=tensor: _cast(t.read(index), target))
+                bar.update(int(np.prod(tensor.shape)) * target.itemsize)
+            arrays[key] = made[id(tensor)]
+    return module, {"params": nest(arrays)}
 
 
 # Buffers some checkpoints carry that are not parameters (GPT-2's causal masks, RoPE tables).
@@ -79,11 +127,12 @@ def _check_keys(tensors: dict[str, Any], expected: dict, path: Path) -> None:
 
 
 def load_pretrained(
-    name_or_path: str, dtype: Any = jnp.float32, revision: str | None = None
+    name_or_path: str, dtype: Any = jnp.float32, revision: str | None = None,
+    mesh: Mesh | None = None, rules: Rules = DEFAULT_RULES,
 ) -> tuple[nn.Module, dict[str, Any], Any]:
     """``(module, variables, tokenizer)``; the tokenizer is None (with a warning) where
     the checkpoint has none: such a model takes token ids."""
-    module, variables, path = load_model(name_or_path, dtype, revision)
+    module, variables, path = load_model(name_or_path, dtype, revision, mesh, rules)
     try:
         tokenizer = load_tokenizer(path, padding_side="left")
     except CheckpointNotFoundError as err:

@@ -44,6 +44,12 @@ def family(model_type: str) -> tuple[Any, type[nn.Module], Callable[..., Any]]:
     return getattr(module, entry[1]), getattr(module, entry[2]), module.init_variables
 
 
+def param_axes_of(module: nn.Module) -> Callable[[tuple[str, ...]], tuple[str | None, ...]]:
+    """The family's ``param_axes`` for one of our model modules (no axes for others)."""
+    source = importlib.import_module(type(module).__module__)
+    return getattr(source, "param_axes", lambda path: ())
+
+
 def build(config: dict[str, Any], dtype: Any = jnp.float32) -> tuple[nn.Module, Any]:
     """The linen module of a Hugging Face ``config.json`` dict, and its parsed config."""
     config_class, model_class, _ = family(config.get("model_type", ""))

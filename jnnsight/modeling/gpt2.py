@@ -479,6 +479,26 @@ class GPT2LMHeadModel(nn.Module):
         return tuple((one, one) for _ in range(c.n_layer))
 
 
+# Logical axes of each parameter, by its last path parts; the rest (LayerNorms) replicate.
+# Activations: hidden states are ("batch", "length", "embed"), logits ("batch", "length", "vocab").
+PARAM_AXES: dict[tuple[str, ...], tuple[str | None, ...]] = {
+    ("wte", "weight"): ("vocab", "embed"),
+    ("wpe", "weight"): (None, "embed"),
+    ("lm_head", "weight"): ("vocab", "embed"),
+    ("c_attn", "weight"): ("embed", "heads"),
+    ("c_attn", "bias"): ("heads",),
+    ("attn", "c_proj", "weight"): ("heads", "embed"),
+    ("c_fc", "weight"): ("embed", "mlp"),
+    ("c_fc", "bias"): ("mlp",),
+    ("mlp", "c_proj", "weight"): ("mlp", "embed"),
+}
+
+
+def param_axes(path: tuple[str, ...]) -> tuple[str | None, ...]:
+    """The logical axes of the parameter at ``path`` (``("params", "transformer", ..., "weight")``)."""
+    return PARAM_AXES.get(tuple(path[-3:]), PARAM_AXES.get(tuple(path[-2:]), ()))
+
+
 @functools.lru_cache(maxsize=16)
 def _init_fn(config: GPT2Config, dtype: Any) -> Callable[..., Any]:
     """``module.init`` compiled once per config and dtype."""

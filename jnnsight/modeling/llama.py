@@ -619,6 +619,31 @@ class LlamaForCausalLM(nn.Module):
         return tuple((one, one) for _ in range(c.num_hidden_layers))
 
 
+# Logical axes of each parameter, by (module, parameter) name; the rest (norms) replicate.
+# Activations: hidden states are ("batch", "length", "embed"), logits ("batch", "length", "vocab").
+PARAM_AXES: dict[tuple[str, str], tuple[str | None, ...]] = {
+    ("embed_tokens", "weight"): ("vocab", "embed"),
+    ("lm_head", "weight"): ("vocab", "embed"),
+    ("q_proj", "weight"): ("heads", "embed"),
+    ("q_proj", "bias"): ("heads",),
+    ("k_proj", "weight"): ("kv_heads", "embed"),
+    ("k_proj", "bias"): ("kv_heads",),
+    ("v_proj", "weight"): ("kv_heads", "embed"),
+    ("v_proj", "bias"): ("kv_heads",),
+    ("o_proj", "weight"): ("embed", "heads"),
+    ("gate_proj", "weight"): ("mlp", "embed"),
+    ("gate_proj", "bias"): ("mlp",),
+    ("up_proj", "weight"): ("mlp", "embed"),
+    ("up_proj", "bias"): ("mlp",),
+    ("down_proj", "weight"): ("embed", "mlp"),
+}
+
+
+def param_axes(path: tuple[str, ...]) -> tuple[str | None, ...]:
+    """The logical axes of the parameter at ``path`` (``("params", "model", ..., "weight")``)."""
+    return PARAM_AXES.get(tuple(path[-2:]), ())
+
+
 def init_variables(config: LlamaConfig, key: jax.Array, dtype: Any = jnp.float32) -> dict:
     """Random ``{"params": ...}`` for ``LlamaForCausalLM(config, dtype)``.
 
@@ -648,6 +673,7 @@ __all__ = [
     "LlamaModel",
     "LlamaForCausalLM",
     "init_variables",
+    "param_axes",
     "rope_inv_freq",
     "rotate_half",
     "apply_rotary_pos_emb",

@@ -236,6 +236,7 @@ class Builder:
         self.saved: dict[int, Any] = {}  # id -> tracer, kept alive so ids stay unique
         self.save_lines: dict[int, UserLine | None] = {}
         self.internal: set[int] = set()  # saves the library makes (tracer.cache())
+        self.gathered: set[int] = set()  # saves to bring to the host after the block
         self.params: dict[int, Any] = {}
         self.calls: dict[tuple[str, ...], int] = {}  # envoy path -> .next() count
         self.step = 0  # the generation step the body addresses (tracer.iter, tracer.all)
@@ -418,7 +419,7 @@ class Builder:
     def is_ours(self, value: Any) -> bool:
         return isinstance(value, core.Tracer) and getattr(value, "_trace", None) is self.trace
 
-    def save(self, value: Any, internal: bool = False) -> Any:
+    def save(self, value: Any, internal: bool = False, gather: bool = False) -> Any:
         line = None if internal else user_line(2)
         for leaf in jax.tree_util.tree_leaves(value):
             if self.is_ours(leaf):
@@ -426,6 +427,8 @@ class Builder:
                 self.save_lines.setdefault(id(leaf), line)
                 if internal:
                     self.internal.add(id(leaf))
+                if gather:
+                    self.gathered.add(id(leaf))
         return value
 
     # the pass ---------------------------------------------------------------------

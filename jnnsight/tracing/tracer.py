@@ -28,6 +28,7 @@ import types
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Callable
 
+import jax
 from jax import core
 
 from ..errors import CaptureError, JnnsightError, UserLine, at_user_line, is_library_frame
@@ -251,6 +252,8 @@ class Tracer:
                 return value
             if builder.saved.get(id(value)) is value:
                 found.add(id(value))
+                if id(value) in builder.gathered:
+                    return jax.device_get(values[id(value)])
                 return values[id(value)]
             return Unsaved(name, line) if builder.is_ours(value) else value
 

@@ -1,0 +1,112 @@
+"""Sharded runs on 8 simulated CPU devices against the one-device run (run by test_sharding.py).
+
+Run directly: ``XLA_FLAGS=--xla_force_host_platform_device_count=8 python tests/multidevice_check.py``.
+Each check asserts; the script prints one line per mesh and "all meshes ok" at the end.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import sys
+import tempfile
+import warnings
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from safetensors.numpy import save_file
+
+from jnnsight import LanguageModel
+from jnnsight.modeling.llama import LlamaConfig, init_variables, param_axes
+from jnnsight.sharding import DEFAULT_RULES, spec_for
+
+CONFIG = {"model_type": "llama", "vocab_size": 128, "hidden_size": 64, "intermediate_size": 128,
+          "num_hidden_layers": 2, "num_attention_heads": 8, "num_key_value_heads": 8,
+          "head_dim": 8, "rms_norm_eps": 1e-5, "rope_theta": 5000.0, "tie_word_embeddings": False}
+MESHES = [((8,), ("model",)), ((2, 4), ("data", "model")), ((4, 2), ("data", "model"))]
+TOL = 1e-5
+
+
+def write_checkpoint(folder: Path) -> None:
+    """Random N(0, 0.5) weights under Hugging Face keys, as save_pretrained would write them."""
+    variables = init_variables(LlamaConfig.from_hf(CONFIG), jax.random.key(0))
+    flat, _ = jax.tree_util.tree_flatten_with_path(variables["params"])
+    tensors = {}
+    for i, (keypath, leaf) in enumerate(flat):
+        key = ".".join(re.sub(r"^(\w+)_(\d+)$", r"\1.\2", k.key) for k in keypath)
+        tensors[key] = np.asarray(jax.random.normal(jax.random.key(i), leaf.shape) * 0.5, np.float32)
+    save_file(tensors, str(folder / "model.safetensors"))
+    (folder / "config.json").write_text(json.dumps(CONFIG))
+
+
+def run(lm: LanguageModel) -> dict:
+    """Logits, a save, an edit's effect, generated tokens and gradients of one model."""
+    ids = np.random.default_rng(0).integers(0, 128, (8, 6))
+    steer = jnp.linspace(-1.0, 1.0, 64)
+    with lm.trace(ids):
+        hidden = lm.model.layers[0].output[0].save()
+        gathered = lm.model.layers[0].output[0][:, -1].save(gather=True)
+        lm.model.layers[1].output[0] = lm.model.layers[1].output[0] + steer
+        logits = lm.lm_head.output.save()
+    with lm.trace(ids):
+        h0 = lm.model.layers[0].output[0]
+        with (-jax.nn.log_softmax(lm.lm_head.output[:, -1])[:, 3].sum()).backward():
+            grad = h0.grad.save()
+    with lm.generate(ids[:, :4], max_new_tokens=4, eos_token_id=None) as tracer:
+        with tracer.all():
+            lm.model.layers[1].output[0] = lm.model.layers[1].output[0] + steer
+        tokens = tracer.result.save()
+
+    def loss_fn(vec, params):
+        with lm.bind(params).trace(jnp.asarray(ids)):
+            lm.model.layers[1].output[0] = lm.model.layers[1].output[0] + vec
+            out = lm.lm_head.output.save()
+        return -jax.nn.log_softmax(out[:, -1])[:, 3].sum()
+
+    steer_grad = jax.jit(jax.grad(loss_fn))(steer, lm.variables)
+    assert isinstance(gathered, np.ndarray)  # gathered to the host on request
+    return {"hidden": hidden, "gathered": gathered, "logits": logits, "grad": grad, "tokens": tokens,
+            "steer_grad": steer_grad}
+
+
+def main() -> None:
+    assert len(jax.devices()) == 8, "run with XLA_FLAGS=--xla_force_host_platform_device_count=8"
+    warnings.simplefilter("ignore")  # the checkpoint has no tokenizer files: ids only
+    folder = Path(tempfile.mkdtemp())
+    write_checkpoint(folder)
+    reference = run(LanguageModel(folder))
+    total = sum(x.nbytes for x in jax.tree_util.tree_leaves(LanguageModel(folder).variables))
+    for shape, names in MESHES:
+        mesh = jax.make_mesh(shape, names)
+        lm = LanguageModel(folder, mesh=mesh)
+        # Every parameter placed as the rules say; the model axis splits the bytes.
+        flat, _ = jax.tree_util.tree_flatten_with_path(lm.variables)
+        for keypath, leaf in flat:
+            path = tuple(k.key for k in keypath)
+            want = spec_for(param_axes(path), leaf.shape, mesh, DEFAULT_RULES)
+            got = leaf.sharding.spec
+            assert tuple(got) + (None,) * (leaf.ndim - len(got)) == tuple(want) + (None,) * (leaf.ndim - len(want)), (path, got, want)
+        device = jax.devices()[0]
+        local = sum(s.data.nbytes for leaf in jax.tree_util.tree_leaves(lm.variables)
+                    for s in leaf.addressable_shards if s.device == device)
+        model_size = mesh.shape["model"]
+        assert local <= total / model_size * 1.1, (local, total, model_size)
+        # The same numbers as one device.
+        ours = run(lm)
+        for name, value in reference.items():
+            if name == "tokens":
+                np.testing.assert_array_equal(np.asarray(ours[name]), np.asarray(value))
+            else:
+                diff = float(np.abs(np.asarray(ours[name]) - np.asarray(value)).max())
+                scale = max(1.0, float(np.abs(np.asarray(value)).max()))
+                assert diff <= TOL * scale, (shape, name, diff, scale)
+        assert len(ours["hidden"].sharding.device_set) > 1  # a saved value stays sharded
+        print(f"mesh {shape} {names}: ok; device 0 holds {local / total:.3f} of the parameter "
+              f"bytes; a saved hidden state spans {len(ours['hidden'].sharding.device_set)} devices")
+    print("all meshes ok")
+
+
+if __name__ == "__main__":
+    sys.exit(main())

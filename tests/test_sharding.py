@@ -1,0 +1,49 @@
+"""Sharding: the rules in this process, and whole runs on 8 simulated CPU devices in a
+subprocess (JAX fixes its device count at start), against the one-device run."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+from jax.sharding import AbstractMesh, PartitionSpec
+
+from jnnsight.modeling import gpt2, llama
+from jnnsight.sharding import DEFAULT_RULES, spec_for
+
+MESH = AbstractMesh((2, 4), ("data", "model"))
+
+
+def test_default_rules_shard_heads_mlp_and_vocabulary_on_the_model_axis():
+    assert spec_for(llama.param_axes(("params", "lm_head", "weight")), (128, 64), MESH) == \
+        PartitionSpec("model", None)
+    assert spec_for(llama.param_axes(("params", "model", "layers_0", "mlp", "down_proj", "weight")),
+                    (64, 256), MESH) == PartitionSpec(None, "model")
+    assert spec_for(llama.param_axes(("params", "model", "norm", "weight")), (64,), MESH) == \
+        PartitionSpec()
+    assert spec_for(gpt2.param_axes(("params", "transformer", "h_0", "attn", "c_proj", "weight")),
+                    (64, 64), MESH) == PartitionSpec("model", None)
+    assert spec_for(gpt2.param_axes(("params", "transformer", "h_0", "mlp", "c_proj", "weight")),
+                    (256, 64), MESH) == PartitionSpec("model", None)
+    assert spec_for(("batch", None), (6, 5), MESH) == PartitionSpec("data", None)
+
+
+def test_an_axis_that_does_not_divide_or_does_not_exist_is_replicated():
+    assert spec_for(("vocab", "embed"), (101, 64), MESH) == PartitionSpec(None, None)
+    assert spec_for(("batch", None), (3, 5), MESH) == PartitionSpec(None, None)
+    assert spec_for(("vocab", "embed"), (128, 64), AbstractMesh((8,), ("data",))) == \
+        PartitionSpec(None, None)
+    rules = (("vocab", None), ("embed", "model"))  # a user's own rules
+    assert spec_for(("vocab", "embed"), (128, 64), MESH, rules) == PartitionSpec(None, "model")
+    assert spec_for(("heads", "mlp"), (64, 64), MESH, DEFAULT_RULES) == PartitionSpec("model", None)
+
+
+def test_meshes_of_8_devices_give_the_numbers_of_one_device():
+    script = Path(__file__).with_name("multidevice_check.py")
+    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8")
+    done = subprocess.run([sys.executable, str(script)], env=env, capture_output=True, text=True,
+                          timeout=900)
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-4000:]
+    assert done.stdout.count(": ok;") == 3 and "all meshes ok" in done.stdout
