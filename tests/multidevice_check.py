@@ -1,6 +1,6 @@
 """Sharded runs on 8 simulated CPU devices against the one-device run (run by test_sharding.py).
 
-Run directly: ``XLA_FLAGS=--xla_force_host_platform_device_count=8 python tests/multidevice_check.py``.
+Run directly: ``JAX_PLATFORMS=cpu XLA_FLAGS=--xla_force_host_platform_device_count=8 python tests/multidevice_check.py``.
 Each check asserts; the script prints one line per mesh and "all meshes ok" at the end.
 """
 

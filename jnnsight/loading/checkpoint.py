@@ -374,27 +374,21 @@ def load_safetensors(
 
 @dataclass(frozen=True)
 class LazyTensor:
-    """One tensor of a safetensors file, read when asked, a slice at a time.
+    """One tensor of a safetensors file, read when asked.
 
     Example::
 
         >>> tensor = lazy_safetensors("model/")["lm_head.weight"]
-        >>> tensor.shape, tensor.read((slice(0, 8), slice(None))).shape
+        >>> tensor.shape, tensor.read().dtype
     """
 
     file: Path
     key: str
     shape: tuple[int, ...]
 
-    def read(self, index: tuple = ()) -> np.ndarray:
-        """The slice ``index`` of the tensor (the whole tensor by default)."""
-        from safetensors import safe_open
-
-        with safe_open(self.file, framework="numpy") as f:
-            try:
-                return f.get_slice(self.key)[index]
-            except TypeError:  # a dtype numpy does not know: read the bytes, then slice
-                return _read_raw(self.file, self.key)[index]
+    def read(self) -> np.ndarray:
+        """The whole tensor, read with plain file reads (no memory map stays behind)."""
+        return _read_raw(self.file, self.key)
 
 
 def lazy_safetensors(path: str | os.PathLike) -> dict[str, LazyTensor]:

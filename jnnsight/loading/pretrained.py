@@ -60,7 +60,11 @@ def load_model(
 
 
 def _load_sharded(path: Path, dtype: Any, mesh: Mesh, rules: Rules) -> tuple[nn.Module, dict[str, Any]]:
-    """Module and variables, every tensor read straight into its shards."""
+    """Module and variables, every tensor read straight into its shards.
+
+    The host holds one tensor at a time (read from the file without a memory map,
+    whose pages would count as this process's memory), never the whole model.
+    """
     config = load_config(path)
     module, _ = build(config, dtype)
     expected = _expected_shapes(module)
@@ -76,8 +80,15 @@ def _load_sharded(path: Path, dtype: Any, mesh: Mesh, rules: Rules) -> tuple[nn.
             if id(tensor) not in made:
                 sharding = NamedSharding(mesh, spec_for(axes(("params", *path_of(key))), tensor.shape,
                                                         mesh, rules))
-                made[id(tensor)] = jax.make_array_from_callback(
-                    tensor.shape, sharding, lambda index, t=tensor: _cast(t.read(index), target))
+                read: dict[str, np.ndarray] = {}  # this tensor, read once for all its shards
+
+                def shard(index: tuple, tensor=tensor, read=read) -> np.ndarray:
+                    if "all" not in read:
+                        read["all"] = _cast(tensor.read(), target)
+                    return read["all"][index]
+
+                made[id(tensor)] = jax.make_array_from_callback(tensor.shape, sharding, shard)
+                read.clear()
                 bar.update(int(np.prod(tensor.shape)) * target.itemsize)
             arrays[key] = made[id(tensor)]
     return module, {"params": nest(arrays)}
