@@ -18,6 +18,7 @@ import linecache
 import os
 import sys
 import types
+import warnings
 from dataclasses import dataclass
 
 _PACKAGE_DIR = os.path.dirname(os.path.abspath(__file__))
@@ -94,6 +95,15 @@ def at_user_line(message: str) -> str:
     """Prefix ``message`` with the user's current line, where one is found."""
     line = user_line(2)
     return f"{line}\n{message}" if line is not None else message
+
+
+def warn_at_user_line(message: str, category: type[Warning] = UserWarning) -> None:
+    """``warnings.warn`` attributed to the user's innermost line, however deep the call."""
+    line = user_line(2)
+    if line is None:
+        warnings.warn(message, category, stacklevel=2)
+    else:
+        warnings.warn_explicit(message, category, line.filename, line.lineno)
 
 
 def close_names(name: str, candidates: list[str]) -> str:

@@ -27,7 +27,6 @@ Example::
 from __future__ import annotations
 
 import sys
-import warnings
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Callable, Iterator
 
@@ -37,12 +36,13 @@ import numpy as np
 from jax.extend.core import Literal
 
 from .envoy import Envoy
-from .errors import CaptureError, JnnsightError, SiteError, UserLine, at_user_line
+from .errors import CaptureError, JnnsightError, SiteError, UserLine, at_user_line, warn_at_user_line
 from .tracing import program as _program
 from .tracing.capture import Capture
 from .tracing.collate import Batch
 from .tracing.discover import Site, abstract_leaves
 from .tracing.execute import run_stage, woven_apply
+from .tracing.gradients import split_backward
 from .tracing.program import Builder
 from .tracing.schedule import Schedule, atom_value, schedule
 from .tracing.steps import RESULT, StepPlan, StepTable, split
@@ -255,6 +255,18 @@ class Unreached:
             raise AttributeError(name)
         raise JnnsightError(self._message)
 
+    def _refuse(self, *args: Any, **kwargs: Any) -> Any:
+        raise JnnsightError(self._message)
+
+    # numpy, jnp and Python operators look these up on the type, not through __getattr__
+    __array__ = __jax_array__ = __len__ = __iter__ = __getitem__ = __bool__ = _refuse
+    __float__ = __int__ = __index__ = __neg__ = __pos__ = __abs__ = _refuse
+    __add__ = __radd__ = __sub__ = __rsub__ = __mul__ = __rmul__ = _refuse
+    __truediv__ = __rtruediv__ = __floordiv__ = __rfloordiv__ = __pow__ = __rpow__ = _refuse
+    __matmul__ = __rmatmul__ = __mod__ = __lt__ = __le__ = __gt__ = __ge__ = _refuse
+    __eq__ = __ne__ = _refuse  # type: ignore[assignment]
+    __hash__ = None  # type: ignore[assignment]
+
     def __repr__(self) -> str:
         return "<value of a generation step that never ran>"
 
@@ -323,6 +335,8 @@ def _final_function(plan: StepPlan, program: Schedule) -> Callable[..., Any]:
         leaves = jax.tree_util.tree_leaves(variables)
         for leaf, var in plan.params:
             env[var] = leaves[leaf]
+        if plan.pre is not None:
+            run_stage(plan.pre, env, None)
         run_stage(stage, env, [tokens])
         return [atom_value(env, program.outvars[i]) for i in plan.saves]
 
@@ -341,6 +355,14 @@ def generate(lm: "LanguageModel", batch: Batch, bodies: Callable[[], None],
     variables = lm.variables
     ids, mask = batch.args[0], batch.kwargs["attention_mask"]
     rows, prompt = ids.shape
+    ends_in_padding = np.flatnonzero(np.asarray(mask)[:, -1] == 0)
+    if ends_in_padding.size:
+        raise JnnsightError(at_user_line(
+            f"prompt row {int(ends_in_padding[0])} ends in padding (its attention mask is 0 at "
+            "the last position): generation appends each new token after the last position. "
+            "Pad prompts on the left (`tokenizer.padding_side = 'left'`, as lm.tokenizer "
+            "does), or pass the prompts as text."
+        ))
     steps = config.max_new_tokens
     slots = prompt + steps
     state = {
@@ -369,6 +391,12 @@ def generate(lm: "LanguageModel", batch: Batch, bodies: Callable[[], None],
     if program.stop:
         raise JnnsightError(
             "`tracer.stop()` is not supported in a generate block: lower max_new_tokens instead."
+        )
+    if split_backward(program)[1] is not None:
+        raise JnnsightError(
+            "`loss.backward()` is not supported in a generate block: each step is its own "
+            "compiled program. Take gradients in `lm.trace(...)` on the prompt plus the "
+            "generated tokens."
         )
     programs = lm._generation_programs
     plan_key = ("plans", first_key, step_key, steps, program.fingerprint)
@@ -424,11 +452,10 @@ def generate(lm: "LanguageModel", batch: Batch, bodies: Callable[[], None],
     late = [s for s in plans[ran:] if s.stages or s.saves]
     if late or missing:
         lines = [builder.save_lines.get(saved[i]) for i in missing]
-        warnings.warn(
+        warn_at_user_line(
             f"generation ended after step {ran - 1} (every row produced eos_token_id "
             f"{config.eos_token_id}); the block's reads, writes and saves at later steps "
-            f"did not run{f', first at {lines[0]}' if lines and lines[0] else ''}.",
-            stacklevel=5,  # generate, _execute, _run, __exit__: the user's `with`
+            f"did not run{f', first at {lines[0]}' if lines and lines[0] else ''}."
         )
         for i in missing:
             values[i] = Unreached(builder.save_lines.get(saved[i]), ran - 1)

@@ -32,6 +32,9 @@ def at_positions(value: jax.Array, edited: jax.Array, positions: jax.Array | Non
 
     ``positions`` is an int array of indices (negative counts from the end) or a
     boolean mask ``[length]`` / ``[batch, length]``; None means every position.
+    Indices outside ``-length .. length - 1`` edit nothing. Positions index the
+    value's own axis 1: in a generation step after the prompt that axis has one
+    position, so ``-1`` (the newest token) is the one that addresses every step.
 
     Example::
 
@@ -44,7 +47,9 @@ def at_positions(value: jax.Array, edited: jax.Array, positions: jax.Array | Non
     if positions.dtype == jnp.bool_:
         mask = positions
     else:
-        mask = jnp.zeros((length,), bool).at[positions % length].set(True)
+        index = jnp.where(positions < 0, positions + length, positions)
+        index = jnp.where(index < 0, length, index)  # before the start: dropped too
+        mask = jnp.zeros((length,), bool).at[index].set(True, mode="drop")
     mask = jnp.broadcast_to(mask if mask.ndim == 2 else mask[None], value.shape[:2])
     return jnp.where(mask[..., None], edited, value)
 

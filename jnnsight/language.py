@@ -34,7 +34,7 @@ from jax.sharding import Mesh
 from .errors import JnnsightError, UserLine
 from .nnsight import NNsight
 from .tracing.collate import Batch
-from .sharding import DEFAULT_RULES, Rules, automatic, param_shardings, shard_inputs
+from .sharding import DEFAULT_RULES, Rules, automatic, param_shardings, place, shard_inputs
 from .tracing.lru import LruCache
 from .tracing.program import Rows
 
@@ -181,8 +181,7 @@ class LanguageModel(NNsight):
         elif mesh is not None:
             from .modeling import param_axes_of
 
-            variables = jax.device_put(
-                variables, param_shardings(param_axes_of(module), variables, mesh, rules))
+            variables = place(variables, param_shardings(param_axes_of(module), variables, mesh, rules))
         super().__init__(module, variables)
         object.__setattr__(self, "mesh", mesh)
         object.__setattr__(self, "rules", rules)

@@ -218,7 +218,7 @@ class NNsight(Envoy):
             forward, backward = split_backward(program)
             plan = schedule(forward)
             if backward is not None:
-                check_edits(plan, backward, table, program.write_lines)
+                check_edits(plan, backward, program.write_lines)
             entry = self._schedules.put(program_key, (plan, backward))
         plan, backward = entry
         saved = list(builder.saved)
@@ -290,7 +290,10 @@ class NNsight(Envoy):
         ``model.bind(params)``: the block then takes them as an input of the
         compiled program instead of baking the model's own arrays into it as
         constants. The bound model shares this one's envoys' paths, site tables and
-        compiled programs; the block's body may keep using ``model.`` envoys.
+        compiled programs; the block's body may keep using ``model.`` envoys. Outside
+        a block, an envoy called as a function (``lm.lm_head(h)``) runs with the
+        variables of the model it was reached from: call ``bound.lm_head(h)`` for
+        the bound ones.
 
         Example::
 
@@ -312,6 +315,9 @@ class NNsight(Envoy):
         object.__setattr__(bound, "variables", variables)
         object.__setattr__(bound, "_leaves", jax.tree_util.tree_leaves(variables))
         object.__setattr__(bound, "_variables_key", shape_key(variables))
+        # its own envoys, so that bound.lm_head(h) applies the bound variables
+        object.__setattr__(bound, "_envoys", {})
+        Envoy.__init__(bound, bound, ())
         return bound
 
     def intervene(self, body: Callable[..., Any]) -> Callable[..., tuple[Any, Any]]:

@@ -19,14 +19,14 @@ Example::
 
 from __future__ import annotations
 
-import warnings
-from typing import Any, Callable, Mapping, Sequence
+from typing import Any, Callable, Sequence
 
 import jax
 import numpy as np
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
 
-Rules = Sequence[tuple[str, str | None]]
+MeshAxes = str | tuple[str, ...] | None
+Rules = Sequence[tuple[str, MeshAxes]]
 
 DEFAULT_RULES: Rules = (
     ("batch", "data"),
@@ -52,27 +52,40 @@ def spec_for(axes: Sequence[str | None], shape: Sequence[int], mesh: Mesh,
              rules: Rules = DEFAULT_RULES) -> PartitionSpec:
     """The ``PartitionSpec`` of an array with logical ``axes`` on ``mesh``.
 
-    A logical axis maps to its rule's mesh axis when the mesh has that axis, the
-    dimension is a multiple of its size, and no earlier dimension took it;
-    otherwise the dimension is replicated.
+    A logical axis maps to its rule's mesh axis (or tuple of mesh axes, split over
+    all of them) when the mesh has those axes, no earlier dimension took one of
+    them, and the dimension is a multiple of their total size; otherwise the
+    dimension is replicated. ``axes`` of another rank than ``shape`` replicate
+    the whole array.
 
     Example::
 
         >>> spec_for(("vocab", "embed"), (49152, 576), jax.make_mesh((8,), ("model",)))
         PartitionSpec('model', None)
     """
+    if len(axes) != len(shape):
+        return PartitionSpec()
     table = dict(rules)
     used: set[str] = set()
-    parts: list[str | None] = []
+    parts: list[MeshAxes] = []
     for axis, size in zip(axes, shape):
         target = table.get(axis) if axis is not None else None
-        if (target is None or target not in mesh.shape or target in used
-                or size % mesh.shape[target]):
+        names = (target,) if isinstance(target, str) else tuple(target or ())
+        names = tuple(n for n in names if n in mesh.shape and n not in used)
+        span = int(np.prod([mesh.shape[n] for n in names], dtype=int))
+        if not names or size % span:
             parts.append(None)
             continue
-        used.add(target)
-        parts.append(target)
+        used.update(names)
+        parts.append(names[0] if len(names) == 1 else names)
     return PartitionSpec(*parts)
+
+
+def param_sharding(param_axes: Callable[[tuple[str, ...]], tuple[str | None, ...]],
+                   path: tuple[str, ...], shape: Sequence[int], mesh: Mesh,
+                   rules: Rules = DEFAULT_RULES) -> NamedSharding:
+    """The ``NamedSharding`` of the parameter at ``path`` (``("params", "model", ...)``)."""
+    return NamedSharding(mesh, spec_for(param_axes(path), shape, mesh, rules))
 
 
 def param_shardings(param_axes: Callable[[tuple[str, ...]], tuple[str | None, ...]],
@@ -81,12 +94,23 @@ def param_shardings(param_axes: Callable[[tuple[str, ...]], tuple[str | None, ..
 
     def one(keypath: tuple, leaf: Any) -> NamedSharding:
         path = tuple(str(getattr(k, "key", k)) for k in keypath)
-        axes = param_axes(path)
-        if len(axes) != np.ndim(leaf):
-            axes = (None,) * np.ndim(leaf)
-        return NamedSharding(mesh, spec_for(axes, np.shape(leaf), mesh, rules))
+        return param_sharding(param_axes, path, np.shape(leaf), mesh, rules)
 
     return jax.tree_util.tree_map_with_path(one, shapes)
+
+
+def place(variables: Any, shardings: Any) -> Any:
+    """``jax.device_put`` leaf by leaf, where one array at two leaves (tied
+    embeddings) with the same sharding stays one array on the devices."""
+    placed: dict[tuple[int, Any], jax.Array] = {}
+
+    def one(leaf: Any, sharding: NamedSharding) -> jax.Array:
+        key = (id(leaf), sharding)
+        if key not in placed:
+            placed[key] = jax.device_put(leaf, sharding)
+        return placed[key]
+
+    return jax.tree_util.tree_map(one, variables, shardings)
 
 
 def batch_sharding(mesh: Mesh, rows: int, ndim: int, rules: Rules = DEFAULT_RULES) -> NamedSharding:
@@ -108,4 +132,7 @@ def shard_inputs(tree: Any, mesh: Mesh, rules: Rules = DEFAULT_RULES) -> Any:
     return jax.tree_util.tree_map(one, tree)
 
 
-__all__ = ["DEFAULT_RULES", "Rules", "automatic", "spec_for", "param_shardings", "batch_sharding", "shard_inputs"]
+__all__ = [
+    "DEFAULT_RULES", "Rules", "automatic", "spec_for", "param_sharding", "param_shardings", "place",
+    "batch_sharding", "shard_inputs",
+]

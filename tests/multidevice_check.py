@@ -29,16 +29,37 @@ MESHES = [((8,), ("model",)), ((2, 4), ("data", "model")), ((4, 2), ("data", "mo
 TOL = 1e-5
 
 
-def write_checkpoint(folder: Path) -> None:
+def write_checkpoint(folder: Path, config: dict = CONFIG) -> None:
     """Random N(0, 0.5) weights under Hugging Face keys, as save_pretrained would write them."""
-    variables = init_variables(LlamaConfig.from_hf(CONFIG), jax.random.key(0))
+    variables = init_variables(LlamaConfig.from_hf(config), jax.random.key(0))
     flat, _ = jax.tree_util.tree_flatten_with_path(variables["params"])
     tensors = {}
     for i, (keypath, leaf) in enumerate(flat):
         key = ".".join(re.sub(r"^(\w+)_(\d+)$", r"\1.\2", k.key) for k in keypath)
         tensors[key] = np.asarray(jax.random.normal(jax.random.key(i), leaf.shape) * 0.5, np.float32)
+    if config.get("tie_word_embeddings"):
+        del tensors["lm_head.weight"]
     save_file(tensors, str(folder / "model.safetensors"))
-    (folder / "config.json").write_text(json.dumps(CONFIG))
+    (folder / "config.json").write_text(json.dumps(config))
+
+
+def check_tied_embeddings() -> None:
+    """A tied embedding is one array on the devices, loaded from a file or placed from memory."""
+    folder = Path(tempfile.mkdtemp())
+    write_checkpoint(folder, {**CONFIG, "tie_word_embeddings": True})
+    mesh = jax.make_mesh((8,), ("model",))
+    ids = np.arange(12).reshape(2, 6)
+    one = LanguageModel(folder)
+    with one.trace(ids):
+        want = one.lm_head.output.save()
+    for lm in (LanguageModel(folder, mesh=mesh),
+               LanguageModel(module=one.module, variables=one.variables, mesh=mesh)):
+        params = lm.variables["params"]
+        assert params["lm_head"]["weight"] is params["model"]["embed_tokens"]["weight"]
+        with lm.trace(ids):
+            got = lm.lm_head.output.save()
+        assert float(np.abs(np.asarray(got) - np.asarray(want)).max()) <= TOL * 10
+    print("tied embeddings: ok")
 
 
 def run(lm: LanguageModel) -> dict:
@@ -105,6 +126,7 @@ def main() -> None:
         assert len(ours["hidden"].sharding.device_set) > 1  # a saved value stays sharded
         print(f"mesh {shape} {names}: ok; device 0 holds {local / total:.3f} of the parameter "
               f"bytes; a saved hidden state spans {len(ours['hidden'].sharding.device_set)} devices")
+    check_tied_embeddings()
     print("all meshes ok")
 
 

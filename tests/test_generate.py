@@ -200,8 +200,19 @@ def test_eos_ends_rows_and_generation_as_transformers_does(models):
     ours = list(np.asarray(tokens[0]))
     assert ours[: len(theirs)] == theirs and len(theirs) < len(ours)
     assert set(ours[len(theirs):]) == {7}
-    with pytest.raises(JnnsightError, match="never ran"):
-        late.shape
+    for use in (lambda: late.shape, lambda: np.asarray(late), lambda: late + 1,
+                lambda: jnp.asarray(late), lambda: late[0], lambda: float(late)):
+        with pytest.raises(JnnsightError, match="never ran"):
+            use()
+
+
+def test_the_generated_tokens_compare_with_values_computed_before_any_step(models):
+    _, lm = models["gpt2"]
+    target = np.arange(len(PROMPTS[1]) + 3)
+    with lm.generate(PROMPTS[1], max_new_tokens=3, eos_token_id=None) as tracer:
+        tokens = tracer.result.save()
+        same = (tracer.result == jnp.asarray(target) * 2).save()
+    np.testing.assert_array_equal(same, np.asarray(tokens) == target * 2)
 
 
 # -- programs --------------------------------------------------------------------------------
@@ -255,6 +266,10 @@ def test_bad_generation_inputs_get_clear_errors(models):
         with lm.generate(PROMPTS[0], max_new_tokens=2) as tracer:
             lm.model.layers[0].output.save()
             tracer.stop()
+    with pytest.raises(JnnsightError, match="ends in padding"):
+        with lm.generate({"input_ids": np.array([[11, 12, 0]]),
+                          "attention_mask": np.array([[1, 1, 0]])}, max_new_tokens=2):
+            pass
     with pytest.raises(Exception, match="belongs inside"):
         with lm.generate(max_new_tokens=2) as tracer:
             for step in tracer.iter[:]:

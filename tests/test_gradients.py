@@ -31,13 +31,18 @@ def torch_layers(tm):
     return tm.transformer.h if hasattr(tm, "transformer") else tm.model.layers
 
 
+def hidden_of(out):
+    """A torch decoder layer's hidden state (transformers 5 returns the tensor alone)."""
+    return out[0] if isinstance(out, tuple) else out
+
+
 def torch_grads(tm, ids, target: int, scale_at: int | None = None, scale: float = 1.0) -> list[np.ndarray]:
     """d loss / d each layer's output in torch; optionally a tensor hook scales one layer's."""
     kept = []
 
     def keep(i):
         def hook(module, args, out):
-            hidden = out[0] if isinstance(out, tuple) else out
+            hidden = hidden_of(out)
             hidden.retain_grad()
             if i == scale_at:
                 hidden.register_hook(lambda g: g * scale)
@@ -174,3 +179,119 @@ def test_bad_gradient_code_gets_clear_errors(models):
             later = lm.model.layers[1].output[0]
             with nll(lm.lm_head.output, A).backward():
                 h.grad = h.grad * later
+    with pytest.raises(JnnsightError, match="depends on no module value"):
+        with lm.trace(IDS):
+            with jnp.float32(1.0).backward():
+                pass
+    with pytest.raises(JnnsightError, match="uses a gradient"):
+        with lm.trace(IDS):
+            h = lm.model.layers[0].output[0]
+            with nll(lm.lm_head.output, A).backward():
+                lm.model.layers[1].output[0] = h.grad
+    with pytest.raises(JnnsightError, match="not supported in a generate block"):
+        with lm.generate(IDS, max_new_tokens=2):
+            h = lm.model.layers[0].output[0]
+            with nll(lm.lm_head.output, A).backward():
+                h.grad.save()
+
+
+def test_the_blocks_own_uses_of_a_value_count_in_its_gradient(models):
+    tm, lm = models["llama"]
+    with lm.trace(IDS):
+        h = lm.model.layers[0].output[0]
+        with (h ** 2).sum().backward():
+            direct = h.grad.save()
+        kept = h.save()
+    close(direct, 2 * np.asarray(kept))
+
+    with lm.trace(IDS):
+        h = lm.model.layers[0].output[0]
+        with (nll(lm.lm_head.output, A) + 0.1 * (h ** 2).sum()).backward():
+            both = h.grad.save()
+        kept = h.save()
+    close(both, torch_grads(tm, IDS, A)[0] + 0.2 * np.asarray(kept))
+
+
+def test_a_value_written_to_a_later_site_gets_the_gradient_of_both_uses(models):
+    tm, lm = models["llama"]
+    with lm.trace(IDS):
+        a = lm.model.layers[0].output[0]
+        lm.model.layers[1].output[0] = a          # layer 1's own result is discarded
+        again = lm.model.layers[1].output[0]      # a read after the write: the same value
+        with (nll(lm.lm_head.output, A) + 0.1 * (a ** 2).sum()).backward():
+            g = a.grad.save()
+            g_again = again.grad.save()
+        kept = a.save()
+
+    # torch: layer 1 returns its input unchanged, the loss adds the same square term
+    held = {}
+
+    def keep(module, args, out):
+        held["a"] = hidden_of(out)
+        held["a"].retain_grad()
+
+    def replace(module, args, out):
+        return (held["a"],) + tuple(out[1:]) if isinstance(out, tuple) else held["a"]
+
+    handles = [tm.model.layers[0].register_forward_hook(keep),
+               tm.model.layers[1].register_forward_hook(replace)]
+    try:
+        logits = tm(torch.tensor(IDS)).logits
+        loss = -torch.log_softmax(logits[0, -1], -1)[A] + 0.1 * (held["a"] ** 2).sum()
+        loss.backward()
+    finally:
+        for handle in handles:
+            handle.remove()
+    close(g, held["a"].grad.numpy())
+    close(g_again, held["a"].grad.numpy())
+    assert np.abs(held["a"].grad.numpy() - 0.2 * np.asarray(kept)).max() > 1e-3
+
+
+def test_a_gradient_edit_may_use_its_own_sites_value(models):
+    tm, lm = models["gpt2"]
+    with lm.trace(IDS):
+        h0, h1 = layers(lm)[0].output[0], layers(lm)[1].output[0]
+        with nll(lm.lm_head.output, A).backward():
+            h1.grad = h1.grad * h1             # gradient times input, flowing upstream
+            g0 = h0.grad.save()
+
+    kept = []
+
+    def hook(module, args, out):
+        hidden = hidden_of(out)
+        if module is torch_layers(tm)[0]:
+            hidden.retain_grad()
+        else:
+            value = hidden.detach().clone()
+            hidden.register_hook(lambda g: g * value)
+        kept.append(hidden)
+
+    handles = [layer.register_forward_hook(hook) for layer in torch_layers(tm)[:2]]
+    try:
+        logits = tm(torch.tensor(IDS)).logits
+        (-torch.log_softmax(logits[0, -1], -1)[A]).backward()
+    finally:
+        for handle in handles:
+            handle.remove()
+    close(g0, kept[0].grad.numpy())
+
+
+def test_gradients_with_a_stopped_forward(models):
+    tm, lm = models["llama"]
+    with lm.trace(IDS) as tracer:
+        h0, h1 = lm.model.layers[0].output[0], lm.model.layers[1].output[0]
+        with (h1 ** 2).sum().backward():
+            g0 = h0.grad.save()
+        tracer.stop()
+
+    kept = []
+    handles = [layer.register_forward_hook(lambda m, a, out: kept.append(hidden_of(out)))
+               for layer in tm.model.layers[:2]]
+    try:
+        tm(torch.tensor(IDS))
+    finally:
+        for handle in handles:
+            handle.remove()
+    kept[0].retain_grad()
+    (kept[1] ** 2).sum().backward()
+    close(g0, kept[0].grad.numpy())

@@ -118,6 +118,19 @@ def test_a_bound_model_is_an_input_of_the_compiled_program_not_a_constant(models
         lm.bind({"params": {}})
 
 
+def test_a_bound_models_envoys_apply_the_bound_variables(models):
+    _, lm = models["llama"]
+    doubled = jax.tree_util.tree_map(lambda x: x * 2, lm.variables)
+    bound = lm.bind(doubled)
+    with bound.trace(IDS):
+        h = lm.model.norm.output.save()
+        logits = lm.lm_head.output.save()
+    head = np.asarray(lm.variables["params"]["lm_head"]["weight"])
+    close(logits, np.asarray(h) @ (2 * head).T)           # the block ran on the bound weights
+    close(bound.lm_head(h), np.asarray(h) @ (2 * head).T)  # so does the bound model's envoy
+    close(lm.lm_head(h), np.asarray(h) @ head.T)           # and the model's own, on its own
+
+
 def test_a_steering_vector_trained_with_optax_raises_the_target_probability(models, compile_counter):
     _, lm = models["llama"]
     ids = jnp.asarray(IDS)
@@ -160,6 +173,12 @@ def test_at_positions_edits_only_the_chosen_positions():
     mask = jnp.array([[True, False, False, False, False], [False, False, True, False, False]])
     np.testing.assert_array_equal(at_positions(value, edited, mask)[:, :, 0], mask)
     np.testing.assert_array_equal(at_positions(value, edited, None), edited)
+    # positions past either end edit nothing (they do not wrap around)
+    for outside in ([5], [-6], [7, -9]):
+        np.testing.assert_array_equal(at_positions(value, edited, jnp.array(outside)), value)
+    one = jnp.zeros((2, 1, 3))  # a decode step's single position: -1 is it, 3 is not there
+    np.testing.assert_array_equal(at_positions(one, one + 1, jnp.array([-1])), one + 1)
+    np.testing.assert_array_equal(at_positions(one, one + 1, jnp.array([3])), one)
 
 
 def test_das_rotation_interchanges_its_subspace_and_stays_orthonormal_while_training(models):

@@ -40,10 +40,25 @@ def test_an_axis_that_does_not_divide_or_does_not_exist_is_replicated():
     assert spec_for(("heads", "mlp"), (64, 64), MESH, DEFAULT_RULES) == PartitionSpec("model", None)
 
 
+def test_a_rule_may_split_one_dimension_over_several_mesh_axes():
+    rules = (("batch", ("data", "model")), ("embed", "model"))
+    assert spec_for(("batch", None), (8, 5), MESH, rules) == PartitionSpec(("data", "model"), None)
+    assert spec_for(("batch", None), (6, 5), MESH, rules) == PartitionSpec(None, None)
+    # an axis an earlier dimension took is not used twice
+    assert spec_for(("batch", "embed"), (8, 64), MESH, rules) == PartitionSpec(("data", "model"), None)
+    assert spec_for(("embed", "batch"), (64, 8), MESH, rules) == PartitionSpec("model", "data")
+
+
+def test_logical_axes_of_another_rank_replicate_the_parameter():
+    assert spec_for(("vocab", "embed"), (128,), MESH) == PartitionSpec()
+    assert spec_for(("vocab",), (128, 64), MESH) == PartitionSpec()
+
+
 def test_meshes_of_8_devices_give_the_numbers_of_one_device():
     script = Path(__file__).with_name("multidevice_check.py")
     env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8", JAX_PLATFORMS="cpu")
     done = subprocess.run([sys.executable, str(script)], env=env, capture_output=True, text=True,
                           timeout=900)
     assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-4000:]
-    assert done.stdout.count(": ok;") == 3 and "all meshes ok" in done.stdout
+    assert done.stdout.count(": ok;") == 3 and "tied embeddings: ok" in done.stdout
+    assert "all meshes ok" in done.stdout

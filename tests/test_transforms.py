@@ -8,7 +8,6 @@ import threading
 import jax
 import jax.numpy as jnp
 import numpy as np
-import pytest
 
 from conftest import assert_close, reference
 

@@ -20,7 +20,7 @@ from jax.sharding import Mesh, NamedSharding
 
 from ..modeling import build, param_axes_of, tie_embeddings
 from ..modeling.common import nest, path_of
-from ..sharding import DEFAULT_RULES, Rules, param_shardings, spec_for
+from ..sharding import DEFAULT_RULES, Rules, param_sharding, param_shardings, place
 from .checkpoint import (
     CheckpointError,
     CheckpointNotFoundError,
@@ -41,8 +41,10 @@ def load_model(
     """``(module, {"params": ...}, local path)`` of a hub id, folder or ``.gguf`` file.
 
     With a ``mesh``, each parameter is placed as the family's logical axes and
-    ``rules`` say; safetensors checkpoints are then read tensor by tensor, each
-    device reading only its own slice, so the host never holds the whole model.
+    ``rules`` say; safetensors checkpoints are then read one tensor at a time,
+    and each device copies its slice of it: the host holds one tensor, never the
+    whole model. (Every host reads each whole tensor once; reading only a host's
+    own slices is not done yet.)
     """
     path = resolve(name_or_path, revision)
     if mesh is not None and not (path.is_file() and path.suffix.lower() == ".gguf"):
@@ -55,7 +57,7 @@ def load_model(
     _check_keys(tensors, expected, path)
     variables = {"params": nest(tensors)}
     if mesh is not None:
-        variables = jax.device_put(variables, param_shardings(param_axes_of(module), variables, mesh, rules))
+        variables = place(variables, param_shardings(param_axes_of(module), variables, mesh, rules))
     return module, variables, path
 
 
@@ -73,13 +75,13 @@ def _load_sharded(path: Path, dtype: Any, mesh: Mesh, rules: Rules) -> tuple[nn.
     axes = param_axes_of(module)
     target = np.dtype(dtype)
     arrays: dict[str, jax.Array] = {}
-    made: dict[int, jax.Array] = {}  # a tied tensor is read once
-    total = sum(int(np.prod(t.shape)) * target.itemsize for t in tensors.values())
+    made: dict[tuple[int, NamedSharding], jax.Array] = {}  # a tied tensor: one array per sharding
+    unique = {id(t): t for t in tensors.values()}.values()
+    total = sum(int(np.prod(t.shape)) * target.itemsize for t in unique)
     with _progress_bar(total, "Loading into shards", None) as bar:
         for key, tensor in tensors.items():
-            if id(tensor) not in made:
-                sharding = NamedSharding(mesh, spec_for(axes(("params", *path_of(key))), tensor.shape,
-                                                        mesh, rules))
+            sharding = param_sharding(axes, ("params", *path_of(key)), tensor.shape, mesh, rules)
+            if (id(tensor), sharding) not in made:
                 read: dict[str, np.ndarray] = {}  # this tensor, read once for all its shards
 
                 def shard(index: tuple, tensor=tensor, read=read) -> np.ndarray:
@@ -87,10 +89,12 @@ def _load_sharded(path: Path, dtype: Any, mesh: Mesh, rules: Rules) -> tuple[nn.
                         read["all"] = _cast(tensor.read(), target)
                     return read["all"][index]
 
-                made[id(tensor)] = jax.make_array_from_callback(tensor.shape, sharding, shard)
+                fresh = not any(i == id(tensor) for i, _ in made)
+                made[(id(tensor), sharding)] = jax.make_array_from_callback(tensor.shape, sharding, shard)
                 read.clear()
-                bar.update(int(np.prod(tensor.shape)) * target.itemsize)
-            arrays[key] = made[id(tensor)]
+                if fresh:
+                    bar.update(int(np.prod(tensor.shape)) * target.itemsize)
+            arrays[key] = made[(id(tensor), sharding)]
     return module, {"params": nest(arrays)}
 
 

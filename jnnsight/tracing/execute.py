@@ -30,6 +30,9 @@ from .gradients import Backward, with_gradients
 from .schedule import Schedule, Stage, atom_value
 
 
+Hook = Callable[[list[Any], Callable[[int], bool], Callable[[], dict]], list[Any]]
+
+
 class _StopForward(BaseException):
     """Raised by the interceptor after the last site a stopped program needs."""
 
@@ -48,15 +51,28 @@ def _replace_arrays(leaves: list[Any], atoms: tuple[Any, ...], env: dict) -> lis
     return [next(new) if is_array(x) or isinstance(x, jax.ShapeDtypeStruct) else x for x in leaves]
 
 
+def _written_leaves(stage: Stage | None, leaves: list[Any]) -> frozenset[int]:
+    """The indices of the leaves the stage's write replaces by another value."""
+    if stage is None or stage.write is None:
+        return frozenset()
+    slots = [j for j, x in enumerate(leaves) if is_array(x) or isinstance(x, jax.ShapeDtypeStruct)]
+    read = dict(stage.reads)
+    return frozenset(j for j, atom in zip(slots, stage.write) if read.get(j) is not atom)
+
+
 def woven_apply(module: nn.Module, stages: dict[SiteKey, Stage], env: dict,
                 stop_after: int | None = None,
-                hooks: dict[SiteKey, Callable[[list[Any]], list[Any]]] | None = None,
+                hooks: dict[SiteKey, Hook] | None = None,
                 ) -> Callable[..., Any]:
     """``module.apply`` with each stage run when the forward reaches its site.
 
     Stages read and extend ``env``, the values of the program's variables.
-    ``hooks[key](leaves)`` then gives the leaves that flow on from that site
-    (gradient probes). Call it inside the traced function.
+    ``hooks[key](leaves, chosen, values)`` gives the site's leaves with the
+    chosen leaf indices replaced (gradient probes): a leaf the stage leaves
+    alone is hooked before the stage reads it, so the block's own uses of it
+    count; a leaf the stage writes is hooked after the write, as the value that
+    flows on. ``values()`` is the environment with this site's stage run. Call
+    it inside the traced function.
     """
     hooks = hooks or {}
 
@@ -68,14 +84,26 @@ def woven_apply(module: nn.Module, stages: dict[SiteKey, Stage], env: dict,
             if stage is None and hook is None:
                 return value
             leaves, treedef = jax.tree_util.tree_flatten(value)
+            written = _written_leaves(stage, leaves)
+            if hook is not None:  # the block's own reads see a probed value
+                raw = leaves
+
+                def at_site() -> dict:
+                    """The environment as this site's stage leaves it, from unprobed leaves."""
+                    peek = dict(env)
+                    if stage is not None:
+                        run_stage(stage, peek, raw)
+                    return peek
+
+                leaves = hook(leaves, lambda j: j not in written, at_site)
             if stage is not None:
                 run_stage(stage, env, leaves)
                 if stage.skip is not None:
                     skipped[key] = stage
                 if stage.write is not None:
                     leaves = _replace_arrays(leaves, stage.write, env)
-            if hook is not None:
-                leaves = hook(leaves)
+            if hook is not None and written:  # a written leaf: probe the new value
+                leaves = hook(leaves, written.__contains__, lambda: env)
             value = jax.tree_util.tree_unflatten(treedef, leaves)
             if stop_after is not None and stage is not None and stage.order == stop_after:
                 raise _StopForward
@@ -125,7 +153,8 @@ def _forward(module: nn.Module, schedule: Schedule, stop_after: int | None) -> C
     return run
 
 
-def _forward_and_backward(module: nn.Module, schedule: Schedule, backward: Backward) -> Callable[..., Any]:
+def _forward_and_backward(module: nn.Module, schedule: Schedule, backward: Backward,
+                          stop_after: int | None) -> Callable[..., Any]:
     """The forward with the program woven in, under ``jax.vjp`` for the block's gradients."""
 
     def run(variables: Any, args: tuple, kwargs: dict, consts: list[Any]) -> tuple[Any, list[Any]]:
@@ -134,7 +163,7 @@ def _forward_and_backward(module: nn.Module, schedule: Schedule, backward: Backw
         def apply(env: dict, hooks: dict) -> Any:
             env.update(outside)
             run_stage(schedule.pre, env, None)
-            return woven_apply(module, schedule.stages, env, None, hooks)(variables, *args, **kwargs)
+            return woven_apply(module, schedule.stages, env, stop_after, hooks)(variables, *args, **kwargs)
 
         return with_gradients(apply, schedule, backward, outside)
 
@@ -174,7 +203,7 @@ class Executor:
         if backward is None:
             run = _forward(module, schedule, stop_after)
         else:
-            run = _forward_and_backward(module, schedule, backward)
+            run = _forward_and_backward(module, schedule, backward, stop_after)
 
         def forward(variables, arrays, consts):
             it = iter(arrays)

@@ -35,7 +35,7 @@ from typing import Any, Callable
 import jax
 import jax.numpy as jnp
 import numpy as np
-from jax.extend.core import ClosedJaxpr, DebugInfo, Jaxpr, Var
+from jax.extend.core import ClosedJaxpr, DebugInfo, Jaxpr, Literal, Var
 
 from ..errors import JnnsightError
 from .discover import SiteKey
@@ -44,6 +44,8 @@ from .program import (
     backward_target_p,
     grad_read_p,
     grad_write_p,
+    site_skip_p,
+    site_write_p,
 )
 from .schedule import PRE, Schedule, atom_value
 
@@ -118,6 +120,12 @@ def split_backward(program: InterventionProgram) -> tuple[InterventionProgram, B
     forward, backward, losses = [], [], {}
     for eqn in jaxpr.eqns:
         if eqn.primitive is backward_target_p:
+            if isinstance(eqn.invars[0], Literal):
+                raise JnnsightError(
+                    "a `backward()` target is a constant: it depends on no module value, "
+                    "so every gradient of it is zero. Compute the loss from `envoy.output` "
+                    "or `.input` values."
+                )
             losses[eqn.params["target"]] = eqn.invars[0]
         elif eqn.primitive in _GRAD or any(v in needs_grad for v in eqn.invars if isinstance(v, Var)):
             needs_grad.update(eqn.outvars)
@@ -125,6 +133,13 @@ def split_backward(program: InterventionProgram) -> tuple[InterventionProgram, B
         else:
             forward.append(eqn)
 
+    for eqn in backward:
+        if eqn.primitive in (site_write_p, site_skip_p):
+            raise JnnsightError(
+                f"{program.write_lines.get(eqn.params['site'])}\nthis edit of the forward "
+                "uses a gradient, which exists only after the forward has run. Save the "
+                "gradient and edit a second trace with it."
+            )
     reads = {(e.params["site"], e.params["leaf"], e.params["target"]): e.outvars[0]
              for e in backward if e.primitive is grad_read_p}
     probes = {(e.params["site"], e.params["leaf"]): e.params["aval"]
@@ -176,7 +191,7 @@ def split_backward(program: InterventionProgram) -> tuple[InterventionProgram, B
     )
 
 
-def check_edits(plan: Schedule, backward: Backward, table: Any, write_lines: Any) -> None:
+def check_edits(plan: Schedule, backward: Backward, write_lines: dict[int, Any]) -> None:
     """A gradient edit runs at its site: the forward values it uses must exist there."""
     stage_of: dict[Var, int] = {v: PRE for v in plan.consts}
     stage_of.update((v, PRE) for _, v in plan.params)
@@ -229,8 +244,10 @@ def with_gradients(
     """Run ``apply(env, hooks)`` (the woven forward) under ``jax.vjp``; the output and the saves.
 
     ``apply`` fills ``env`` with the forward program's values and calls
-    ``hooks[site key](leaves)`` on a site's leaves after the stage there (edits
-    included) has run. ``outside`` holds the outside arrays and parameters.
+    ``hooks[site key](leaves, chosen, values)`` on a site's leaves (see
+    :func:`~jnnsight.tracing.execute.woven_apply`): each probed leaf gets its
+    gradient edit and its probe once, on the value that flows on from the site.
+    ``outside`` holds the outside arrays and parameters.
     """
     by_site: dict[int, list[int]] = {}
     for site, leaf in backward.probes:
@@ -241,13 +258,15 @@ def with_gradients(
         env: dict = {}
 
         def hook_for(site: int) -> Callable[[list[Any]], list[Any]]:
-            def hook(leaves: list[Any]) -> list[Any]:
+            def hook(leaves: list[Any], chosen: Callable[[int], bool],
+                     values: Callable[[], dict]) -> list[Any]:
                 leaves = list(leaves)
-                for leaf in by_site[site]:
+                for leaf in filter(chosen, by_site[site]):
                     x = leaves[leaf]
                     edit = backward.edits.get((site, leaf))
                     if edit is not None:
-                        x = _edit_hook(edit, [atom_value(env, v) for v in edit.residuals])(x)
+                        known = env if all(v in env for v in edit.residuals) else values()
+                        x = _edit_hook(edit, [atom_value(known, v) for v in edit.residuals])(x)
                     leaves[leaf] = x + probes[f"{site}:{leaf}"]
                 return leaves
             return hook

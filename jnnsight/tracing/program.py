@@ -286,8 +286,8 @@ class Builder:
         batched = self._batched(site)
         views = [rows.view(x, b) for x, b in zip(self._leaves(site), batched)]
         for j, view in enumerate(views):
-            if isinstance(view, core.Tracer):
-                self.origins[id(view)] = (view, site, j, rows)
+            if isinstance(view, core.Tracer):  # a value written here keeps its first site
+                self.origins.setdefault(id(view), (view, site, j, rows))
         return site.unflatten(views)
 
     def write(self, site: Site, rows: Rows, value: Any, describe: Callable[[], str]) -> None:
@@ -353,11 +353,17 @@ class Builder:
 
     def begin_backward(self, loss: Any) -> int | None:
         """Open ``loss.backward()``: later ``.grad`` reads and writes belong to it."""
-        if not self.is_ours(loss) or jnp.shape(loss) != ():
+        if not self.is_ours(loss):
             raise WriteError(at_user_line(
-                "`.backward()` differentiates a scalar computed in this block from module "
-                f"values; this value has shape {list(jnp.shape(loss))}. Reduce it first "
-                "(`loss.sum().backward()`, `loss.mean()`)."
+                "`.backward()` differentiates a value computed in this block from module "
+                f"values; this one ({type(loss).__name__}) was not. Compute the loss "
+                "inside the block from `envoy.output` / `.input` values."
+            ))
+        if jnp.shape(loss) != ():
+            raise WriteError(at_user_line(
+                "`.backward()` differentiates a scalar; this value has shape "
+                f"{list(jnp.shape(loss))}. Reduce it first (`loss.sum().backward()`, "
+                "`loss.mean()`)."
             ))
         previous = self.backward
         target = next((i for i, t in enumerate(self.targets) if t is loss), None)

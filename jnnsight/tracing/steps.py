@@ -212,7 +212,7 @@ def split(plan: Schedule, table: StepTable) -> tuple[list[StepPlan], StepPlan]:
     for step, stages in enumerate(per_step):
         used = {v for stage in stages.values() for v in _atoms(stage)}
         needed = used | {plan.outvars[i] for i in saves_at.get(step, ())}
-        step_pre = _pruned(pre, needed) if pre is not None else None
+        step_pre = _pruned(pre, needed, effects=step == 0) if pre is not None else None
         if step_pre is not None:
             used |= set(_atoms(step_pre))
         step_params = tuple(sorted((params[v], v) for v in used if v in params))
@@ -223,12 +223,13 @@ def split(plan: Schedule, table: StepTable) -> tuple[list[StepPlan], StepPlan]:
     return plans[:steps], plans[steps]
 
 
-def _pruned(pre: Stage, needed: set[Any]) -> Stage | None:
-    """The part of the stage before any site that computes ``needed`` variables."""
+def _pruned(pre: Stage, needed: set[Any], effects: bool) -> Stage | None:
+    """The part of the stage before any site that computes ``needed`` variables,
+    and, with ``effects``, its effects (a ``jax.debug.print`` runs at step 0 only)."""
     keep = []
     wanted = set(needed)
     for eqn in reversed(pre.jaxpr.eqns):
-        if any(v in wanted for v in eqn.outvars):
+        if any(v in wanted for v in eqn.outvars) or (effects and eqn.effects):
             keep.append(eqn)
             wanted.update(v for v in eqn.invars if isinstance(v, Var))
     if not keep:

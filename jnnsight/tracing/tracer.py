@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import sys
 import threading
-import warnings
 import types
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Callable
@@ -31,7 +30,14 @@ from typing import TYPE_CHECKING, Any, Callable
 import jax
 from jax import core
 
-from ..errors import CaptureError, JnnsightError, UserLine, at_user_line, is_library_frame
+from ..errors import (
+    CaptureError,
+    JnnsightError,
+    UserLine,
+    at_user_line,
+    is_library_frame,
+    warn_at_user_line,
+)
 from . import program as _program
 from .capture import Capture
 from .collate import Batch
@@ -261,13 +267,12 @@ class Tracer:
         write_frame(self._capture.frame, namespace, changed)
         lost = [i for i in builder.saved if i not in found and i not in builder.internal]
         if lost:
-            warnings.warn(
+            warn_at_user_line(
                 f"{builder.save_lines[lost[0]]}\n{len(lost)} saved value(s) of this block "
                 "ended up in no variable jnnsight writes back (saved values reach the names "
                 "the block binds, lists, tuples and dicts in them, and attributes of your "
                 "objects that the block names): a name bound again later in the block, or "
-                "a save that was not assigned. Keep each value you need under its own name.",
-                stacklevel=3,
+                "a save that was not assigned. Keep each value you need under its own name."
             )
 
 
