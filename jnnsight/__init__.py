@@ -37,6 +37,7 @@ from .tracing import program as _program
 from .tracing.tracer import Cache, Tracer
 from .interventions import LinearProbe, LowRankRotation, SteeringVector, at_positions
 from .optimize import restore_checkpoint, save_checkpoint, train_step
+from .activations import ActivationStore
 
 __all__ = [
     "NNsight",
@@ -53,6 +54,7 @@ __all__ = [
     "train_step",
     "save_checkpoint",
     "restore_checkpoint",
+    "ActivationStore",
     "JnnsightError",
     "CaptureError",
     "CausalityError",

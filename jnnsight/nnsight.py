@@ -20,24 +20,61 @@ Example::
 from __future__ import annotations
 
 import threading
+from dataclasses import dataclass
 from typing import Any, Callable
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax import core
 
 from .envoy import Envoy, _numbered_children
 from .errors import SiteError, at_user_line
 from .tracing import program as _program
 from .tracing.collate import Batch, collate
-from .tracing.discover import SiteTable, discover, shape_key, with_batch_axes
+from .tracing.discover import (
+    SiteTable,
+    SymbolicInputs,
+    discover,
+    instantiate,
+    is_array,
+    shape_key,
+    symbolic_inputs,
+    with_batch_axes,
+)
 from .tracing.execute import Executor
 from .tracing.gradients import check_edits, split_backward
 from .tracing.lru import LruCache
 from .tracing.program import Builder
 from .tracing.schedule import schedule
 from .tracing.tracer import Tracer
+
+
+_NO_FAMILY = "no family"  # a model discovered shape by shape
+
+
+@dataclass(frozen=True)
+class _FirstShape:
+    """The first shape of a family, as discovered: the check for its symbolic table."""
+
+    sizes: dict[str, int]
+    batch_symbol: str | None
+    table: SiteTable
+
+
+def _discover_family(module: nn.Module, variables: Any, symbolic: SymbolicInputs) -> SiteTable | None:
+    """The site table on symbolic sizes, or None where the model cannot run on them
+    (a Python branch on a size, a NumPy call on a shape)."""
+    try:
+        return discover(module, variables, symbolic.args, symbolic.kwargs)
+    except Exception:  # noqa: BLE001 - any failure means: discover shape by shape
+        return None
+
+
+def _same_sites(a: SiteTable, b: SiteTable) -> bool:
+    return [(s.key, s.treedef, s.leaves, s.batched) for s in a.sites] == \
+        [(s.key, s.treedef, s.leaves, s.batched) for s in b.sites]
 
 
 class NNsight(Envoy):
@@ -70,6 +107,7 @@ class NNsight(Envoy):
             "_leaves": jax.tree_util.tree_leaves(variables),
             "_envoys": {},
             "_tables": LruCache(64),
+            "_families": LruCache(64),  # site tables on symbolic sizes (see _discover)
             "_schedules": LruCache(256),
             "_executor": Executor(256),
             "_types": {(): type(module).__name__},
@@ -192,10 +230,7 @@ class NNsight(Envoy):
         key = (variables_key, shape_key((batch.args, batch.kwargs)), split)
         entry = self._tables.get(key)
         if entry is None:
-            table = discover(self.module, variables, batch.args, batch.kwargs)
-            if split:
-                table = with_batch_axes(table, self.module, variables, batch.args,
-                                        batch.kwargs, batch.rows[0].size)
+            table = self._discover(variables, variables_key, batch, split)
             avals = [core.ShapedArray(jnp.shape(x), x.dtype)
                      for x in jax.tree_util.tree_leaves(variables)]
             entry = self._tables.put(key, (key, table, avals))
@@ -204,6 +239,52 @@ class NNsight(Envoy):
                     self._add_path(path)
                     self._types[path] = info.type_name
         return entry
+
+    def _discover(self, variables: Any, variables_key: Any, batch: Batch, split: bool) -> SiteTable:
+        """The site table of a forward on ``batch``'s shapes.
+
+        Inputs that differ only in sizes above 1 (prompt lengths, batch sizes) form
+        a *family*. Its first shape is discovered as it is. At its second, the
+        model is discovered once on symbolic sizes; if that table, at the first
+        shape's sizes, equals the first shape's table, every later shape of the
+        family is instantiated from it without tracing the model again. A model
+        that cannot run on symbolic sizes, or whose sites differ, is discovered
+        shape by shape.
+        """
+        rows = batch.rows[0].size
+        symbolic = symbolic_inputs(batch.args, batch.kwargs)
+        batch_symbol = None
+        if symbolic is not None and split:
+            batch_symbol = symbolic.symbol_of(rows)
+            others = [d for x in jax.tree_util.tree_leaves((batch.args, batch.kwargs))
+                      if is_array(x) for d in np.shape(x)[1:]]
+            if batch_symbol is None or rows in others:  # the batch axis would be ambiguous
+                symbolic = None
+        if symbolic is None:
+            return self._discover_concrete(variables, batch, split)
+        family_key = (variables_key, symbolic.pattern, split)
+        family = self._families.get(family_key)
+        if isinstance(family, SiteTable):
+            return instantiate(family, symbolic.sizes, batch_symbol)
+        if family is None:  # the first shape: remember it to check the family against
+            table = self._discover_concrete(variables, batch, split)
+            self._families.put(family_key, _FirstShape(symbolic.sizes, batch_symbol, table))
+            return table
+        if isinstance(family, _FirstShape):
+            found = _discover_family(self.module, variables, symbolic)
+            if found is not None and _same_sites(
+                    instantiate(found, family.sizes, family.batch_symbol), family.table):
+                self._families.put(family_key, found)
+                return instantiate(found, symbolic.sizes, batch_symbol)
+            self._families.put(family_key, _NO_FAMILY)
+        return self._discover_concrete(variables, batch, split)
+
+    def _discover_concrete(self, variables: Any, batch: Batch, split: bool) -> SiteTable:
+        table = discover(self.module, variables, batch.args, batch.kwargs)
+        if split:
+            table = with_batch_axes(table, self.module, variables, batch.args,
+                                    batch.kwargs, batch.rows[0].size)
+        return table
 
     def _run(
         self, variables: Any, batch: Batch, bodies: Callable[[], None], scan: bool = False

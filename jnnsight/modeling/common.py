@@ -20,7 +20,6 @@ import flax.linen as nn
 import flax.struct
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 @flax.struct.dataclass
 class CausalLMOutput:
@@ -143,12 +142,12 @@ def causal_mask(attention_mask: jax.Array, window: int | None = None) -> jax.Arr
     ``window``) less than ``window`` positions back, as in transformers.
     """
     t = attention_mask.shape[-1]
-    q = np.arange(t)[:, None]
-    k = np.arange(t)[None, :]
+    q = jnp.arange(t)[:, None]
+    k = jnp.arange(t)[None, :]
     allowed = k <= q
     if window is not None:
         allowed = allowed & (q - k < window)
-    return jnp.asarray(allowed[None, None]) & attention_mask.astype(bool)[:, None, None, :]
+    return allowed[None, None] & attention_mask.astype(bool)[:, None, None, :]
 
 
 def cache_mask(attention_mask: jax.Array, cache_position: jax.Array, length: int,

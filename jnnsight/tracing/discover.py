@@ -205,6 +205,77 @@ def discover(module: nn.Module, variables: Any, args: tuple, kwargs: dict) -> Si
     return SiteTable(tuple(sites), modules, {s.key: s for s in sites})
 
 
+@dataclass(frozen=True)
+class SymbolicInputs:
+    """A forward's inputs with every dimension above 1 a symbol; equal sizes share one.
+
+    Attributes:
+      pattern: hashable; equal for inputs that differ only in those sizes.
+      args, kwargs: the inputs as ``ShapeDtypeStruct``s of symbolic shapes.
+      sizes: each symbol's size in these inputs.
+    """
+
+    pattern: Any
+    args: tuple
+    kwargs: dict
+    sizes: dict[str, int]
+
+    def symbol_of(self, size: int) -> str | None:
+        return next((name for name, value in self.sizes.items() if value == size), None)
+
+
+def symbolic_inputs(args: tuple, kwargs: dict) -> SymbolicInputs | None:
+    """``(args, kwargs)`` with symbolic sizes, or None where no dimension is above 1."""
+    leaves, treedef = jax.tree_util.tree_flatten((args, kwargs))
+    values = sorted({int(d) for x in leaves if _is_abstract_array(x) for d in np.shape(x) if d > 1})
+    if not values:
+        return None
+    names = [f"d{i}" for i in range(len(values))]
+    # Sizes above 1 are known: comparisons with 1 (a branch on `length == 1`) are decided.
+    symbols = dict(zip(values, jax.export.symbolic_shape(
+        ", ".join(names), constraints=[f"{n} >= 2" for n in names])))
+    name_of = dict(zip(values, names))
+    pattern, symbolic = [], []
+    for x in leaves:
+        if _is_abstract_array(x):
+            shape = tuple(symbols[d] if d > 1 else 1 for d in np.shape(x))
+            pattern.append((tuple(name_of.get(d, 1) for d in np.shape(x)), np.dtype(x.dtype)))
+            symbolic.append(jax.ShapeDtypeStruct(shape, x.dtype))
+        else:
+            pattern.append(x)
+            symbolic.append(x)
+    sym_args, sym_kwargs = jax.tree_util.tree_unflatten(treedef, symbolic)
+    return SymbolicInputs((treedef, tuple(pattern)), sym_args, sym_kwargs,
+                          dict(zip(names, values)))
+
+
+def instantiate(table: SiteTable, sizes: dict[str, int], batch: str | None = None) -> SiteTable:
+    """A table discovered on symbolic inputs, at the given sizes.
+
+    With ``batch`` (a symbol), each leaf whose axis 0 is exactly that symbol is
+    marked batched, as :func:`with_batch_axes` would measure.
+    """
+
+    def size(d: Any) -> Any:
+        return int(d._evaluate(sizes)) if jax.export.is_symbolic_dim(d) else d
+
+    def leaf(x: Any) -> Any:
+        if isinstance(x, jax.ShapeDtypeStruct):
+            return jax.ShapeDtypeStruct(tuple(size(d) for d in x.shape), x.dtype)
+        return size(x)
+
+    def batched(x: Any) -> bool:
+        return (isinstance(x, jax.ShapeDtypeStruct) and len(x.shape) >= 1
+                and jax.export.is_symbolic_dim(x.shape[0]) and str(x.shape[0]) == batch)
+
+    sites = tuple(
+        dataclasses.replace(site, leaves=tuple(leaf(x) for x in site.leaves),
+                            batched=None if batch is None else tuple(batched(x) for x in site.leaves))
+        for site in table.sites
+    )
+    return SiteTable(sites, table.modules, {s.key: s for s in sites})
+
+
 def with_batch_axes(table: SiteTable, module: nn.Module, variables: Any,
                     args: tuple, kwargs: dict, size: int) -> SiteTable:
     """``table`` with each site leaf marked batched or not.

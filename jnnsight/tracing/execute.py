@@ -24,6 +24,7 @@ from typing import Any, Callable
 import flax.linen as nn
 import jax
 
+from ..errors import JnnsightError
 from .discover import SiteKey, is_array, site_interceptor
 from .lru import LruCache
 from .gradients import Backward, with_gradients
@@ -38,7 +39,15 @@ class _StopForward(BaseException):
 
 
 def run_stage(stage: Stage, env: dict, leaves: list[Any] | None) -> None:
+    """Bind the site's leaves the stage reads, then evaluate its equations into ``env``."""
     for j, var in stage.reads:
+        if jax.numpy.shape(leaves[j]) != var.aval.shape:
+            raise JnnsightError(
+                f"site #{stage.order} holds shape {list(jax.numpy.shape(leaves[j]))} in this "
+                f"forward, and discovery found {list(var.aval.shape)}: this model's sites "
+                "depend on its input sizes in a way jnnsight's discovery did not see. "
+                "Please report it, with the model."
+            )
         env[var] = leaves[j]
     if stage.jaxpr is not None:
         args = [atom_value(env, v) for v in stage.jaxpr.invars]

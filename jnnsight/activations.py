@@ -1,0 +1,210 @@
+"""Saved activations of many traces on disk: appended batch by batch, read back lazily.
+
+A loop over a dataset saves a site per batch; an :class:`ActivationStore` appends
+each batch's rows to one zarr array per name (written by tensorstore, which orbax
+also uses), so the collection can be far larger than memory. Writes run in the
+background while the next batch computes; reads take any slice of rows without
+loading the rest.
+
+Example::
+
+    >>> store = ActivationStore("runs/acts")
+    >>> for ids in batches:
+    ...     with lm.trace(ids):
+    ...         h = lm.model.layers[10].output[0][:, -1].save()
+    ...     store.append(layer_10=h)
+    >>> store.flush()
+    >>> store["layer_10"][:1000]            # numpy, read from disk
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import Any
+
+import jax
+import numpy as np
+
+from .errors import JnnsightError, at_user_line
+
+_NAME = re.compile(r"^[A-Za-z0-9_.-]+$")
+_CHUNK_BYTES = 8 << 20  # rows per zarr chunk: about 8 MiB of them
+
+
+def _tensorstore() -> Any:
+    import tensorstore
+
+    return tensorstore
+
+
+class StoredArray:
+    """One name's rows on disk: ``shape``, ``dtype``, and numpy slices on indexing.
+
+    Example::
+
+        >>> store["layer_10"].shape           # (rows, *row shape)
+        >>> store["layer_10"][128:256]         # numpy, read from disk
+    """
+
+    def __init__(self, array: Any):
+        self._array = array
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        return tuple(int(n) for n in self._array.shape)
+
+    @property
+    def dtype(self) -> np.dtype:
+        return np.dtype(self._array.dtype.numpy_dtype)
+
+    def __len__(self) -> int:
+        return self.shape[0]
+
+    def __getitem__(self, index: Any) -> np.ndarray:
+        return np.asarray(self._array[index].read().result())
+
+    def __array__(self, dtype: Any = None, copy: Any = None) -> np.ndarray:
+        whole = self[...]
+        return whole if dtype is None else whole.astype(dtype)
+
+    def __repr__(self) -> str:
+        return f"StoredArray(shape={self.shape}, dtype={self.dtype})"
+
+
+class ActivationStore:
+    """A folder of growing arrays, one per name, each appended along axis 0.
+
+    ``ActivationStore(path)`` creates the folder or opens the arrays already in
+    it, so a run can resume. Each name keeps the row shape and dtype of its first
+    batch; later batches must match (a clear error says how when they do not).
+    Only the process that appends writes: in a multi-host run, gather a value
+    first (``.save(gather=True)``) and append on one process.
+
+    Example::
+
+        >>> store = ActivationStore("runs/acts")
+        >>> store.append(layer_10=h, labels=labels)     # rows along axis 0
+        >>> store.flush()                               # wait for the writes
+        >>> store.names, len(store["labels"])
+    """
+
+    def __init__(self, path: str | Path):
+        self.path = Path(path).absolute()
+        self.path.mkdir(parents=True, exist_ok=True)
+        self._arrays: dict[str, Any] = {}
+        self._pending: list[Any] = []
+        ts = _tensorstore()
+        for folder in sorted(p for p in self.path.iterdir() if (p / "zarr.json").exists()):
+            self._arrays[folder.name] = ts.open(self._spec(folder.name)).result()
+
+    def _spec(self, name: str) -> dict:
+        return {"driver": "zarr3", "kvstore": {"driver": "file", "path": str(self.path / name)}}
+
+    @property
+    def names(self) -> list[str]:
+        return sorted(self._arrays)
+
+    def __contains__(self, name: str) -> bool:
+        return name in self._arrays
+
+    def __getitem__(self, name: str) -> StoredArray:
+        if name not in self._arrays:
+            raise KeyError(f"{name!r} is not in {self.path}; it holds {self.names}.")
+        self.flush()
+        return StoredArray(self._arrays[name])
+
+    def append(self, values: dict[str, Any] | None = None, **named: Any) -> None:
+        """Append each value's rows (axis 0) to the array of its name.
+
+        The rows are copied before this returns; writing them to disk goes on in
+        the background until :meth:`flush` (or a read) waits for it.
+        """
+        batch = {**(values or {}), **named}
+        rows = {name: self._host(name, value) for name, value in batch.items()}
+        for name, value in rows.items():
+            array = self._arrays.get(name)
+            if array is None:
+                array = self._arrays[name] = self._create(name, value)
+            else:
+                self._check(name, array, value)
+            start = int(array.shape[0])
+            array = array.resize(exclusive_max=[start + value.shape[0], *array.shape[1:]],
+                                 resize_metadata_only=True, expand_only=True).result()
+            self._arrays[name] = array
+            write = array[start:start + value.shape[0]].write(value)
+            write.copy.result()
+            self._pending.append(write.commit)
+
+    def flush(self) -> None:
+        """Wait until every appended row is on disk."""
+        pending, self._pending = self._pending, []
+        for commit in pending:
+            commit.result()
+
+    def __enter__(self) -> "ActivationStore":
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.flush()
+
+    def __repr__(self) -> str:
+        shapes = ", ".join(f"{n}: {list(a.shape)}" for n, a in sorted(self._arrays.items()))
+        return f"ActivationStore({str(self.path)!r}, {{{shapes}}})"
+
+    # -- checks ---------------------------------------------------------------------------
+
+    def _host(self, name: str, value: Any) -> np.ndarray:
+        if not _NAME.match(name):
+            raise JnnsightError(at_user_line(
+                f"{name!r} cannot name a stored array: use letters, digits, '_', '.' or '-'."
+            ))
+        if isinstance(value, jax.core.Tracer):
+            raise JnnsightError(at_user_line(
+                f"{name!r} is a value inside a JAX transformation (`jax.jit`, a block's body); "
+                "append the saved values after the block, outside jitted code."
+            ))
+        if not isinstance(value, (jax.Array, np.ndarray, np.generic, list, tuple, int, float)):
+            raise JnnsightError(at_user_line(
+                f"{name!r} is a {type(value).__name__}, not an array: append values saved "
+                "in a block (`.save()`), after the block."
+            ))
+        if isinstance(value, jax.Array) and not value.is_fully_addressable:
+            raise JnnsightError(at_user_line(
+                f"{name!r} spans devices of other processes: gather it first "
+                "(`.save(gather=True)` or `jax.experimental.multihost_utils.process_allgather`) "
+                "and append on one process."
+            ))
+        array = np.asarray(jax.device_get(value))
+        if array.ndim == 0:
+            raise JnnsightError(at_user_line(
+                f"{name!r} is a scalar: stored arrays grow along axis 0, the rows. Append "
+                "`value[None]` for one row."
+            ))
+        return array
+
+    def _create(self, name: str, value: np.ndarray) -> Any:
+        ts = _tensorstore()
+        row_bytes = max(1, int(np.prod(value.shape[1:], dtype=np.int64)) * value.dtype.itemsize)
+        chunk = [max(1, _CHUNK_BYTES // row_bytes), *value.shape[1:]]
+        return ts.open(self._spec(name), create=True, dtype=ts.dtype(value.dtype.name),
+                       shape=[0, *value.shape[1:]],
+                       chunk_layout=ts.ChunkLayout(chunk_shape=chunk)).result()
+
+    def _check(self, name: str, array: Any, value: np.ndarray) -> None:
+        row, dtype = tuple(int(n) for n in array.shape[1:]), np.dtype(array.dtype.numpy_dtype)
+        if tuple(value.shape[1:]) != row:
+            raise JnnsightError(at_user_line(
+                f"{name!r} holds rows of shape {list(row)}; this batch's rows are "
+                f"{list(value.shape[1:])}. Rows of one name share a shape: save a fixed "
+                "position (`output[0][:, -1]`), or pad every batch to one length "
+                "(`pad_to_multiple_of`), or append under another name."
+            ))
+        if value.dtype != dtype:
+            raise JnnsightError(at_user_line(
+                f"{name!r} holds {dtype}; this batch is {value.dtype}. Cast it "
+                f"(`.astype(jnp.{dtype})`) or append under another name."
+            ))
+
+
+__all__ = ["ActivationStore", "StoredArray"]
