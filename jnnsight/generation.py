@@ -355,10 +355,10 @@ def generate(lm: "LanguageModel", batch: Batch, bodies: Callable[[], None],
     variables = lm.variables
     ids, mask = batch.args[0], batch.kwargs["attention_mask"]
     rows, prompt = ids.shape
-    ends_in_padding = np.flatnonzero(np.asarray(mask)[:, -1] == 0)
-    if ends_in_padding.size:
+    if int(_replicated(jnp.min(mask[:, -1]))) == 0:
+        row = int(_replicated(jnp.argmin(mask[:, -1])))
         raise JnnsightError(at_user_line(
-            f"prompt row {int(ends_in_padding[0])} ends in padding (its attention mask is 0 at "
+            f"prompt row {row} ends in padding (its attention mask is 0 at "
             "the last position): generation appends each new token after the last position. "
             "Pad prompts on the left (`tokenizer.padding_side = 'left'`, as lm.tokenizer "
             "does), or pass the prompts as text."
@@ -429,7 +429,8 @@ def generate(lm: "LanguageModel", batch: Batch, bodies: Callable[[], None],
             values.update(zip(step_plan.saves, saves))
             ran = step + 1
             bar.update(1)
-            if config.eos_token_id is not None and step + 1 < steps and bool(state["finished"].all()):
+            if (config.eos_token_id is not None and step + 1 < steps
+                    and bool(_replicated(state["finished"].all()))):
                 break
     finally:
         bar.close()
@@ -460,6 +461,14 @@ def generate(lm: "LanguageModel", batch: Batch, bodies: Callable[[], None],
         for i in missing:
             values[i] = Unreached(builder.save_lines.get(saved[i]), ran - 1)
     return {saved[i]: values[i] for i in range(len(saved))}, builder
+
+
+def _replicated(value: jax.Array) -> np.ndarray:
+    """A value every device holds whole (a reduction), read from this process's copy: a
+    multi-host run cannot fetch arrays that span other processes' devices."""
+    if value.is_fully_addressable:
+        return np.asarray(value)
+    return np.asarray(value.addressable_shards[0].data)
 
 
 def _progress_bar(steps: int, progress: bool | None) -> Any:

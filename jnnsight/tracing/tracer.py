@@ -259,7 +259,7 @@ class Tracer:
             if builder.saved.get(id(value)) is value:
                 found.add(id(value))
                 if id(value) in builder.gathered:
-                    return jax.device_get(values[id(value)])
+                    return gather(values[id(value)])
                 return values[id(value)]
             return Unsaved(name, line) if builder.is_ours(value) else value
 
@@ -274,6 +274,16 @@ class Tracer:
                 "objects that the block names): a name bound again later in the block, or "
                 "a save that was not assigned. Keep each value you need under its own name."
             )
+
+
+def gather(value: Any) -> Any:
+    """``value`` as numpy on this host, whole: in a multi-host run, gathered from every
+    process (each must make the same call, as they run the same block)."""
+    if isinstance(value, jax.Array) and not value.is_fully_addressable:
+        from jax.experimental import multihost_utils
+
+        return multihost_utils.process_allgather(value, tiled=True)
+    return jax.device_get(value)
 
 
 class Cache(dict):
