@@ -39,7 +39,8 @@ def _tensorstore() -> Any:
 
 
 class StoredArray:
-    """One name's rows on disk: ``shape``, ``dtype``, and numpy slices on indexing.
+    """One name's rows on disk: ``shape``, ``dtype``, and numpy slices on indexing
+    (rows appended after it was taken included).
 
     Example::
 
@@ -47,8 +48,14 @@ class StoredArray:
         >>> store["layer_10"][128:256]         # numpy, read from disk
     """
 
-    def __init__(self, array: Any):
-        self._array = array
+    def __init__(self, store: "ActivationStore", name: str):
+        self._store, self._name = store, name
+
+    @property
+    def _array(self) -> Any:
+        """The store's current handle: rows appended later are seen."""
+        self._store.flush()
+        return self._store._arrays[self._name]
 
     @property
     def shape(self) -> tuple[int, ...]:
@@ -111,8 +118,7 @@ class ActivationStore:
     def __getitem__(self, name: str) -> StoredArray:
         if name not in self._arrays:
             raise KeyError(f"{name!r} is not in {self.path}; it holds {self.names}.")
-        self.flush()
-        return StoredArray(self._arrays[name])
+        return StoredArray(self, name)
 
     def append(self, values: dict[str, Any] | None = None, **named: Any) -> None:
         """Append each value's rows (axis 0) to the array of its name.
@@ -122,12 +128,13 @@ class ActivationStore:
         """
         batch = {**(values or {}), **named}
         rows = {name: self._host(name, value) for name, value in batch.items()}
+        for name, value in rows.items():  # every name checked before anything is written
+            if name in self._arrays:
+                self._check(name, self._arrays[name], value)
         for name, value in rows.items():
             array = self._arrays.get(name)
             if array is None:
                 array = self._arrays[name] = self._create(name, value)
-            else:
-                self._check(name, array, value)
             start = int(array.shape[0])
             array = array.resize(exclusive_max=[start + value.shape[0], *array.shape[1:]],
                                  resize_metadata_only=True, expand_only=True).result()

@@ -355,7 +355,7 @@ def generate(lm: "LanguageModel", batch: Batch, bodies: Callable[[], None],
     variables = lm.variables
     ids, mask = batch.args[0], batch.kwargs["attention_mask"]
     rows, prompt = ids.shape
-    if int(_replicated(jnp.min(mask[:, -1]))) == 0:
+    if not isinstance(mask, jax.core.Tracer) and int(_replicated(jnp.min(mask[:, -1]))) == 0:
         row = int(_replicated(jnp.argmin(mask[:, -1])))
         raise JnnsightError(at_user_line(
             f"prompt row {row} ends in padding (its attention mask is 0 at "
@@ -377,21 +377,21 @@ def generate(lm: "LanguageModel", batch: Batch, bodies: Callable[[], None],
     # The sites of the prompt pass and of one decode step (cached by shapes), then all steps.
     positions = _prompt_positions(mask)
     first_args, first_kwargs = _inputs(ids, state, positions, jnp.int32(0))
-    first_key, first_table, avals = lm._site_table(variables, Batch(first_args, first_kwargs, batch.rows))
+    # Discovered as they are: a cache's head sizes would be symbols too, which the
+    # models' key/value code cannot compare with the prompt's.
+    first_key, first_table, avals = lm._site_table(
+        variables, Batch(first_args, first_kwargs, batch.rows), families=False)
     step_table = step_key = None
     if steps > 1:
         step_args, step_kwargs = _inputs(ids[:, :1], state, positions[:, :1], jnp.int32(prompt))
-        step_key, step_table, _ = lm._site_table(variables, Batch(step_args, step_kwargs, batch.rows))
+        step_key, step_table, _ = lm._site_table(
+            variables, Batch(step_args, step_kwargs, batch.rows), families=False)
     treedef, leaves = abstract_leaves(state["tokens"])
     result = Site(RESULT, 0, treedef, leaves, (True,))
     table = StepTable(first_table, step_table, steps, result)
 
     builder = Builder(table, avals)
     program = builder.run(bodies)
-    if program.stop:
-        raise JnnsightError(
-            "`tracer.stop()` is not supported in a generate block: lower max_new_tokens instead."
-        )
     if split_backward(program)[1] is not None:
         raise JnnsightError(
             "`loss.backward()` is not supported in a generate block: each step is its own "
@@ -415,13 +415,18 @@ def generate(lm: "LanguageModel", batch: Batch, bodies: Callable[[], None],
             fn = programs.put(k, _step_function(module, plan_for_step, plan, config, prompt, first))
         return fn
 
+    # `tracer.stop()`: generation ends after the last step the block reads, writes or saves.
+    needed = steps
+    if program.stop and not (final.stages or final.saves):
+        needed = 1 + max((i for i, p in enumerate(plans) if p.stages or p.saves), default=0)
+
     values: dict[int, Any] = {}
     carried: dict[Any, Any] = {}
     base_key = jax.random.key(0) if key is None else key
     ran = 0
-    bar = _progress_bar(steps, progress)
+    bar = _progress_bar(needed, progress)
     try:
-        for step, step_plan in enumerate(plans):
+        for step, step_plan in enumerate(plans[:needed]):
             fn = compiled(step_plan, step == 0)
             state, out, saves = fn(variables, state, [carried[v] for v in step_plan.carry_in],
                                    consts, base_key, jnp.int32(step))

@@ -51,6 +51,14 @@ from .tracing.schedule import schedule
 from .tracing.tracer import Tracer
 
 
+SYMBOLIC_SIZES = "jnnsight_symbolic_sizes"
+"""A module class with ``jnnsight_symbolic_sizes: ClassVar[bool] = True`` declares that
+the modules it calls, and how often, never depend on its input sizes (no Python branch
+on a size): jnnsight then discovers its sites once per family of shapes on symbolic
+sizes (see ``NNsight._discover``). JAX decides a comparison of symbolic sizes it cannot
+prove as unequal, so a model that branches on, say, ``length % 4 == 0`` must not set it.
+jnnsight's GPT-2 and Llama families set it."""
+
 _NO_FAMILY = "no family"  # a model discovered shape by shape
 
 
@@ -219,10 +227,12 @@ class NNsight(Envoy):
         """Step 2 for this model: arrays are concatenated along axis 0."""
         return collate(inputs, lines)
 
-    def _site_table(self, variables: Any, batch: Batch) -> tuple[Any, SiteTable, list[core.ShapedArray]]:
+    def _site_table(self, variables: Any, batch: Batch, families: bool = True
+                    ) -> tuple[Any, SiteTable, list[core.ShapedArray]]:
         """The sites of this forward and the parameters' abstract values, cached by shapes.
 
         Returns the cache key too: site numbers mean something only with their table.
+        ``families=False`` discovers the shape as it is (see :meth:`_discover`).
         """
         own = variables is self.variables
         variables_key = self._variables_key if own else shape_key(variables)
@@ -230,7 +240,8 @@ class NNsight(Envoy):
         key = (variables_key, shape_key((batch.args, batch.kwargs)), split)
         entry = self._tables.get(key)
         if entry is None:
-            table = self._discover(variables, variables_key, batch, split)
+            table = (self._discover(variables, variables_key, batch, split) if families
+                     else self._discover_concrete(variables, batch, split))
             avals = [core.ShapedArray(jnp.shape(x), x.dtype)
                      for x in jax.tree_util.tree_leaves(variables)]
             entry = self._tables.put(key, (key, table, avals))
@@ -243,14 +254,16 @@ class NNsight(Envoy):
     def _discover(self, variables: Any, variables_key: Any, batch: Batch, split: bool) -> SiteTable:
         """The site table of a forward on ``batch``'s shapes.
 
-        Inputs that differ only in sizes above 1 (prompt lengths, batch sizes) form
-        a *family*. Its first shape is discovered as it is. At its second, the
+        For a model that declares it (:data:`SYMBOLIC_SIZES`), inputs that differ
+        only in sizes above 1 (prompt lengths, batch sizes) form a *family*. Its first shape is discovered as it is. At its second, the
         model is discovered once on symbolic sizes; if that table, at the first
         shape's sizes, equals the first shape's table, every later shape of the
         family is instantiated from it without tracing the model again. A model
         that cannot run on symbolic sizes, or whose sites differ, is discovered
         shape by shape.
         """
+        if not getattr(type(self.module), SYMBOLIC_SIZES, False):
+            return self._discover_concrete(variables, batch, split)
         rows = batch.rows[0].size
         symbolic = symbolic_inputs(batch.args, batch.kwargs)
         batch_symbol = None

@@ -53,9 +53,9 @@ def spec_for(axes: Sequence[str | None], shape: Sequence[int], mesh: Mesh,
     """The ``PartitionSpec`` of an array with logical ``axes`` on ``mesh``.
 
     A logical axis maps to its rule's mesh axis (or tuple of mesh axes, split over
-    all of them) when the mesh has those axes, no earlier dimension took one of
-    them, and the dimension is a multiple of their total size; otherwise the
-    dimension is replicated. ``axes`` of another rank than ``shape`` replicate
+    all of them) when the mesh has every one of those axes, no earlier dimension
+    took one of them, and the dimension is a multiple of their total size;
+    otherwise the dimension is replicated. ``axes`` of another rank than ``shape`` replicate
     the whole array.
 
     Example::
@@ -71,9 +71,10 @@ def spec_for(axes: Sequence[str | None], shape: Sequence[int], mesh: Mesh,
     for axis, size in zip(axes, shape):
         target = table.get(axis) if axis is not None else None
         names = (target,) if isinstance(target, str) else tuple(target or ())
-        names = tuple(n for n in names if n in mesh.shape and n not in used)
-        span = int(np.prod([mesh.shape[n] for n in names], dtype=int))
-        if not names or size % span:
+        if len(set(names)) != len(names):
+            raise ValueError(f"the rule for {axis!r} names a mesh axis twice: {target}.")
+        span = int(np.prod([mesh.shape.get(n, 0) for n in names], dtype=int))
+        if not names or any(n in used for n in names) or not span or size % span:
             parts.append(None)
             continue
         used.update(names)

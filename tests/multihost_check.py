@@ -55,6 +55,7 @@ def work(index: int) -> None:
 
     from jnnsight import ActivationStore, LanguageModel
     from jnnsight.errors import JnnsightError
+    from jnnsight.loading import checkpoint
 
     warnings.simplefilter("ignore")  # the checkpoint has no tokenizer files: ids only
     assert jax.process_count() == WORKERS and len(jax.devices()) == 4 * WORKERS
@@ -103,6 +104,30 @@ def work(index: int) -> None:
             worst = max(worst, float(diff) / scale)
     assert worst <= TOL, worst
 
+    # A model axis across the hosts: each host reads only its rows of the checkpoint.
+    read: list[int] = []
+    original = checkpoint._read_raw
+
+    def counting(*args):
+        array = original(*args)
+        read.append(array.nbytes)
+        return array
+
+    checkpoint._read_raw = counting
+    across = LanguageModel(folder, mesh=jax.make_mesh((WORKERS, 4), ("model", "data")))
+    checkpoint._read_raw = original
+    with across.trace(ids):
+        across.model.layers[1].output[0] = across.model.layers[1].output[0] + steer
+        logits_across = across.lm_head.output.save()
+    want = np.asarray(reference[1])
+    for shard in logits_across.addressable_shards:
+        diff = np.abs(np.asarray(shard.data, np.float64) - want[shard.index]).max()
+        assert diff <= TOL * max(1.0, float(np.abs(want).max())), diff
+    device = jax.local_devices()[0]
+    held = sum(s.data.nbytes for leaf in jax.tree_util.tree_leaves(across.variables)
+               for s in leaf.addressable_shards if s.device == device)
+    assert sum(read) <= 0.55 * total and held <= 0.55 * total, (sum(read), held, total)
+
     try:
         ActivationStore(tempfile.mkdtemp()).append(h=hidden)
         raise AssertionError("appending a value of other hosts must be refused")
@@ -111,7 +136,8 @@ def work(index: int) -> None:
     rows = sorted({s.index[0].start or 0 for s in logits.addressable_shards})
     print(f"host {index}: ok; holds {local / total:.2f} of the parameter bytes on its devices, "
           f"batch rows from {rows}; logits, saves (one gathered), gradients and tokens within "
-          f"{worst:.1e}")
+          f"{worst:.1e}; with the model axis across hosts it read {sum(read) / total:.2f} of the "
+          f"checkpoint, and each device holds {held / total:.2f} of it")
 
 
 if __name__ == "__main__":

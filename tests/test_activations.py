@@ -63,4 +63,10 @@ def test_bad_appends_get_clear_errors(tmp_path):
         jax.jit(lambda x: store.append(h=x))(np.zeros((2, 4), np.float32))
     with pytest.raises(KeyError, match="holds \\['h'\\]"):
         store["g"]
-    assert store["h"].shape == (2, 4)  # the refused batches wrote nothing
+    store.append(labels=np.array([1, 0]))
+    with pytest.raises(JnnsightError, match="holds int64"):
+        store.append(h=np.ones((2, 4), np.float32), labels=np.array([0.5, 0.5]))
+    assert store["h"].shape == (2, 4)  # the refused batches wrote nothing, not even h
+    view = store["labels"]
+    store.append(labels=np.array([1, 1]))
+    assert view.shape == (4,)  # a view taken earlier sees later rows

@@ -8,9 +8,11 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+import jnnsight.generation as generation
 from conftest import tiny_language_model
 from jnnsight.errors import JnnsightError, SiteError
 from jnnsight.modeling.gpt2 import GPT2LMHeadModel
+from jnnsight.tracing.lru import LruCache
 
 torch = pytest.importorskip("torch")
 
@@ -122,6 +124,37 @@ def test_per_step_reads_equal_the_hidden_states_of_the_generated_sequence(models
     np.testing.assert_allclose(logits[1][:, 0], out.logits[:, t].numpy(), atol=1e-4)
 
 
+def test_stop_ends_generation_after_the_last_step_the_block_needs(models, monkeypatch):
+    tm, lm = models["llama"]
+    with lm.generate(PROMPTS[0], max_new_tokens=NEW, eos_token_id=None) as tracer:
+        whole = lm.model.layers[0].next(2).output[0].save()
+        tokens = tracer.result.save()
+
+    ran = []
+    original = generation._step_function
+
+    def counted(*args, **kwargs):
+        fn = original(*args, **kwargs)
+        return lambda *a: ran.append(1) or fn(*a)
+
+    monkeypatch.setattr(generation, "_step_function", counted)
+    cached = lm._generation_programs
+    object.__setattr__(lm, "_generation_programs", LruCache(256))  # compile, and count, anew
+    try:
+        with lm.generate(PROMPTS[0], max_new_tokens=NEW, eos_token_id=None) as tracer:
+            early = lm.model.layers[0].next(2).output[0].save()      # step 2
+            tracer.stop()
+            lm.model.layers[0].next(5).output.save()                 # not run: after stop
+    finally:
+        object.__setattr__(lm, "_generation_programs", cached)
+    assert len(ran) == 3                                             # steps 0, 1 and 2 of 6
+    np.testing.assert_allclose(early, whole, atol=1e-6)
+    with torch.no_grad():
+        reference = tm(torch.tensor(np.asarray(tokens)), output_hidden_states=True).hidden_states[1]
+    t = len(PROMPTS[0])
+    np.testing.assert_allclose(early, reference[:, t + 1 : t + 2].numpy(), atol=1e-4)
+
+
 def test_a_value_saved_at_step_0_is_written_at_step_3_as_a_torch_hook_does(models):
     tm, lm = models["llama"]
     with lm.generate(PROMPTS[0], max_new_tokens=NEW, eos_token_id=None) as tracer:
@@ -215,6 +248,21 @@ def test_the_generated_tokens_compare_with_values_computed_before_any_step(model
     np.testing.assert_array_equal(same, np.asarray(tokens) == target * 2)
 
 
+def test_generate_inside_jax_jit_gives_the_tokens_of_a_plain_call(models):
+    _, lm = models["gpt2"]
+    steer = jnp.linspace(-1.0, 1.0, 32)
+
+    def run(ids, vec):
+        with lm.generate(ids, max_new_tokens=4, eos_token_id=None) as tracer:
+            with tracer.all():
+                lm.transformer.h[0].output[0] = lm.transformer.h[0].output[0] + vec
+            tokens = tracer.result.save()
+        return tokens
+
+    ids = jnp.asarray([PROMPTS[1]], jnp.int32)
+    np.testing.assert_array_equal(jax.jit(run)(ids, steer), run(ids, steer))
+
+
 # -- programs --------------------------------------------------------------------------------
 
 
@@ -262,10 +310,6 @@ def test_bad_generation_inputs_get_clear_errors(models):
         lm.generate(PROMPTS[0], max_new_tokens=0)
     with pytest.raises(ValueError, match="top_p"):
         lm.generate(PROMPTS[0], do_sample=True, top_p=1.5)
-    with pytest.raises(JnnsightError, match="stop"):
-        with lm.generate(PROMPTS[0], max_new_tokens=2) as tracer:
-            lm.model.layers[0].output.save()
-            tracer.stop()
     with pytest.raises(JnnsightError, match="ends in padding"):
         with lm.generate({"input_ids": np.array([[11, 12, 0]]),
                           "attention_mask": np.array([[1, 1, 0]])}, max_new_tokens=2):

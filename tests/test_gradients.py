@@ -183,6 +183,13 @@ def test_bad_gradient_code_gets_clear_errors(models):
         with lm.trace(IDS):
             with jnp.float32(1.0).backward():
                 pass
+    outside = jnp.ones(3)
+    for constant in (lambda: (outside * 2).sum(), lambda: lm.lm_head.weight.sum()):
+        with pytest.raises(JnnsightError, match="depends on no module value"):
+            with lm.trace(IDS):
+                h = lm.model.layers[0].output[0]
+                with constant().backward():
+                    h.grad.save()
     with pytest.raises(JnnsightError, match="uses a gradient"):
         with lm.trace(IDS):
             h = lm.model.layers[0].output[0]
@@ -295,3 +302,17 @@ def test_gradients_with_a_stopped_forward(models):
     kept[0].retain_grad()
     (kept[1] ** 2).sum().backward()
     close(g0, kept[0].grad.numpy())
+
+
+def test_another_invokes_write_leaves_this_invokes_gradient_alone(models):
+    tm, lm = models["llama"]
+    other = np.array([[21, 22, 23, 24, 25, 26, 27]])
+    with lm.trace() as tracer:
+        with tracer.invoke(IDS):
+            h = lm.model.layers[0].output[0]
+            with (nll(lm.lm_head.output, A) + 0.1 * (h ** 2).sum()).backward():
+                g = h.grad.save()
+            kept = h.save()
+        with tracer.invoke(other):  # writes its own rows of the same site
+            lm.model.layers[0].output[0] = lm.model.layers[0].output[0] * 0
+    close(g, torch_grads(tm, IDS, A)[0] + 0.2 * np.asarray(kept))

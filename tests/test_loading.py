@@ -155,6 +155,25 @@ def test_safetensors_bfloat16_checkpoint(tmp_path):
     np.testing.assert_array_equal(raw.view(np.int16), stored["model.norm.weight"].view(np.int16))
 
 
+def test_lazy_tensors_read_only_the_rows_and_columns_asked_for(tmp_path):
+    from safetensors.numpy import save_file
+
+    rng = np.random.default_rng(0)
+    tensors = {"matrix": rng.normal(size=(7, 5)).astype(np.float32),
+               "cube": rng.normal(size=(4, 6, 3)).astype(ml_dtypes.bfloat16),
+               "vector": np.arange(9, dtype=np.int32), "scalar": np.array(2.5, np.float32)}
+    save_file(tensors, str(tmp_path / "model.safetensors"))
+    lazy = checkpoint_module.lazy_safetensors(tmp_path)
+    for name, rows, columns in [("matrix", slice(2, 5), slice(1, 4)), ("matrix", slice(None), slice(3, 5)),
+                                ("cube", slice(1, 3), slice(2, 6)), ("cube", slice(0, 4), slice(None)),
+                                ("vector", slice(3, 8), slice(None)), ("matrix", slice(4, 4), slice(0, 2))]:
+        got = lazy[name].read(rows, columns)
+        want = tensors[name][rows] if tensors[name].ndim == 1 else tensors[name][rows, columns]
+        assert got.dtype == want.dtype and got.shape == want.shape
+        np.testing.assert_array_equal(got, want)
+    assert lazy["scalar"].read() == 2.5
+
+
 def test_load_checkpoint_folder(tmp_path, tiny_llama):
     tiny_llama.save_pretrained(tmp_path)
     config, tensors = load_checkpoint(tmp_path, dtype="float32")

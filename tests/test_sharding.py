@@ -8,6 +8,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 from jax.sharding import AbstractMesh, PartitionSpec
 
 from jnnsight.modeling import gpt2, llama
@@ -46,7 +47,12 @@ def test_a_rule_may_split_one_dimension_over_several_mesh_axes():
     assert spec_for(("batch", None), (6, 5), MESH, rules) == PartitionSpec(None, None)
     # an axis an earlier dimension took is not used twice
     assert spec_for(("batch", "embed"), (8, 64), MESH, rules) == PartitionSpec(("data", "model"), None)
-    assert spec_for(("embed", "batch"), (64, 8), MESH, rules) == PartitionSpec("model", "data")
+    assert spec_for(("embed", "batch"), (64, 8), MESH, rules) == PartitionSpec("model", None)
+    # a tuple needs every one of its axes: a missing one replicates the dimension
+    assert spec_for(("batch", None), (8, 5), MESH, (("batch", ("data", "fsdp")),)) == \
+        PartitionSpec(None, None)
+    with pytest.raises(ValueError, match="twice"):
+        spec_for(("batch",), (8,), MESH, (("batch", ("data", "data")),))
 
 
 def test_logical_axes_of_another_rank_replicate_the_parameter():

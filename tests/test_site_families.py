@@ -1,8 +1,12 @@
 """Site tables of new input sizes instantiated from one symbolic discovery: equal to a
-discovery of each shape on its own, with the model traced no more for a third shape, and
-shape-by-shape discovery where a model cannot run on symbolic sizes."""
+discovery of each shape on its own, with the model traced no more for a third shape;
+shape-by-shape discovery where a model does not declare it or cannot run on symbolic
+sizes; an error, never a dropped write, where a model declares it wrongly."""
 
 from __future__ import annotations
+
+from contextlib import nullcontext
+from typing import ClassVar
 
 import flax.linen as nn
 import jax
@@ -13,6 +17,7 @@ import pytest
 import jnnsight.nnsight
 from conftest import reference, tiny_language_model
 from jnnsight import NNsight
+from jnnsight.errors import JnnsightError
 from jnnsight.tracing.collate import Batch
 from jnnsight.tracing.discover import discover, with_batch_axes
 
@@ -93,8 +98,18 @@ def test_split_batches_get_the_batch_axes_a_measured_discovery_gives(models, dis
     assert len(discoveries) == 2
 
 
+class Plain(nn.Module):
+    """A module that does not declare its sites independent of sizes."""
+
+    @nn.compact
+    def __call__(self, x):
+        return nn.Dense(4, name="proj")(x)
+
+
 class ShapeBound(nn.Module):
-    """A module that needs concrete sizes: NumPy on a shape."""
+    """Declares size-independent sites, but needs concrete sizes: NumPy on a shape."""
+
+    jnnsight_symbolic_sizes: ClassVar[bool] = True
 
     @nn.compact
     def __call__(self, x):
@@ -103,7 +118,10 @@ class ShapeBound(nn.Module):
 
 
 class SizeProbing(nn.Module):
-    """A module whose sites depend on whether a size converts to int (symbolic ones do not)."""
+    """Declares size-independent sites, yet has more of them where a size converts to int
+    (symbolic ones do not): the check against the first shape catches it."""
+
+    jnnsight_symbolic_sizes: ClassVar[bool] = True
 
     @nn.compact
     def __call__(self, x):
@@ -116,8 +134,8 @@ class SizeProbing(nn.Module):
         return nn.Dense(4, name="extra")(x) if concrete else x
 
 
-@pytest.mark.parametrize("module", [ShapeBound(), SizeProbing()])
-def test_models_that_need_concrete_sizes_are_discovered_shape_by_shape(module, discoveries):
+@pytest.mark.parametrize("module, traces", [(Plain(), 4), (ShapeBound(), 5), (SizeProbing(), 5)])
+def test_models_that_need_concrete_sizes_are_discovered_shape_by_shape(module, traces, discoveries):
     model = NNsight(module, module.init(jax.random.key(0), jnp.ones((2, 3, 4))))
     for length in (3, 5, 6, 7):
         x = jnp.ones((2, length, 4)) * jnp.arange(length)[None, :, None]
@@ -126,4 +144,34 @@ def test_models_that_need_concrete_sizes_are_discovered_shape_by_shape(module, d
             out = model.output.save()
         np.testing.assert_allclose(out, module.apply(model.variables, x), atol=1e-6)
         assert h.shape == (2, length, 4)
-    assert len(discoveries) == 5  # 4 shapes and one symbolic try
+    assert len(discoveries) == traces  # 4 shapes, and one symbolic try where declared
+
+
+class Aligned(nn.Module):
+    """Declares size-independent sites but calls `block` again at unaligned lengths: JAX
+    decides `length % 4 != 0` True for a symbolic length, so the family's table is wrong
+    at length 8, and the run-time check says so instead of dropping the write."""
+
+    jnnsight_symbolic_sizes: ClassVar[bool] = True
+
+    @nn.compact
+    def __call__(self, ids):
+        h = nn.Embed(10, 3, name="embed")(ids)
+        block = nn.Dense(3, name="block")
+        h = block(h)
+        if ids.shape[1] % 4 != 0:
+            h = block(h)
+        return nn.Dense(3, name="out")(h)
+
+
+def test_a_wrongly_declared_model_gets_an_error_not_a_dropped_write():
+    module = Aligned()
+    model = NNsight(module, module.init(jax.random.key(0), jnp.ones((1, 8), jnp.int32)))
+    for length in (5, 6, 7, 8):
+        ids = (jnp.arange(2 * length).reshape(2, length) % 10).astype(jnp.int32)
+        with pytest.raises(JnnsightError, match="jnnsight_symbolic_sizes") if length == 8 else nullcontext():
+            with model.trace(ids):
+                model.block.next().output = jnp.zeros((2, length, 3))
+                edited = model.output.save()
+            params = model.variables["params"]["out"]
+            np.testing.assert_allclose(edited, jnp.broadcast_to(params["bias"], edited.shape), atol=1e-6)

@@ -386,9 +386,11 @@ class LazyTensor:
     key: str
     shape: tuple[int, ...]
 
-    def read(self) -> np.ndarray:
-        """The whole tensor, read with plain file reads (no memory map stays behind)."""
-        return _read_raw(self.file, self.key)
+    def read(self, rows: slice = slice(None), columns: slice = slice(None)) -> np.ndarray:
+        """The tensor's ``rows`` and ``columns`` (slices of axes 0 and 1, by default
+        all), read with plain file reads of just their bytes (no memory map stays
+        behind): one range for rows, one range per row for columns."""
+        return _read_raw(self.file, self.key, rows, columns)
 
 
 def lazy_safetensors(path: str | os.PathLike) -> dict[str, LazyTensor]:
@@ -403,8 +405,12 @@ def lazy_safetensors(path: str | os.PathLike) -> dict[str, LazyTensor]:
     return tensors
 
 
-def _read_raw(file: Path, key: str) -> np.ndarray:
-    """One tensor of a safetensors file, read from its bytes with an ``ml_dtypes`` dtype."""
+def _read_raw(file: Path, key: str, rows: slice = slice(None),
+              columns: slice = slice(None)) -> np.ndarray:
+    """One tensor of a safetensors file (its ``rows`` and ``columns``, slices of axes 0
+    and 1 with step 1), read from its bytes with an ``ml_dtypes`` dtype."""
+    if rows.step not in (None, 1) or columns.step not in (None, 1):
+        raise ValueError(f"rows and columns must be slices with step 1, not {rows}, {columns}.")
     with open(file, "rb") as f:
         (size,) = struct.unpack("<Q", f.read(8))
         header = json.loads(f.read(size))
@@ -412,10 +418,29 @@ def _read_raw(file: Path, key: str) -> np.ndarray:
         dtype = _SAFETENSORS_DTYPES.get(info["dtype"])
         if dtype is None:
             raise CheckpointError(f"{file}: tensor {key!r} has dtype {info['dtype']}, which jnnsight cannot read.")
-        start, end = info["data_offsets"]
-        f.seek(8 + size + start)
-        data = f.read(end - start)
-    return np.frombuffer(data, dtype=dtype).reshape(info["shape"]).copy()
+        shape = list(info["shape"])
+        start = 8 + size + info["data_offsets"][0]
+        if not shape:
+            f.seek(start)
+            return np.frombuffer(f.read(np.dtype(dtype).itemsize), dtype=dtype).reshape(())
+        first, last, _ = rows.indices(shape[0])
+        last = max(last, first)
+        inner = int(np.prod(shape[1:], dtype=np.int64)) * np.dtype(dtype).itemsize  # bytes per row
+        if len(shape) == 1 or columns.indices(shape[1])[:2] == (0, shape[1]):
+            data = bytearray((last - first) * inner)
+            f.seek(start + first * inner)
+            f.readinto(data)
+            return np.frombuffer(data, dtype=dtype).reshape([last - first, *shape[1:]])
+        left, right, _ = columns.indices(shape[1])
+        right = max(right, left)
+        cell = inner // shape[1]  # bytes per column of one row
+        width = (right - left) * cell
+        data = bytearray((last - first) * width)
+        view = memoryview(data)
+        for i, row in enumerate(range(first, last)):
+            f.seek(start + row * inner + left * cell)
+            f.readinto(view[i * width:(i + 1) * width])
+        return np.frombuffer(data, dtype=dtype).reshape([last - first, right - left, *shape[2:]])
 
 
 def _float_dtype(dtype: Any) -> np.dtype | None:

@@ -43,8 +43,7 @@ def load_model(
     With a ``mesh``, each parameter is placed as the family's logical axes and
     ``rules`` say; safetensors checkpoints are then read one tensor at a time,
     and each device copies its slice of it: the host holds one tensor, never the
-    whole model. (Every host reads each whole tensor once; reading only a host's
-    own slices is not done yet.)
+    whole model. Each process reads only the rows and columns its own devices hold.
     """
     path = resolve(name_or_path, revision)
     if mesh is not None and not (path.is_file() and path.suffix.lower() == ".gguf"):
@@ -82,12 +81,13 @@ def _load_sharded(path: Path, dtype: Any, mesh: Mesh, rules: Rules) -> tuple[nn.
         for key, tensor in tensors.items():
             sharding = param_sharding(axes, ("params", *path_of(key)), tensor.shape, mesh, rules)
             if (id(tensor), sharding) not in made:
-                read: dict[str, np.ndarray] = {}  # this tensor, read once for all its shards
+                block = _local_block(sharding, tensor.shape)
+                read: dict[str, np.ndarray] = {}  # this host's block, read once for its shards
 
-                def shard(index: tuple, tensor=tensor, read=read) -> np.ndarray:
-                    if "all" not in read:
-                        read["all"] = _cast(tensor.read(), target)
-                    return read["all"][index]
+                def shard(index: tuple, tensor=tensor, read=read, block=block) -> np.ndarray:
+                    if "block" not in read:
+                        read["block"] = _cast(tensor.read(*block), target)
+                    return read["block"][_within(index, block, tensor.shape)]
 
                 fresh = not any(i == id(tensor) for i, _ in made)
                 made[(id(tensor), sharding)] = jax.make_array_from_callback(tensor.shape, sharding, shard)
@@ -96,6 +96,28 @@ def _load_sharded(path: Path, dtype: Any, mesh: Mesh, rules: Rules) -> tuple[nn.
                     bar.update(int(np.prod(tensor.shape)) * target.itemsize)
             arrays[key] = made[(id(tensor), sharding)]
     return module, {"params": nest(arrays)}
+
+
+def _local_block(sharding: NamedSharding, shape: tuple[int, ...]) -> tuple[slice, ...]:
+    """The rows and columns (axes 0 and 1) of a tensor that this process's devices
+    hold: in a multi-host run with a mesh axis across hosts, each host reads only its
+    part of the file."""
+    indices = list(sharding.addressable_devices_indices_map(shape).values())
+    block = []
+    for axis, n in enumerate(shape[:2]):
+        spans = [index[axis].indices(n)[:2] for index in indices]
+        block.append(slice(min(a for a, _ in spans), max(b for _, b in spans)) if spans
+                     else slice(0, 0))  # a mesh without this process's devices
+    return tuple(block)
+
+
+def _within(index: tuple, block: tuple[slice, ...], shape: tuple[int, ...]) -> tuple:
+    """A shard's ``index`` into the whole tensor, as an index into the ``block`` read."""
+    moved = []
+    for part, outer, n in zip(index, block, shape):
+        start, stop, _ = part.indices(n)
+        moved.append(slice(start - outer.start, stop - outer.start))
+    return tuple(moved) + tuple(index[len(block):])
 
 
 # Buffers some checkpoints carry that are not parameters (GPT-2's causal masks, RoPE tables).

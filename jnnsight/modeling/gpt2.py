@@ -40,7 +40,7 @@ import functools
 import math
 import warnings
 from dataclasses import dataclass, fields
-from typing import Any, Callable
+from typing import Any, Callable, ClassVar
 
 import flax.linen as nn
 import jax
@@ -451,6 +451,10 @@ class GPT2LMHeadModel(nn.Module):
         >>> module.apply(variables, ids, attention_mask=mask).logits.shape
         (2, 4, 101)
     """
+
+    # Its modules and calls do not depend on input sizes: jnnsight may discover its
+    # sites once on symbolic sizes (jnnsight.nnsight.SYMBOLIC_SIZES).
+    jnnsight_symbolic_sizes: ClassVar[bool] = True
 
     config: GPT2Config
     dtype: Any = jnp.float32

@@ -54,7 +54,7 @@ from __future__ import annotations
 import math
 import warnings
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any, Callable, ClassVar
 
 import flax.linen as nn
 import jax
@@ -592,6 +592,10 @@ class LlamaForCausalLM(nn.Module):
         ...     h = model.model.layers[-1].output[0].save()
         ...     logits = model.lm_head.output.save()
     """
+
+    # Its modules and calls do not depend on input sizes: jnnsight may discover its
+    # sites once on symbolic sizes (jnnsight.nnsight.SYMBOLIC_SIZES).
+    jnnsight_symbolic_sizes: ClassVar[bool] = True
 
     config: LlamaConfig
     dtype: Any = jnp.float32

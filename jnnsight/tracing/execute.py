@@ -23,31 +23,36 @@ from typing import Any, Callable
 
 import flax.linen as nn
 import jax
+import numpy as np
 
 from ..errors import JnnsightError
-from .discover import SiteKey, is_array, site_interceptor
+from .discover import SiteKey, is_array, site_interceptor, site_name
 from .lru import LruCache
 from .gradients import Backward, with_gradients
 from .schedule import Schedule, Stage, atom_value
 
 
-Hook = Callable[[list[Any], Callable[[int], bool], Callable[[], dict]], list[Any]]
+Hook = Callable[[list[Any], bool, frozenset[int], Callable[[], dict]], list[Any]]
 
 
 class _StopForward(BaseException):
     """Raised by the interceptor after the last site a stopped program needs."""
 
 
+def _mismatch(what: str) -> JnnsightError:
+    return JnnsightError(
+        f"{what}: this model's sites depend on its input sizes in a way jnnsight's "
+        "discovery did not see. If its class sets `jnnsight_symbolic_sizes = True`, "
+        "remove that; otherwise please report it, with the model."
+    )
+
+
 def run_stage(stage: Stage, env: dict, leaves: list[Any] | None) -> None:
     """Bind the site's leaves the stage reads, then evaluate its equations into ``env``."""
     for j, var in stage.reads:
-        if jax.numpy.shape(leaves[j]) != var.aval.shape:
-            raise JnnsightError(
-                f"site #{stage.order} holds shape {list(jax.numpy.shape(leaves[j]))} in this "
-                f"forward, and discovery found {list(var.aval.shape)}: this model's sites "
-                "depend on its input sizes in a way jnnsight's discovery did not see. "
-                "Please report it, with the model."
-            )
+        if np.shape(leaves[j]) != var.aval.shape:
+            raise _mismatch(f"site #{stage.order} holds shape {list(np.shape(leaves[j]))} in "
+                            f"this forward, and discovery found {list(var.aval.shape)}")
         env[var] = leaves[j]
     if stage.jaxpr is not None:
         args = [atom_value(env, v) for v in stage.jaxpr.invars]
@@ -57,7 +62,12 @@ def run_stage(stage: Stage, env: dict, leaves: list[Any] | None) -> None:
 def _replace_arrays(leaves: list[Any], atoms: tuple[Any, ...], env: dict) -> list[Any]:
     """``leaves`` with its array slots (arrays, or abstract arrays) filled from ``atoms``."""
     new = iter([atom_value(env, a) for a in atoms])
-    return [next(new) if is_array(x) or isinstance(x, jax.ShapeDtypeStruct) else x for x in leaves]
+    out = [next(new) if is_array(x) or isinstance(x, jax.ShapeDtypeStruct) else x for x in leaves]
+    for old, value in zip(leaves, out):
+        if value is not old and np.shape(value) != np.shape(old):
+            raise _mismatch(f"a write of shape {list(np.shape(value))} replaces a value of "
+                            f"shape {list(np.shape(old))}")
+    return out
 
 
 def _written_leaves(stage: Stage | None, leaves: list[Any]) -> frozenset[int]:
@@ -76,22 +86,25 @@ def woven_apply(module: nn.Module, stages: dict[SiteKey, Stage], env: dict,
     """``module.apply`` with each stage run when the forward reaches its site.
 
     Stages read and extend ``env``, the values of the program's variables.
-    ``hooks[key](leaves, chosen, values)`` gives the site's leaves with the
-    chosen leaf indices replaced (gradient probes): a leaf the stage leaves
-    alone is hooked before the stage reads it, so the block's own uses of it
-    count; a leaf the stage writes is hooked after the write, as the value that
-    flows on. ``values()`` is the environment with this site's stage run. Call
-    it inside the traced function.
+    ``hooks[key](leaves, after_write, written, values)`` gives the site's leaves
+    with some replaced (gradient probes): it is called before the stage reads
+    them (``after_write`` False), so the block's own uses count, and again after
+    the stage's write when it replaces some leaves (their indices: ``written``).
+    ``values()`` is the environment with this site's stage run. Call it inside
+    the traced function.
     """
     hooks = hooks or {}
 
     def apply(variables: Any, *args: Any, **kwargs: Any) -> Any:
         skipped: dict[SiteKey, Stage] = {}
 
+        reached: set[SiteKey] = set()
+
         def visit(key: SiteKey, value: Any) -> Any:
             stage, hook = stages.get(key), hooks.get(key)
             if stage is None and hook is None:
                 return value
+            reached.add(key)
             leaves, treedef = jax.tree_util.tree_flatten(value)
             written = _written_leaves(stage, leaves)
             if hook is not None:  # the block's own reads see a probed value
@@ -104,15 +117,15 @@ def woven_apply(module: nn.Module, stages: dict[SiteKey, Stage], env: dict,
                         run_stage(stage, peek, raw)
                     return peek
 
-                leaves = hook(leaves, lambda j: j not in written, at_site)
+                leaves = hook(leaves, False, written, at_site)
             if stage is not None:
                 run_stage(stage, env, leaves)
                 if stage.skip is not None:
                     skipped[key] = stage
                 if stage.write is not None:
                     leaves = _replace_arrays(leaves, stage.write, env)
-            if hook is not None and written:  # a written leaf: probe the new value
-                leaves = hook(leaves, written.__contains__, lambda: env)
+            if hook is not None and written:  # a written leaf: probe the new value too
+                leaves = hook(leaves, True, written, lambda: env)
             value = jax.tree_util.tree_unflatten(treedef, leaves)
             if stop_after is not None and stage is not None and stage.order == stop_after:
                 raise _StopForward
@@ -133,9 +146,14 @@ def woven_apply(module: nn.Module, stages: dict[SiteKey, Stage], env: dict,
 
         with nn.intercept_methods(site_interceptor(on_input, on_output, call_module)):
             try:
-                return module.apply(variables, *args, **kwargs)
+                out = module.apply(variables, *args, **kwargs)
             except _StopForward:
-                return None
+                out = None
+        missed = [key for key in stages if key not in reached]
+        if missed:
+            raise _mismatch(f"the forward never reached {site_name(missed[0])}, a site "
+                            "discovery found")
+        return out
 
     return apply
 

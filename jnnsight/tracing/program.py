@@ -128,6 +128,8 @@ class InterventionProgram:
       read_lines / write_lines: the user's line of the first read and of the
         last write per site order, for error messages.
       stop: whether the body called ``tracer.stop()``.
+      write_rows: per written site order, the rows of each write (gradients
+        need to know which rows of a site carry a written value).
     """
 
     jaxpr: ClosedJaxpr
@@ -135,6 +137,7 @@ class InterventionProgram:
     read_lines: Mapping[int, UserLine | None]
     write_lines: Mapping[int, UserLine | None]
     stop: bool
+    write_rows: Mapping[int, tuple["Rows", ...]] = field(default_factory=dict)
     fingerprint: Hashable = field(init=False, repr=False)
 
     def __post_init__(self) -> None:
@@ -233,6 +236,7 @@ class Builder:
         self.skipped: dict[SiteKey, list[Any]] = {}
         self.read_lines: dict[int, UserLine | None] = {}
         self.write_lines: dict[int, UserLine | None] = {}
+        self.write_rows: dict[int, list[Rows]] = {}
         self.saved: dict[int, Any] = {}  # id -> tracer, kept alive so ids stay unique
         self.save_lines: dict[int, UserLine | None] = {}
         self.internal: set[int] = set()  # saves the library makes (tracer.cache())
@@ -299,6 +303,7 @@ class Builder:
         self.current[site.key] = [rows.update(f, n, b) for f, n, b in zip(full, new, batched)]
         self.written[site.key] = line
         self.write_lines[site.order] = line
+        self.write_rows.setdefault(site.order, []).append(rows)
 
     def skip(self, module_input: Site, output: Site, rows: Rows, value: Any,
              describe: Callable[[], str]) -> None:
@@ -466,7 +471,8 @@ class Builder:
 
         closed = jax.make_jaxpr(program)()
         return InterventionProgram(
-            closed, self.table, dict(self.read_lines), dict(self.write_lines), self.stopped
+            closed, self.table, dict(self.read_lines), dict(self.write_lines), self.stopped,
+            {order: tuple(rows) for order, rows in self.write_rows.items()},
         )
 
 
