@@ -417,8 +417,14 @@ def generate(lm: "LanguageModel", batch: Batch, bodies: Callable[[], None],
 
     # `tracer.stop()`: generation ends after the last step the block reads, writes or saves.
     needed = steps
-    if program.stop and not (final.stages or final.saves):
-        needed = 1 + max((i for i, p in enumerate(plans) if p.stages or p.saves), default=0)
+    if program.stop:
+        if final.stages or final.saves:
+            warn_at_user_line(
+                "`tracer.stop()` in a generate block that reads the generated tokens "
+                "(`tracer.result`): every step runs to produce them."
+            )
+        else:
+            needed = 1 + max((i for i, p in enumerate(plans) if p.stages or p.saves), default=0)
 
     values: dict[int, Any] = {}
     carried: dict[Any, Any] = {}
@@ -434,8 +440,10 @@ def generate(lm: "LanguageModel", batch: Batch, bodies: Callable[[], None],
             values.update(zip(step_plan.saves, saves))
             ran = step + 1
             bar.update(1)
-            if (config.eos_token_id is not None and step + 1 < steps
-                    and bool(_replicated(state["finished"].all()))):
+            finished = state["finished"]  # under jax.jit every step runs: rows pad after eos
+            if (config.eos_token_id is not None and step + 1 < needed
+                    and not isinstance(finished, jax.core.Tracer)
+                    and bool(_replicated(finished.all()))):
                 break
     finally:
         bar.close()

@@ -153,6 +153,11 @@ def test_stop_ends_generation_after_the_last_step_the_block_needs(models, monkey
         reference = tm(torch.tensor(np.asarray(tokens)), output_hidden_states=True).hidden_states[1]
     t = len(PROMPTS[0])
     np.testing.assert_allclose(early, reference[:, t + 1 : t + 2].numpy(), atol=1e-4)
+    with pytest.warns(UserWarning, match="every step runs"):
+        with lm.generate(PROMPTS[0], max_new_tokens=NEW, eos_token_id=None) as tracer:
+            again = tracer.result.save()
+            tracer.stop()
+    np.testing.assert_array_equal(again, tokens)
 
 
 def test_a_value_saved_at_step_0_is_written_at_step_3_as_a_torch_hook_does(models):
@@ -251,16 +256,22 @@ def test_the_generated_tokens_compare_with_values_computed_before_any_step(model
 def test_generate_inside_jax_jit_gives_the_tokens_of_a_plain_call(models):
     _, lm = models["gpt2"]
     steer = jnp.linspace(-1.0, 1.0, 32)
+    ids = jnp.asarray([PROMPTS[1]], jnp.int32)
 
-    def run(ids, vec):
-        with lm.generate(ids, max_new_tokens=4, eos_token_id=None) as tracer:
+    def run(ids, vec, eos=None):
+        with lm.generate(ids, max_new_tokens=4, eos_token_id=eos, pad_token_id=0) as tracer:
             with tracer.all():
                 lm.transformer.h[0].output[0] = lm.transformer.h[0].output[0] + vec
             tokens = tracer.result.save()
         return tokens
 
-    ids = jnp.asarray([PROMPTS[1]], jnp.int32)
-    np.testing.assert_array_equal(jax.jit(run)(ids, steer), run(ids, steer))
+    plain = run(ids, steer)
+    np.testing.assert_array_equal(jax.jit(run)(ids, steer), plain)
+    eos = int(plain[0, len(PROMPTS[1]) + 1])  # the second new token ends the row
+    with pytest.warns(UserWarning, match="generation ended"):
+        stopped = run(ids, steer, eos)
+    np.testing.assert_array_equal(jax.jit(run, static_argnums=2)(ids, steer, eos), stopped)
+    assert list(np.asarray(stopped[0, len(PROMPTS[1]) + 2:])) == [0, 0]
 
 
 # -- programs --------------------------------------------------------------------------------

@@ -316,3 +316,34 @@ def test_another_invokes_write_leaves_this_invokes_gradient_alone(models):
         with tracer.invoke(other):  # writes its own rows of the same site
             lm.model.layers[0].output[0] = lm.model.layers[0].output[0] * 0
     close(g, torch_grads(tm, IDS, A)[0] + 0.2 * np.asarray(kept))
+
+
+def test_the_gradient_of_a_value_the_block_rewrites_counts_the_write(models):
+    tm, lm = models["llama"]
+    with lm.trace(IDS):
+        h = lm.model.layers[0].output[0]
+        lm.model.layers[0].output[0] = h * 3
+        with nll(lm.lm_head.output, A).backward():
+            g = h.grad.save()
+
+    held = {}
+
+    def triple(module, args, out):
+        held["h"] = hidden_of(out)
+        held["h"].retain_grad()
+        return (held["h"] * 3, *out[1:]) if isinstance(out, tuple) else held["h"] * 3
+
+    handle = tm.model.layers[0].register_forward_hook(triple)
+    try:
+        logits = tm(torch.tensor(IDS)).logits
+        (-torch.log_softmax(logits[0, -1], -1)[A]).backward()
+    finally:
+        handle.remove()
+    close(g, held["h"].grad.numpy())
+
+    with pytest.raises(SiteError, match="read after the block wrote"):
+        with lm.trace(IDS):
+            lm.model.layers[0].output[0] = lm.model.layers[0].output[0] * 3
+            later = lm.model.layers[0].output[0]
+            with nll(lm.lm_head.output, A).backward():
+                later.grad.save()

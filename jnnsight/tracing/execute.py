@@ -32,7 +32,7 @@ from .gradients import Backward, with_gradients
 from .schedule import Schedule, Stage, atom_value
 
 
-Hook = Callable[[list[Any], bool, frozenset[int], Callable[[], dict]], list[Any]]
+Hook = Callable[[list[Any], Callable[[], dict]], list[Any]]
 
 
 class _StopForward(BaseException):
@@ -70,15 +70,6 @@ def _replace_arrays(leaves: list[Any], atoms: tuple[Any, ...], env: dict) -> lis
     return out
 
 
-def _written_leaves(stage: Stage | None, leaves: list[Any]) -> frozenset[int]:
-    """The indices of the leaves the stage's write replaces by another value."""
-    if stage is None or stage.write is None:
-        return frozenset()
-    slots = [j for j, x in enumerate(leaves) if is_array(x) or isinstance(x, jax.ShapeDtypeStruct)]
-    read = dict(stage.reads)
-    return frozenset(j for j, atom in zip(slots, stage.write) if read.get(j) is not atom)
-
-
 def woven_apply(module: nn.Module, stages: dict[SiteKey, Stage], env: dict,
                 stop_after: int | None = None,
                 hooks: dict[SiteKey, Hook] | None = None,
@@ -86,18 +77,15 @@ def woven_apply(module: nn.Module, stages: dict[SiteKey, Stage], env: dict,
     """``module.apply`` with each stage run when the forward reaches its site.
 
     Stages read and extend ``env``, the values of the program's variables.
-    ``hooks[key](leaves, after_write, written, values)`` gives the site's leaves
-    with some replaced (gradient probes): it is called before the stage reads
-    them (``after_write`` False), so the block's own uses count, and again after
-    the stage's write when it replaces some leaves (their indices: ``written``).
-    ``values()`` is the environment with this site's stage run. Call it inside
-    the traced function.
+    ``hooks[key](leaves, values)`` gives the site's leaves with some replaced
+    (gradient probes), before the stage reads them, so the block's own uses of
+    the model's value count. ``values()`` is the environment with this site's
+    stage run. Call it inside the traced function.
     """
     hooks = hooks or {}
 
     def apply(variables: Any, *args: Any, **kwargs: Any) -> Any:
         skipped: dict[SiteKey, Stage] = {}
-
         reached: set[SiteKey] = set()
 
         def visit(key: SiteKey, value: Any) -> Any:
@@ -106,7 +94,6 @@ def woven_apply(module: nn.Module, stages: dict[SiteKey, Stage], env: dict,
                 return value
             reached.add(key)
             leaves, treedef = jax.tree_util.tree_flatten(value)
-            written = _written_leaves(stage, leaves)
             if hook is not None:  # the block's own reads see a probed value
                 raw = leaves
 
@@ -117,15 +104,13 @@ def woven_apply(module: nn.Module, stages: dict[SiteKey, Stage], env: dict,
                         run_stage(stage, peek, raw)
                     return peek
 
-                leaves = hook(leaves, False, written, at_site)
+                leaves = hook(leaves, at_site)
             if stage is not None:
                 run_stage(stage, env, leaves)
                 if stage.skip is not None:
                     skipped[key] = stage
                 if stage.write is not None:
                     leaves = _replace_arrays(leaves, stage.write, env)
-            if hook is not None and written:  # a written leaf: probe the new value too
-                leaves = hook(leaves, True, written, lambda: env)
             value = jax.tree_util.tree_unflatten(treedef, leaves)
             if stop_after is not None and stage is not None and stage.order == stop_after:
                 raise _StopForward

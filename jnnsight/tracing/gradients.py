@@ -74,8 +74,6 @@ class Backward:
       rest: what the block computes from gradients, over forward variables and reads.
       outvars: the program's saves.
       keys: the site key of each site order in ``probes``.
-      written_rows: per probed ``(site, leaf)`` the block writes, the rows its
-        writes cover along the batch axis (a boolean mask), or None for all rows.
     """
 
     losses: tuple[Var, ...]
@@ -85,7 +83,6 @@ class Backward:
     rest: Jaxpr
     outvars: tuple[Any, ...]
     keys: dict[int, SiteKey]
-    written_rows: dict[tuple[int, int], np.ndarray | None]
 
 
 def _jaxpr(inputs: list[Var], outputs: list[Any], eqns: list[Any], name: str) -> Jaxpr:
@@ -195,32 +192,12 @@ def split_backward(program: InterventionProgram) -> tuple[InterventionProgram, B
                                                ).with_unknown_names())
     forward_program = InterventionProgram(
         ClosedJaxpr(forward_jaxpr, program.jaxpr.consts), program.table,
-        program.read_lines, program.write_lines, program.stop, program.write_rows,
+        program.read_lines, program.write_lines, program.stop,
     )
     keys = {site: program.table.sites[site].key for site, _ in probes}
     return forward_program, Backward(
-        tuple(losses[t] for t in sorted(losses)), probes, reads, edits, rest, tuple(jaxpr.outvars), keys,
-        _written_rows(program, probes),
+        tuple(losses[t] for t in sorted(losses)), probes, reads, edits, rest, tuple(jaxpr.outvars), keys
     )
-
-
-def _written_rows(program: InterventionProgram, probes: dict[tuple[int, int], Any]
-                  ) -> dict[tuple[int, int], np.ndarray | None]:
-    """The rows the block's writes cover at each probed site leaf it writes."""
-    covered: dict[tuple[int, int], np.ndarray | None] = {}
-    for site, leaf in probes:
-        writes = program.write_rows.get(site)
-        if not writes:
-            continue
-        batched = program.table.sites[site].batched
-        if any(rows.whole for rows in writes) or batched is None or not batched[leaf]:
-            covered[(site, leaf)] = None
-            continue
-        mask = np.zeros(writes[0].size, bool)
-        for rows in writes:
-            mask[rows.start:rows.stop] = True
-        covered[(site, leaf)] = mask
-    return covered
 
 
 def check_edits(plan: Schedule, backward: Backward, write_lines: dict[int, Any]) -> None:
@@ -267,20 +244,6 @@ def _edit_hook(edit: GradientEdit, residuals: list[Any]) -> Callable[[jax.Array]
     return lambda x: hook(x, residuals)
 
 
-def _site_gradient(cotangents: dict, site: int, leaf: int, posted: set,
-                   written_rows: dict) -> jax.Array:
-    """The gradient of a site leaf: of the value it carries on, per row (the written
-    value on rows the block wrote, the model's value elsewhere)."""
-    before = cotangents[f"{site}:{leaf}"]
-    if (site, leaf) not in posted:
-        return before
-    after = cotangents[f"{site}:{leaf}:written"]
-    rows = written_rows[(site, leaf)]
-    if rows is None:
-        return after
-    return jnp.where(rows.reshape((-1,) + (1,) * (after.ndim - 1)), after, before)
-
-
 def with_gradients(
     apply: Callable[[dict, dict], Any],
     plan: Schedule,
@@ -290,39 +253,30 @@ def with_gradients(
     """Run ``apply(env, hooks)`` (the woven forward) under ``jax.vjp``; the output and the saves.
 
     ``apply`` fills ``env`` with the forward program's values and calls
-    ``hooks[site key](leaves, after_write, written, values)`` on a site's leaves
-    (see :func:`~jnnsight.tracing.execute.woven_apply`): each probed leaf gets a
-    probe before the block reads it, and a leaf the block writes a second one
-    after the write; its gradient edit sits on the value that flows on.
+    ``hooks[site key](leaves, values)`` on a site's leaves before the block's
+    stage there reads them (see :func:`~jnnsight.tracing.execute.woven_apply`):
+    each probed leaf gets its gradient edit and its probe on the value the model
+    computes there, so the gradient counts every use of it, writes included.
     ``outside`` holds the outside arrays and parameters.
     """
     by_site: dict[int, list[int]] = {}
     for site, leaf in backward.probes:
         by_site.setdefault(site, []).append(leaf)
     forward_vars = [v for v in plan.outvars if isinstance(v, Var)]
-    posted: set[tuple[int, int]] = set()  # written leaves, probed after the write too
 
     def forward(probes: dict) -> tuple[list[Any], tuple[Any, list[Any]]]:
         env: dict = {}
 
         def hook_for(site: int) -> Callable[..., list[Any]]:
-            def hook(leaves: list[Any], after_write: bool, written: frozenset[int],
-                     values: Callable[[], dict]) -> list[Any]:
+            def hook(leaves: list[Any], values: Callable[[], dict]) -> list[Any]:
                 leaves = list(leaves)
                 for leaf in by_site[site]:
-                    if after_write and leaf not in written:
-                        continue
                     x = leaves[leaf]
                     edit = backward.edits.get((site, leaf))
-                    if edit is not None and after_write == (leaf in written):
+                    if edit is not None:
                         known = env if all(v in env for v in edit.residuals) else values()
                         x = _edit_hook(edit, [atom_value(known, v) for v in edit.residuals])(x)
-                    if after_write:
-                        posted.add((site, leaf))
-                        x = x + probes[f"{site}:{leaf}:written"]
-                    else:
-                        x = x + probes[f"{site}:{leaf}"]
-                    leaves[leaf] = x
+                    leaves[leaf] = x + probes[f"{site}:{leaf}"]
                 return leaves
             return hook
 
@@ -330,11 +284,8 @@ def with_gradients(
         losses = [env[v] for v in backward.losses]
         return losses, (out, [env[v] for v in forward_vars])
 
-    probes = {}
-    for (site, leaf), aval in backward.probes.items():
-        probes[f"{site}:{leaf}"] = jnp.zeros(aval.shape, aval.dtype)
-        if (site, leaf) in backward.written_rows:
-            probes[f"{site}:{leaf}:written"] = jnp.zeros(aval.shape, aval.dtype)
+    probes = {f"{site}:{leaf}": jnp.zeros(aval.shape, aval.dtype)
+              for (site, leaf), aval in backward.probes.items()}
     losses, pull_back, (out, values) = jax.vjp(forward, probes, has_aux=True)
     env = dict(outside)
     env.update(zip(forward_vars, values))
@@ -343,7 +294,7 @@ def with_gradients(
         (cotangents,) = pull_back(seeds)
         for (site, leaf, t), var in backward.reads.items():
             if t == target:
-                env[var] = _site_gradient(cotangents, site, leaf, posted, backward.written_rows)
+                env[var] = cotangents[f"{site}:{leaf}"]
     rest = backward.rest
     if rest.eqns or rest.outvars:
         values = jax.core.eval_jaxpr(rest, [], *[atom_value(env, v) for v in rest.invars])

@@ -128,8 +128,6 @@ class InterventionProgram:
       read_lines / write_lines: the user's line of the first read and of the
         last write per site order, for error messages.
       stop: whether the body called ``tracer.stop()``.
-      write_rows: per written site order, the rows of each write (gradients
-        need to know which rows of a site carry a written value).
     """
 
     jaxpr: ClosedJaxpr
@@ -137,7 +135,6 @@ class InterventionProgram:
     read_lines: Mapping[int, UserLine | None]
     write_lines: Mapping[int, UserLine | None]
     stop: bool
-    write_rows: Mapping[int, tuple["Rows", ...]] = field(default_factory=dict)
     fingerprint: Hashable = field(init=False, repr=False)
 
     def __post_init__(self) -> None:
@@ -236,7 +233,6 @@ class Builder:
         self.skipped: dict[SiteKey, list[Any]] = {}
         self.read_lines: dict[int, UserLine | None] = {}
         self.write_lines: dict[int, UserLine | None] = {}
-        self.write_rows: dict[int, list[Rows]] = {}
         self.saved: dict[int, Any] = {}  # id -> tracer, kept alive so ids stay unique
         self.save_lines: dict[int, UserLine | None] = {}
         self.internal: set[int] = set()  # saves the library makes (tracer.cache())
@@ -248,7 +244,9 @@ class Builder:
         self.stopped = False
         self.finalizers: list[Callable[[], None]] = []
         # gradients: where each read value came from, the backward targets, cotangents
-        self.origins: dict[int, tuple[Any, Site, int, Rows]] = {}
+        self.replaced: set[SiteKey] = set()  # sites the block wrote or skipped so far
+        # (value, site, leaf, rows, whether the block had replaced the site before the read)
+        self.origins: dict[int, tuple[Any, Site, int, Rows, bool]] = {}
         self.targets: list[Any] = []
         self.backward: int | None = None  # the target whose `backward()` block runs
         self.grads: dict[tuple[int, int, int], Any] = {}  # (site, leaf, target) -> cotangent
@@ -291,7 +289,7 @@ class Builder:
         views = [rows.view(x, b) for x, b in zip(self._leaves(site), batched)]
         for j, view in enumerate(views):
             if isinstance(view, core.Tracer):  # a value written here keeps its first site
-                self.origins.setdefault(id(view), (view, site, j, rows))
+                self.origins.setdefault(id(view), (view, site, j, rows, site.key in self.replaced))
         return site.unflatten(views)
 
     def write(self, site: Site, rows: Rows, value: Any, describe: Callable[[], str]) -> None:
@@ -303,7 +301,7 @@ class Builder:
         self.current[site.key] = [rows.update(f, n, b) for f, n, b in zip(full, new, batched)]
         self.written[site.key] = line
         self.write_lines[site.order] = line
-        self.write_rows.setdefault(site.order, []).append(rows)
+        self.replaced.add(site.key)
 
     def skip(self, module_input: Site, output: Site, rows: Rows, value: Any,
              describe: Callable[[], str]) -> None:
@@ -316,6 +314,7 @@ class Builder:
             ))
         new = self._checked(output, rows, value, describe)
         self.skipped[module_input.key] = new
+        self.replaced.add(output.key)
         self.write_lines[module_input.order] = user_line(2)
         self.current[output.key] = list(new)
 
@@ -390,7 +389,15 @@ class Builder:
                 "`.grad` belongs to a value read from a module (`envoy.output`, `.input`, "
                 "an element of them), as read, not to a value computed from one."
             ))
-        _, site, j, rows = origin
+        _, site, j, rows, replaced = origin
+        if replaced:
+            raise SiteError(at_user_line(
+                "`.grad` is the gradient of the value the model computes at a site, and this "
+                "value was read after the block wrote (or skipped) that site (in a batched "
+                "trace, an earlier invoke's write counts). Read the site before writing it "
+                "(`h = envoy.output` first; put the invoke that reads `.grad` first): its "
+                "`.grad` counts every use, the write included."
+            ))
         return (site.order, j, self.backward), site, j, rows
 
     def grad(self, value: Any) -> Any:
@@ -471,8 +478,7 @@ class Builder:
 
         closed = jax.make_jaxpr(program)()
         return InterventionProgram(
-            closed, self.table, dict(self.read_lines), dict(self.write_lines), self.stopped,
-            {order: tuple(rows) for order, rows in self.write_rows.items()},
+            closed, self.table, dict(self.read_lines), dict(self.write_lines), self.stopped
         )
 
 
