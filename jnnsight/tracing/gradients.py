@@ -35,7 +35,7 @@ from typing import Any, Callable
 import jax
 import jax.numpy as jnp
 import numpy as np
-from jax.extend.core import ClosedJaxpr, DebugInfo, Jaxpr, Literal, Var
+from jax.extend.core import ClosedJaxpr, DebugInfo, Jaxpr, Var
 
 from ..errors import JnnsightError
 from .discover import SiteKey
@@ -121,12 +121,6 @@ def split_backward(program: InterventionProgram) -> tuple[InterventionProgram, B
     forward, backward, losses = [], [], {}
     for eqn in jaxpr.eqns:
         if eqn.primitive is backward_target_p:
-            if isinstance(eqn.invars[0], Literal):
-                raise JnnsightError(
-                    "a `backward()` target is a constant: it depends on no module value, "
-                    "so every gradient of it is zero. Compute the loss from `envoy.output` "
-                    "or `.input` values."
-                )
             losses[eqn.params["target"]] = eqn.invars[0]
         elif eqn.primitive in _GRAD or any(v in needs_grad for v in eqn.invars if isinstance(v, Var)):
             needs_grad.update(eqn.outvars)
@@ -137,8 +131,8 @@ def split_backward(program: InterventionProgram) -> tuple[InterventionProgram, B
     for target, loss in losses.items():
         if not any(e.primitive is site_read_p for e in _closure(forward, [loss])):
             raise JnnsightError(
-                f"`backward()` target #{target} depends on no module value (only on outside "
-                "arrays or parameters), so every `.grad` of it is zero. Compute the loss from "
+                f"`backward()` target #{target} depends on no module value (it is a constant, "
+                "or uses only outside arrays or parameters), so every `.grad` of it is zero. Compute the loss from "
                 "`envoy.output` or `.input` values; for gradients with respect to parameters "
                 "use `jax.grad` over `model.bind(params)`."
             )
