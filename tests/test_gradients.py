@@ -347,3 +347,54 @@ def test_the_gradient_of_a_value_the_block_rewrites_counts_the_write(models):
             later = lm.model.layers[0].output[0]
             with nll(lm.lm_head.output, A).backward():
                 later.grad.save()
+
+
+def test_an_edit_computed_at_its_own_site_leaves_the_sites_effects_run_once(models, capfd):
+    tm, lm = models["gpt2"]
+    with lm.trace(IDS):
+        h0, h1 = layers(lm)[0].output[0], layers(lm)[1].output[0]
+        jax.debug.print("layer 1 seen {x}", x=h1[0, 0, 0])  # an effect at h1's site
+        with nll(lm.lm_head.output, A).backward():
+            h1.grad = h1.grad * (h1 * 2)          # a value that stage computes
+            g0 = h0.grad.save()
+    jax.effects_barrier()
+    assert capfd.readouterr().out.count("layer 1 seen") == 1
+
+    kept = []
+
+    def hook(module, args, out):
+        hidden = hidden_of(out)
+        if module is torch_layers(tm)[0]:
+            hidden.retain_grad()
+        else:
+            value = hidden.detach().clone() * 2
+            hidden.register_hook(lambda g: g * value)
+        kept.append(hidden)
+
+    handles = [layer.register_forward_hook(hook) for layer in torch_layers(tm)[:2]]
+    try:
+        logits = tm(torch.tensor(IDS)).logits
+        (-torch.log_softmax(logits[0, -1], -1)[A]).backward()
+    finally:
+        for handle in handles:
+            handle.remove()
+    close(g0, kept[0].grad.numpy())
+
+
+def test_gradients_that_would_silently_be_zero_or_meaningless_are_refused(toy):
+    model, tokens = toy
+    with pytest.raises(SiteError, match="takes a gradient there"):
+        with model.trace(tokens):
+            inner = model.h[1].mlp.output
+            model.h[1].skip((model.h[1].input,))
+            with model.lm_head.output.sum().backward():
+                inner.grad.save()
+    with pytest.raises(SiteError, match="after the block read or wrote its output"):
+        with model.trace(tokens):
+            out = model.h[1].output
+            model.h[1].skip(out)
+    with pytest.raises(SiteError, match="only floating-point values have a gradient"):
+        with model.trace(tokens):
+            ids = model.wte.input
+            with model.lm_head.output.sum().backward():
+                ids.grad.save()

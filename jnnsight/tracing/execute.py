@@ -19,6 +19,7 @@ Example::
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any, Callable
 
 import flax.linen as nn
@@ -29,10 +30,10 @@ from ..errors import JnnsightError
 from .discover import SiteKey, is_array, site_interceptor, site_name
 from .lru import LruCache
 from .gradients import Backward, with_gradients
-from .schedule import Schedule, Stage, atom_value
+from .schedule import Schedule, Stage, atom_value, pruned
 
 
-Hook = Callable[[list[Any], Callable[[], dict]], list[Any]]
+Hook = Callable[[list[Any], Callable[[list[Any]], dict]], list[Any]]
 
 
 class _StopForward(BaseException):
@@ -79,8 +80,9 @@ def woven_apply(module: nn.Module, stages: dict[SiteKey, Stage], env: dict,
     Stages read and extend ``env``, the values of the program's variables.
     ``hooks[key](leaves, values)`` gives the site's leaves with some replaced
     (gradient probes), before the stage reads them, so the block's own uses of
-    the model's value count. ``values()`` is the environment with this site's
-    stage run. Call it inside the traced function.
+    the model's value count. ``values(wanted)`` is the environment with the
+    wanted variables of this site's stage computed. Call it inside the traced
+    function.
     """
     hooks = hooks or {}
 
@@ -97,11 +99,13 @@ def woven_apply(module: nn.Module, stages: dict[SiteKey, Stage], env: dict,
             if hook is not None:  # the block's own reads see a probed value
                 raw = leaves
 
-                def at_site() -> dict:
-                    """The environment as this site's stage leaves it, from unprobed leaves."""
+                def at_site(wanted: list[Any]) -> dict:
+                    """The environment with the ``wanted`` values of this site's stage,
+                    computed from unprobed leaves (only the equations they need)."""
                     peek = dict(env)
                     if stage is not None:
-                        run_stage(stage, peek, raw)
+                        part = pruned(stage, set(wanted)) or dataclasses.replace(stage, jaxpr=None)
+                        run_stage(part, peek, raw)
                     return peek
 
                 leaves = hook(leaves, at_site)

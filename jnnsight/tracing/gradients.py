@@ -37,7 +37,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.extend.core import ClosedJaxpr, DebugInfo, Jaxpr, Var
 
-from ..errors import JnnsightError
+from ..errors import JnnsightError, SiteError
 from .discover import SiteKey
 from .program import (
     InterventionProgram,
@@ -143,6 +143,7 @@ def split_backward(program: InterventionProgram) -> tuple[InterventionProgram, B
                 "uses a gradient, which exists only after the forward has run. Save the "
                 "gradient and edit a second trace with it."
             )
+    _check_not_skipped(program, [e for e in backward if e.primitive in (grad_read_p, grad_write_p)])
     reads = {(e.params["site"], e.params["leaf"], e.params["target"]): e.outvars[0]
              for e in backward if e.primitive is grad_read_p}
     probes = {(e.params["site"], e.params["leaf"]): e.params["aval"]
@@ -192,6 +193,24 @@ def split_backward(program: InterventionProgram) -> tuple[InterventionProgram, B
     return forward_program, Backward(
         tuple(losses[t] for t in sorted(losses)), probes, reads, edits, rest, tuple(jaxpr.outvars), keys
     )
+
+
+def _check_not_skipped(program: InterventionProgram, grads: list[Any]) -> None:
+    """A gradient inside a skipped module would silently be zero: refuse it."""
+    table = program.table
+    for eqn in program.jaxpr.jaxpr.eqns:
+        if eqn.primitive is not site_skip_p:
+            continue
+        path, call, _ = table.sites[eqn.params["site"]].key
+        end = table.get((path, call, "output")).order
+        inside = [e for e in grads if eqn.params["site"] < e.params["site"] < end]
+        if inside:
+            name = ".".join(("model",) + path)
+            raise SiteError(
+                f"{program.write_lines.get(eqn.params['site'])}\n`{name}` is skipped, so "
+                "nothing inside it runs, yet the block takes a gradient there. Take `.grad` "
+                "of the skipped module's own input or output instead."
+            )
 
 
 def check_edits(plan: Schedule, backward: Backward, write_lines: dict[int, Any]) -> None:
@@ -262,13 +281,14 @@ def with_gradients(
         env: dict = {}
 
         def hook_for(site: int) -> Callable[..., list[Any]]:
-            def hook(leaves: list[Any], values: Callable[[], dict]) -> list[Any]:
+            def hook(leaves: list[Any], values: Callable[[list[Any]], dict]) -> list[Any]:
                 leaves = list(leaves)
                 for leaf in by_site[site]:
                     x = leaves[leaf]
                     edit = backward.edits.get((site, leaf))
                     if edit is not None:
-                        known = env if all(v in env for v in edit.residuals) else values()
+                        known = env if all(v in env for v in edit.residuals) \
+                            else values(list(edit.residuals))
                         x = _edit_hook(edit, [atom_value(known, v) for v in edit.residuals])(x)
                     leaves[leaf] = x + probes[f"{site}:{leaf}"]
                 return leaves

@@ -312,6 +312,12 @@ class Builder:
                 "skipped module is skipped for every row. Call it in an invoke that "
                 "sees the whole batch (`tracer.invoke()` with no input)."
             ))
+        if output.key in self.current:
+            raise SiteError(at_user_line(
+                f"{describe()}.skip() after the block read or wrote its output: a skipped "
+                "module computes no output, so that value would silently be the skip value. "
+                "Skip first, or read the module's input instead."
+            ))
         new = self._checked(output, rows, value, describe)
         self.skipped[module_input.key] = new
         self.replaced.add(output.key)
@@ -390,6 +396,12 @@ class Builder:
                 "an element of them), as read, not to a value computed from one."
             ))
         _, site, j, rows, replaced = origin
+        if not jnp.issubdtype(site.avals[j].dtype, jnp.inexact):
+            raise SiteError(at_user_line(
+                f"this value is {site.avals[j].dtype}: only floating-point values have a "
+                "gradient (token ids and masks do not). Take `.grad` of the embedding's "
+                "output instead."
+            ))
         if replaced:
             raise SiteError(at_user_line(
                 "`.grad` is the gradient of the value the model computes at a site, and this "

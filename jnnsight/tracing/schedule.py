@@ -16,6 +16,7 @@ Example::
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from typing import Any
 
@@ -207,6 +208,34 @@ def schedule(program: InterventionProgram) -> Schedule:
         last=max(orders, default=PRE),
         stop=program.stop,
     )
+
+
+def pruned(stage: Stage, needed: set[Any], effects: bool = False) -> Stage | None:
+    """The part of ``stage``'s equations that computes the ``needed`` variables, and,
+    with ``effects``, its effectful equations (its reads are kept); None when nothing is
+    left.
+
+    Example::
+
+        >>> # each generation step recomputes only the part of the pre stage it uses
+        >>> # pruned(plan.pre, {v}, effects=step == 0)
+    """
+    if stage.jaxpr is None:
+        return None
+    keep = []
+    wanted = set(needed)
+    for eqn in reversed(stage.jaxpr.eqns):
+        if any(v in wanted for v in eqn.outvars) or (effects and eqn.effects):
+            keep.append(eqn)
+            wanted.update(v for v in eqn.invars if isinstance(v, Var))
+    if not keep:
+        return None
+    keep.reverse()
+    outputs = [v for e in keep for v in e.outvars if v in needed]
+    inputs = [v for v in stage.jaxpr.invars if v in wanted]
+    jaxpr = Jaxpr([], inputs, outputs, keep, frozenset().union(*(e.effects for e in keep)),
+                  debug_info=stage.jaxpr.debug_info)
+    return dataclasses.replace(stage, jaxpr=jaxpr)
 
 
 def atom_value(env: dict[Var, Any], atom: Any) -> Any:

@@ -23,11 +23,11 @@ import dataclasses
 from dataclasses import dataclass
 from typing import Any, Hashable, Iterator, Sequence
 
-from jax.extend.core import Jaxpr, Literal, Var
+from jax.extend.core import Literal, Var
 
 from .discover import ModuleInfo, Site, SiteKey, SiteTable
 from .program import _value_key, jaxpr_key
-from .schedule import Schedule, Stage
+from .schedule import Schedule, Stage, pruned
 
 RESULT_PATH = ("generator",)
 RESULT: SiteKey = (RESULT_PATH, 0, "output")
@@ -212,7 +212,7 @@ def split(plan: Schedule, table: StepTable) -> tuple[list[StepPlan], StepPlan]:
     for step, stages in enumerate(per_step):
         used = {v for stage in stages.values() for v in _atoms(stage)}
         needed = used | {plan.outvars[i] for i in saves_at.get(step, ())}
-        step_pre = _pruned(pre, needed, effects=step == 0) if pre is not None else None
+        step_pre = pruned(pre, needed, effects=step == 0) if pre is not None else None
         if step_pre is not None:
             used |= set(_atoms(step_pre))
         step_params = tuple(sorted((params[v], v) for v in used if v in params))
@@ -221,25 +221,6 @@ def split(plan: Schedule, table: StepTable) -> tuple[list[StepPlan], StepPlan]:
             live(step) if step < steps else (), tuple(saves_at.get(step, ())), plan,
         ))
     return plans[:steps], plans[steps]
-
-
-def _pruned(pre: Stage, needed: set[Any], effects: bool) -> Stage | None:
-    """The part of the stage before any site that computes ``needed`` variables,
-    and, with ``effects``, its effects (a ``jax.debug.print`` runs at step 0 only)."""
-    keep = []
-    wanted = set(needed)
-    for eqn in reversed(pre.jaxpr.eqns):
-        if any(v in wanted for v in eqn.outvars) or (effects and eqn.effects):
-            keep.append(eqn)
-            wanted.update(v for v in eqn.invars if isinstance(v, Var))
-    if not keep:
-        return None
-    keep.reverse()
-    outputs = [v for e in keep for v in e.outvars if v in needed]
-    inputs = [v for v in pre.jaxpr.invars if v in wanted]
-    jaxpr = Jaxpr([], inputs, outputs, keep, frozenset().union(*(e.effects for e in keep)),
-                  debug_info=pre.jaxpr.debug_info)
-    return dataclasses.replace(pre, jaxpr=jaxpr)
 
 
 def _plan(pre: Stage | None, stages: dict[SiteKey, Stage], params: tuple[tuple[int, Var], ...],
