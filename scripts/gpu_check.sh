@@ -20,7 +20,8 @@ PY
 export JAX_DEFAULT_MATMUL_PRECISION=highest
 export HF_HUB_OFFLINE=1
 tests="tests/test_trace.py tests/test_transforms.py tests/test_generate.py tests/test_gradients.py \
-tests/test_optimize.py tests/test_llama.py tests/test_gpt2.py tests/test_language.py tests/test_sharding.py"
+tests/test_optimize.py tests/test_llama.py tests/test_gpt2.py tests/test_language.py tests/test_sharding.py \
+tests/test_site_families.py"
 timeout 300 python -m pytest -q -p no:cacheprovider -x $tests
 tests_status=$?
 unset JAX_DEFAULT_MATMUL_PRECISION
