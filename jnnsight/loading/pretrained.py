@@ -63,8 +63,9 @@ def load_model(
 def _load_sharded(path: Path, dtype: Any, mesh: Mesh, rules: Rules) -> tuple[nn.Module, dict[str, Any]]:
     """Module and variables, every tensor read straight into its shards.
 
-    The host holds one tensor at a time (read from the file without a memory map,
-    whose pages would count as this process's memory), never the whole model.
+    The process holds one tensor at a time, and of it only the rows and columns its
+    devices hold (read from the file without a memory map, whose pages would count
+    as this process's memory), never the whole model.
     """
     config = load_config(path)
     module, _ = build(config, dtype)
