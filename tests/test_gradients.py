@@ -3,6 +3,8 @@ weights (forward hooks that retain the layers' output gradients, tensor hooks th
 
 from __future__ import annotations
 
+from typing import Any, Callable
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -36,8 +38,10 @@ def hidden_of(out):
     return out[0] if isinstance(out, tuple) else out
 
 
-def torch_grads(tm, ids, target: int, scale_at: int | None = None, scale: float = 1.0) -> list[np.ndarray]:
-    """d loss / d each layer's output in torch; optionally a tensor hook scales one layer's."""
+def torch_grads(tm, ids, target: int, scale_at: int | None = None,
+                scale: float | Callable[[Any], Any] = 1.0) -> list[np.ndarray]:
+    """d loss / d each layer's output in torch; optionally a tensor hook scales one layer's
+    gradient by ``scale``, a number or a function of that layer's (detached) output."""
     kept = []
 
     def keep(i):
@@ -45,7 +49,8 @@ def torch_grads(tm, ids, target: int, scale_at: int | None = None, scale: float 
             hidden = hidden_of(out)
             hidden.retain_grad()
             if i == scale_at:
-                hidden.register_hook(lambda g: g * scale)
+                factor = scale(hidden.detach().clone()) if callable(scale) else scale
+                hidden.register_hook(lambda g: g * factor)
             kept.append(hidden)
         return hook
 
@@ -261,26 +266,7 @@ def test_a_gradient_edit_may_use_its_own_sites_value(models):
         with nll(lm.lm_head.output, A).backward():
             h1.grad = h1.grad * h1             # gradient times input, flowing upstream
             g0 = h0.grad.save()
-
-    kept = []
-
-    def hook(module, args, out):
-        hidden = hidden_of(out)
-        if module is torch_layers(tm)[0]:
-            hidden.retain_grad()
-        else:
-            value = hidden.detach().clone()
-            hidden.register_hook(lambda g: g * value)
-        kept.append(hidden)
-
-    handles = [layer.register_forward_hook(hook) for layer in torch_layers(tm)[:2]]
-    try:
-        logits = tm(torch.tensor(IDS)).logits
-        (-torch.log_softmax(logits[0, -1], -1)[A]).backward()
-    finally:
-        for handle in handles:
-            handle.remove()
-    close(g0, kept[0].grad.numpy())
+    close(g0, torch_grads(tm, IDS, A, scale_at=1, scale=lambda h1: h1)[0])
 
 
 def test_gradients_with_a_stopped_forward(models):
@@ -359,26 +345,7 @@ def test_an_edit_computed_at_its_own_site_leaves_the_sites_effects_run_once(mode
             g0 = h0.grad.save()
     jax.effects_barrier()
     assert capfd.readouterr().out.count("layer 1 seen") == 1
-
-    kept = []
-
-    def hook(module, args, out):
-        hidden = hidden_of(out)
-        if module is torch_layers(tm)[0]:
-            hidden.retain_grad()
-        else:
-            value = hidden.detach().clone() * 2
-            hidden.register_hook(lambda g: g * value)
-        kept.append(hidden)
-
-    handles = [layer.register_forward_hook(hook) for layer in torch_layers(tm)[:2]]
-    try:
-        logits = tm(torch.tensor(IDS)).logits
-        (-torch.log_softmax(logits[0, -1], -1)[A]).backward()
-    finally:
-        for handle in handles:
-            handle.remove()
-    close(g0, kept[0].grad.numpy())
+    close(g0, torch_grads(tm, IDS, A, scale_at=1, scale=lambda h1: h1 * 2)[0])
 
 
 def test_gradients_that_would_silently_be_zero_or_meaningless_are_refused(toy):
