@@ -255,12 +255,12 @@ class NNsight(Envoy):
         """The site table of a forward on ``batch``'s shapes.
 
         For a model that declares it (:data:`SYMBOLIC_SIZES`), inputs that differ
-        only in sizes above 1 (prompt lengths, batch sizes) form a *family*. Its first shape is discovered as it is. At its second, the
-        model is discovered once on symbolic sizes; if that table, at the first
-        shape's sizes, equals the first shape's table, every later shape of the
-        family is instantiated from it without tracing the model again. A model
-        that cannot run on symbolic sizes, or whose sites differ, is discovered
-        shape by shape.
+        only in sizes above 1 (prompt lengths, batch sizes) form a *family*. Its
+        first shape is discovered as it is. At its second, the model is
+        discovered once on symbolic sizes; if that table, at the first shape's
+        sizes, equals the first shape's table, every later shape of the family is
+        instantiated from it without tracing the model again. A model that cannot
+        run on symbolic sizes, or whose sites differ, is discovered shape by shape.
         """
         if not getattr(type(self.module), SYMBOLIC_SIZES, False):
             return self._discover_concrete(variables, batch, split)

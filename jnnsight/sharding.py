@@ -55,8 +55,8 @@ def spec_for(axes: Sequence[str | None], shape: Sequence[int], mesh: Mesh,
     A logical axis maps to its rule's mesh axis (or tuple of mesh axes, split over
     all of them) when the mesh has every one of those axes, no earlier dimension
     took one of them, and the dimension is a multiple of their total size;
-    otherwise the dimension is replicated. ``axes`` of another rank than ``shape`` replicate
-    the whole array.
+    otherwise the dimension is replicated. ``axes`` of another rank than
+    ``shape`` replicate the whole array.
 
     Example::
 

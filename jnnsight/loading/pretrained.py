@@ -76,6 +76,7 @@ def _load_sharded(path: Path, dtype: Any, mesh: Mesh, rules: Rules) -> tuple[nn.
     target = np.dtype(dtype)
     arrays: dict[str, jax.Array] = {}
     made: dict[tuple[int, NamedSharding], jax.Array] = {}  # a tied tensor: one array per sharding
+    counted: set[int] = set()  # tensors the progress bar has counted
     unique = {id(t): t for t in tensors.values()}.values()
     total = sum(int(np.prod(t.shape)) * target.itemsize for t in unique)
     with _progress_bar(total, "Loading into shards", None) as bar:
@@ -90,10 +91,10 @@ def _load_sharded(path: Path, dtype: Any, mesh: Mesh, rules: Rules) -> tuple[nn.
                         read["block"] = _cast(tensor.read(*block), target)
                     return read["block"][_within(index, block, tensor.shape)]
 
-                fresh = not any(i == id(tensor) for i, _ in made)
                 made[(id(tensor), sharding)] = jax.make_array_from_callback(tensor.shape, sharding, shard)
                 read.clear()
-                if fresh:
+                if id(tensor) not in counted:
+                    counted.add(id(tensor))
                     bar.update(int(np.prod(tensor.shape)) * target.itemsize)
             arrays[key] = made[(id(tensor), sharding)]
     return module, {"params": nest(arrays)}
