@@ -14,12 +14,15 @@ Example::
 
 from __future__ import annotations
 
+import functools
 from typing import Any, Callable
 
+import flax.errors
 import flax.linen as nn
 import flax.struct
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 @flax.struct.dataclass
 class CausalLMOutput:
@@ -63,6 +66,73 @@ def nest(flat: dict[str, Any]) -> dict[str, Any]:
     return tree
 
 
+def param(module: nn.Module, name: str, init: Callable[..., jax.Array],
+          shape: tuple[int, ...], dtype: Any) -> jax.Array:
+    """``module.param(name, init, shape, dtype)``, minus flax's per-call shape probe.
+
+    Given an existing parameter, flax's ``param`` runs ``jax.eval_shape`` of the
+    initializer to check its shape: about a millisecond per parameter, a third
+    of the time ``jax.jit`` takes to trace SmolLM2 at each new input shape. The
+    shape is known here, so it is compared directly; the error is flax's own.
+
+        >>> # inside a module's __call__:
+        >>> # weight = param(self, "weight", torch_init(), (out, d), self.dtype)
+    """
+    if not module.has_variable("params", name):
+        return module.param(name, init, shape, dtype)
+    value = module.get_variable("params", name)
+    if np.shape(value) != tuple(shape):
+        raise flax.errors.ScopeParamShapeError(name, module.scope.path_text, np.shape(value), tuple(shape))
+    return value
+
+
+def project(x: jax.Array, weight: jax.Array, contract: int) -> jax.Array:
+    """``x``'s last axis contracted with axis ``contract`` of the 2-D ``weight``.
+
+    The ``dot_general`` that ``jnp.einsum("...i,oi->...o", x, weight)`` (``contract=1``)
+    or ``"...i,io->...o"`` (``contract=0``) lowers to, without einsum's own
+    ``jax.jit`` and path search, which cost about 0.7 ms per call each time
+    ``jax.jit`` traces the model at a new input shape.
+
+        >>> project(jnp.ones((2, 3)), jnp.ones((5, 3)), contract=1).shape
+        (2, 5)
+    """
+    weight = weight.astype(x.dtype)
+    return jax.lax.dot_general(x, weight, (((x.ndim - 1,), (contract,)), ((), ())))
+
+
+@functools.lru_cache(maxsize=None)
+def _contraction(spec: str) -> tuple[Any, tuple[int, ...]]:
+    inputs, out = spec.split("->")
+    a, b = inputs.split(",")
+    once = [c for c in a + b if (c in a) != (c in b)]
+    if any(len(set(s)) != len(s) for s in (a, b, out)) or set(out) - set(a + b) \
+            or set(once) - set(out):
+        raise ValueError(f"contract supports batch, contracted and free letters only: {spec!r}")
+    batch = [c for c in out if c in a and c in b]
+    summed = [c for c in a if c in b and c not in out]
+    dims = ((tuple(a.index(c) for c in summed), tuple(b.index(c) for c in summed)),
+            (tuple(a.index(c) for c in batch), tuple(b.index(c) for c in batch)))
+    natural = batch + [c for c in a if c not in b] + [c for c in b if c not in a]
+    return dims, tuple(natural.index(c) for c in out)
+
+
+def contract(spec: str, x: jax.Array, y: jax.Array) -> jax.Array:
+    """``jnp.einsum(spec, x, y)`` for two operands, as one ``dot_general`` and a transpose.
+
+    Same result as einsum, without its per-shape ``jax.jit`` and path search
+    (see :func:`project`). Every letter is a batch letter (in both operands and
+    the output), a contracted one (in both operands only), or a free one (in
+    one operand and the output).
+
+        >>> contract("bqd,bkd->bqk", jnp.ones((2, 3, 4)), jnp.ones((2, 5, 4))).shape
+        (2, 3, 5)
+    """
+    dims, order = _contraction(spec)
+    z = jax.lax.dot_general(x, y, dims)
+    return z if order == tuple(range(z.ndim)) else z.transpose(order)
+
+
 def torch_init(std: float = 0.02) -> Callable[..., jax.Array]:
     return nn.initializers.normal(std)
 
@@ -76,10 +146,10 @@ class Linear(nn.Module):
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
-        weight = self.param("weight", torch_init(), (self.features, x.shape[-1]), self.dtype)
-        y = jnp.einsum("...i,oi->...o", x, weight.astype(x.dtype))
+        weight = param(self, "weight", torch_init(), (self.features, x.shape[-1]), self.dtype)
+        y = project(x, weight, contract=1)
         if self.use_bias:
-            y = y + self.param("bias", nn.initializers.zeros, (self.features,), self.dtype).astype(x.dtype)
+            y = y + param(self, "bias", nn.initializers.zeros, (self.features,), self.dtype).astype(x.dtype)
         return y
 
 
@@ -91,7 +161,7 @@ class Embedding(nn.Module):
     dtype: Any = jnp.float32
 
     def setup(self):
-        self.weight = self.param("weight", torch_init(), (self.num_embeddings, self.features), self.dtype)
+        self.weight = param(self, "weight", torch_init(), (self.num_embeddings, self.features), self.dtype)
 
     def __call__(self, ids: jax.Array) -> jax.Array:
         # "clip", not the default NaN fill: a NaN at a padded position would reach
@@ -100,7 +170,7 @@ class Embedding(nn.Module):
 
     def attend(self, x: jax.Array) -> jax.Array:
         """Tied output projection: ``x @ weight.T``."""
-        return jnp.einsum("...d,vd->...v", x, self.weight.astype(x.dtype))
+        return project(x, self.weight, contract=1)
 
 
 class LayerNorm(nn.Module):
@@ -112,8 +182,8 @@ class LayerNorm(nn.Module):
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
         d = x.shape[-1]
-        weight = self.param("weight", nn.initializers.ones, (d,), self.dtype)
-        bias = self.param("bias", nn.initializers.zeros, (d,), self.dtype)
+        weight = param(self, "weight", nn.initializers.ones, (d,), self.dtype)
+        bias = param(self, "bias", nn.initializers.zeros, (d,), self.dtype)
         x32 = x.astype(jnp.float32)
         mean = x32.mean(-1, keepdims=True)
         var = ((x32 - mean) ** 2).mean(-1, keepdims=True)
@@ -129,7 +199,7 @@ class RMSNorm(nn.Module):
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
-        weight = self.param("weight", nn.initializers.ones, (x.shape[-1],), self.dtype)
+        weight = param(self, "weight", nn.initializers.ones, (x.shape[-1],), self.dtype)
         x32 = x.astype(jnp.float32)
         y = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.eps)
         return weight * y.astype(x.dtype)

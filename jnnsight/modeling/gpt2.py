@@ -47,7 +47,7 @@ import jax
 import jax.numpy as jnp
 
 from .common import (CausalLMOutput, Embedding, LayerNorm, Linear, cache_mask, causal_mask,
-                     torch_init, write_cache)
+                     contract, param, project, torch_init, write_cache)
 
 # -- configuration --------------------------------------------------------------------
 
@@ -227,9 +227,9 @@ class Conv1D(nn.Module):
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
-        weight = self.param("weight", torch_init(), (x.shape[-1], self.features), self.dtype)
-        bias = self.param("bias", nn.initializers.zeros, (self.features,), self.dtype)
-        return jnp.einsum("...i,io->...o", x, weight.astype(x.dtype)) + bias.astype(x.dtype)
+        weight = param(self, "weight", torch_init(), (x.shape[-1], self.features), self.dtype)
+        bias = param(self, "bias", nn.initializers.zeros, (self.features,), self.dtype)
+        return project(x, weight, contract=0) + bias.astype(x.dtype)
 
 
 class GPT2Attention(nn.Module):
@@ -281,7 +281,7 @@ class GPT2Attention(nn.Module):
             scaling /= float(self.layer_idx + 1)
         if c.reorder_and_upcast_attn:
             query, key = query.astype(jnp.float32), key.astype(jnp.float32)
-        scores = jnp.einsum("bqhd,bkhd->bhqk", query, key) * scaling
+        scores = contract("bqhd,bkhd->bhqk", query, key) * scaling
 
         if attention_mask is None:
             attention_mask = causal_mask(jnp.ones((b, t), bool))
@@ -289,7 +289,7 @@ class GPT2Attention(nn.Module):
         scores = jnp.where(attention_mask, scores, jnp.finfo(jnp.float32).min)
         attn_weights = jax.nn.softmax(scores, axis=-1).astype(value.dtype)
 
-        attn_output = jnp.einsum("bhqk,bkhd->bqhd", attn_weights, value)
+        attn_output = contract("bhqk,bkhd->bqhd", attn_weights, value)
         attn_output = self.c_proj(attn_output.reshape(b, t, c.n_embd))
         return (attn_output, attn_weights) if present is None else (attn_output, attn_weights, present)
 

@@ -61,7 +61,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from .common import CausalLMOutput, Embedding, Linear, RMSNorm, cache_mask, causal_mask, write_cache
+from .common import (CausalLMOutput, Embedding, Linear, RMSNorm, cache_mask, causal_mask,
+                     contract, write_cache)
 
 # ----------------------------------------------------------------------------------------
 # Config
@@ -435,10 +436,10 @@ class LlamaAttention(nn.Module):
         # query head g * groups + r reads key/value head g (transformers' repeat_kv)
         groups = heads // kv_heads
         q = q.reshape(b, t, kv_heads, groups, d)
-        scores = jnp.einsum("bqgrd,bkgd->bgrqk", q, k).reshape(b, heads, t, s) * d**-0.5
+        scores = contract("bqgrd,bkgd->bgrqk", q, k).reshape(b, heads, t, s) * d**-0.5
         scores = jnp.where(attention_mask, scores, jnp.finfo(scores.dtype).min)
         probs = jax.nn.softmax(scores.astype(jnp.float32), axis=-1).astype(q.dtype)
-        out = jnp.einsum("bgrqk,bkgd->bqgrd", probs.reshape(b, kv_heads, groups, t, s), v)
+        out = contract("bgrqk,bkgd->bqgrd", probs.reshape(b, kv_heads, groups, t, s), v)
         out = self.o_proj(out.reshape(b, t, heads * d))
         return (out, probs) if present is None else (out, probs, present)
 
