@@ -56,11 +56,14 @@ if TYPE_CHECKING:
 class GenerationConfig:
     """How tokens are chosen and when generation ends (static: part of the program key).
 
-    Greedy by default. With ``do_sample``, logits are divided by ``temperature``,
-    cut to the ``top_k`` largest and to the smallest set of probability at least
-    ``top_p`` (transformers' order), and sampled. A row that produced
-    ``eos_token_id`` gets ``pad_token_id`` from then on; generation ends early
-    once every row has.
+    Greedy by default. First, as transformers' logits processors do, the logits
+    of every token already in a row (prompt and padding included) are divided by
+    ``repetition_penalty`` (multiplied, where negative), and ``eos_token_id`` is
+    ruled out until ``min_new_tokens`` tokens exist. With ``do_sample``, logits
+    are then divided by ``temperature``, cut to the ``top_k`` largest and to the
+    smallest set of probability at least ``top_p`` (transformers' order), and
+    sampled. A row that produced ``eos_token_id`` gets ``pad_token_id`` from then
+    on; generation ends early once every row has.
     """
 
     max_new_tokens: int = 20
@@ -70,6 +73,8 @@ class GenerationConfig:
     top_p: float | None = None
     eos_token_id: int | None = None
     pad_token_id: int = 0
+    repetition_penalty: float = 1.0
+    min_new_tokens: int = 0
 
     def __post_init__(self) -> None:
         if not isinstance(self.max_new_tokens, int) or self.max_new_tokens < 1:
@@ -80,6 +85,38 @@ class GenerationConfig:
             raise ValueError(f"top_k must be >= 1, got {self.top_k!r}.")
         if self.top_p is not None and not 0 < self.top_p <= 1:
             raise ValueError(f"top_p must be in (0, 1], got {self.top_p!r}.")
+        if not self.repetition_penalty > 0:
+            raise ValueError(f"repetition_penalty must be > 0, got {self.repetition_penalty!r}.")
+        if not isinstance(self.min_new_tokens, int) or self.min_new_tokens < 0:
+            raise ValueError(f"min_new_tokens must be an int >= 0, got {self.min_new_tokens!r}.")
+
+
+def processed_logits(logits: jax.Array, tokens: jax.Array, length: jax.Array, new: jax.Array,
+                     config: GenerationConfig) -> jax.Array:
+    """``logits`` ``[batch, vocab]`` after the repetition penalty and the minimum length.
+
+    ``tokens[:, :length]`` are the rows so far (``length`` may be traced), ``new``
+    the number of new tokens among them.
+
+    Example::
+
+        >>> config = GenerationConfig(repetition_penalty=2.0)
+        >>> processed_logits(jnp.array([[1.0, -1.0, 3.0]]), jnp.array([[0, 1, 2]]), 2, 0, config)
+        Array([[ 0.5, -2. ,  3. ]], dtype=float32)
+    """
+    logits = logits.astype(jnp.float32)
+    if config.repetition_penalty != 1.0:
+        present = jnp.arange(tokens.shape[1]) < length
+        rows = jnp.arange(tokens.shape[0])[:, None]
+        seen = jnp.zeros(logits.shape, bool).at[rows, tokens].max(
+            jnp.broadcast_to(present, tokens.shape))
+        penalty = config.repetition_penalty
+        logits = jnp.where(seen, jnp.where(logits < 0, logits * penalty, logits / penalty), logits)
+    if config.min_new_tokens > 0 and config.eos_token_id is not None:
+        early = jnp.asarray(new) < config.min_new_tokens
+        logits = logits.at[:, config.eos_token_id].set(
+            jnp.where(early, -jnp.inf, logits[:, config.eos_token_id]))
+    return logits
 
 
 def choose_tokens(logits: jax.Array, key: jax.Array, config: GenerationConfig) -> jax.Array:
@@ -306,7 +343,8 @@ def _step_function(module: Any, plan: StepPlan, program: Schedule, config: Gener
             positions = state["position"][:, None]
         args, kwargs = _inputs(ids, state, positions, jnp.asarray(slot, jnp.int32))
         out = woven_apply(module, plan.stages, env)(variables, *args, **kwargs)
-        token = choose_tokens(out.logits[:, -1], jax.random.fold_in(key, index), config)
+        logits = processed_logits(out.logits[:, -1], state["tokens"], prompt + index, index, config)
+        token = choose_tokens(logits, jax.random.fold_in(key, index), config)
         finished = state["finished"]
         if config.eos_token_id is not None:
             token = jnp.where(finished, config.pad_token_id, token)

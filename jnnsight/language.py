@@ -31,7 +31,7 @@ import numpy as np
 from jax import core
 from jax.sharding import Mesh
 
-from .errors import JnnsightError, UserLine
+from .errors import JnnsightError, UserLine, at_user_line
 from .nnsight import NNsight
 from .tracing.collate import Batch
 from .sharding import DEFAULT_RULES, Rules, automatic, param_shardings, place, shard_inputs
@@ -212,7 +212,10 @@ class LanguageModel(NNsight):
         key: jax.Array | None = None,
         eos_token_id: int | None | str = "default",
         pad_token_id: int | None = None,
+        repetition_penalty: float = 1.0,
+        min_new_tokens: int = 0,
         progress: bool | None = None,
+        **unsupported: Any,
     ) -> "GenerateTracer":
         """A block over a generation of ``max_new_tokens`` tokens, with per-step edits.
 
@@ -229,6 +232,9 @@ class LanguageModel(NNsight):
           eos_token_id: the token that ends a row (by default the tokenizer's
             ``eos_token_id``; None: always run ``max_new_tokens`` steps). Rows
             that ended get ``pad_token_id``; generation stops when all have.
+          repetition_penalty, min_new_tokens: as in transformers' ``generate``
+            (greedy or sampled). Its other options, beam search among them, are
+            refused with an error.
           progress: a progress bar (by default when stderr is a terminal).
 
         Example::
@@ -240,13 +246,22 @@ class LanguageModel(NNsight):
         """
         from .generation import GenerateTracer, GenerationConfig
 
+        if unsupported:
+            raise TypeError(at_user_line(
+                f"lm.generate does not support {', '.join(map(repr, unsupported))}. It takes "
+                "max_new_tokens, do_sample, temperature, top_k, top_p, seed or key, "
+                "eos_token_id, pad_token_id, repetition_penalty, min_new_tokens and progress; "
+                "transformers' other generate options (beam search among them) are not "
+                "implemented."
+            ))
         if eos_token_id == "default":
             eos_token_id = getattr(self.tokenizer, "eos_token_id", None)
         if pad_token_id is None:
             pad_token_id = getattr(self.tokenizer, "pad_token_id", None)
             pad_token_id = pad_token_id if pad_token_id is not None else (eos_token_id or 0)
         config = GenerationConfig(max_new_tokens, do_sample, float(temperature), top_k, top_p,
-                                  eos_token_id, int(pad_token_id))
+                                  eos_token_id, int(pad_token_id), float(repetition_penalty),
+                                  min_new_tokens)
         if key is None:
             key = jax.random.key(0 if seed is None else seed)
         return GenerateTracer(self, inputs, config, key, progress)

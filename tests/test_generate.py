@@ -244,6 +244,28 @@ def test_eos_ends_rows_and_generation_as_transformers_does(models):
             use()
 
 
+@pytest.mark.parametrize("name", ["gpt2", "llama"])
+def test_repetition_penalty_and_min_new_tokens_equal_transformers_generate(models, name):
+    tm, lm = models[name]
+    changed = False
+    for prompt in PROMPTS:
+        with lm.generate(prompt, max_new_tokens=NEW, eos_token_id=None, repetition_penalty=1.8) as tracer:
+            tokens = tracer.result.save()
+        theirs = hf_greedy(tm, prompt, repetition_penalty=1.8)
+        assert list(np.asarray(tokens[0])) == theirs
+        changed |= theirs != hf_greedy(tm, prompt)
+    assert changed  # the penalty mattered for these prompts
+
+    prompt = PROMPTS[0]
+    eos = hf_greedy(tm, prompt)[len(prompt)]  # the first new token: eos without the minimum
+    with lm.generate(prompt, max_new_tokens=NEW, eos_token_id=eos, pad_token_id=7,
+                     min_new_tokens=3) as tracer:
+        tokens = tracer.result.save()
+    theirs = hf_greedy(tm, prompt, eos_token_id=eos, pad_token_id=7, min_new_tokens=3)
+    ours = list(np.asarray(tokens[0]))
+    assert ours[: len(theirs)] == theirs and eos not in theirs[len(prompt): len(prompt) + 3]
+
+
 def test_the_generated_tokens_compare_with_values_computed_before_any_step(models):
     _, lm = models["gpt2"]
     target = np.arange(len(PROMPTS[1]) + 3)
@@ -321,6 +343,12 @@ def test_bad_generation_inputs_get_clear_errors(models):
         lm.generate(PROMPTS[0], max_new_tokens=0)
     with pytest.raises(ValueError, match="top_p"):
         lm.generate(PROMPTS[0], do_sample=True, top_p=1.5)
+    with pytest.raises(ValueError, match="repetition_penalty"):
+        lm.generate(PROMPTS[0], repetition_penalty=0)
+    with pytest.raises(ValueError, match="min_new_tokens"):
+        lm.generate(PROMPTS[0], min_new_tokens=-1)
+    with pytest.raises(TypeError, match=r"test_generate.py:\d+:[\s\S]*not support 'num_beams'"):
+        lm.generate(PROMPTS[0], num_beams=2)
     with pytest.raises(JnnsightError, match="ends in padding"):
         with lm.generate({"input_ids": np.array([[11, 12, 0]]),
                           "attention_mask": np.array([[1, 1, 0]])}, max_new_tokens=2):
