@@ -82,7 +82,8 @@ def param(module: nn.Module, name: str, init: Callable[..., jax.Array],
         return module.param(name, init, shape, dtype)
     value = module.get_variable("params", name)
     if np.shape(value) != tuple(shape):
-        raise flax.errors.ScopeParamShapeError(name, module.scope.path_text, np.shape(value), tuple(shape))
+        raise flax.errors.ScopeParamShapeError(
+            name, module.scope.path_text, np.shape(value), tuple(shape))
     return value
 
 
@@ -149,7 +150,8 @@ class Linear(nn.Module):
         weight = param(self, "weight", torch_init(), (self.features, x.shape[-1]), self.dtype)
         y = project(x, weight, contract=1)
         if self.use_bias:
-            y = y + param(self, "bias", nn.initializers.zeros, (self.features,), self.dtype).astype(x.dtype)
+            bias = param(self, "bias", nn.initializers.zeros, (self.features,), self.dtype)
+            y = y + bias.astype(x.dtype)
         return y
 
 
@@ -161,7 +163,8 @@ class Embedding(nn.Module):
     dtype: Any = jnp.float32
 
     def setup(self):
-        self.weight = param(self, "weight", torch_init(), (self.num_embeddings, self.features), self.dtype)
+        shape = (self.num_embeddings, self.features)
+        self.weight = param(self, "weight", torch_init(), shape, self.dtype)
 
     def __call__(self, ids: jax.Array) -> jax.Array:
         # "clip", not the default NaN fill: a NaN at a padded position would reach
