@@ -75,7 +75,7 @@ def run(lm: LanguageModel) -> dict:
         h0 = lm.model.layers[0].output[0]
         with (-jax.nn.log_softmax(lm.lm_head.output[:, -1])[:, 3].sum()).backward():
             grad = h0.grad.save()
-    with lm.generate(ids[:, :4], max_new_tokens=4, eos_token_id=None) as tracer:
+    with lm.generate(ids[:, :4], max_new_tokens=4, eos_token_id=None, repetition_penalty=1.3) as tracer:
         with tracer.all():
             lm.model.layers[1].output[0] = lm.model.layers[1].output[0] + steer
         tokens = tracer.result.save()
