@@ -33,6 +33,7 @@ from jnnsight.loading import checkpoint as checkpoint_module
 
 PROMPT = "The Eiffel Tower is in the city of"
 PARIS = 7042  # "ĠParis" in the SmolLM2 vocabulary
+PROMPT_IDS = [504, 414, 46682, 18669, 314, 281, 260, 2240, 282]  # PROMPT, as the GGUF's tokenizer encodes it
 
 
 # --------------------------------------------------------------------------- fixtures
@@ -339,8 +340,9 @@ def test_gguf_smollm_equals_transformers(smollm):
         assert float(np.max(np.abs(tensors[key] - value))) <= 1e-6, key  # in fact bit-equal
 
 
-def test_gguf_smollm_predicts_paris(smollm):
-    """Independent of transformers' GGUF code: our tensors in transformers' PyTorch Llama predict ' Paris'."""
+@pytest.fixture(scope="module")
+def smollm_torch_logits(smollm):
+    """Our SmolLM2 tensors in transformers' PyTorch Llama: the last position's logits of PROMPT."""
     torch = pytest.importorskip("torch")
     transformers = pytest.importorskip("transformers")
     path, config, tensors = smollm
@@ -351,10 +353,14 @@ def test_gguf_smollm_predicts_paris(smollm):
     state["lm_head.weight"] = state["model.embed_tokens.weight"]
     model.load_state_dict(state, strict=True, assign=True)
     model.eval()
-    ids = [504, 414, 46682, 18669, 314, 281, 260, 2240, 282]  # PROMPT, as the GGUF's tokenizer encodes it
     with torch.no_grad():
-        logits = model(torch.tensor([ids])).logits[0, -1]
-    probs = torch.softmax(logits.float(), -1)
+        return model(torch.tensor([PROMPT_IDS])).logits[0, -1].numpy()
+
+
+def test_gguf_smollm_predicts_paris(smollm_torch_logits):
+    """Independent of transformers' GGUF code: our tensors in transformers' PyTorch Llama predict ' Paris'."""
+    probs = np.exp(smollm_torch_logits - smollm_torch_logits.max())
+    probs /= probs.sum()
     assert int(probs.argmax()) == PARIS
     # 0.6562 here; Q and K left in llama.cpp's order still predict ' Paris', at 0.6264, so the
     # bound is tight (the tiny round trip above checks the permutation element by element)
@@ -362,13 +368,56 @@ def test_gguf_smollm_predicts_paris(smollm):
 
 
 def test_gguf_smollm_tokenizer(smollm):
+    """Built without torch, the tokenizer equals transformers' own GGUF route (which uses torch)."""
     transformers = pytest.importorskip("transformers")
+    pytest.importorskip("torch")
     path, _, _ = smollm
-    ours = load_tokenizer(path)
-    theirs = transformers.AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
-    assert ours(PROMPT)["input_ids"] == theirs(PROMPT)["input_ids"]
-    assert ours(PROMPT)["input_ids"] == [504, 414, 46682, 18669, 314, 281, 260, 2240, 282]
-    assert ours.decode([PARIS]) == theirs.decode([PARIS]) == " Paris"
+    ours = load_tokenizer(path, padding_side="left")
+    theirs = transformers.AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name,
+                                                        padding_side="left")
+    texts = [PROMPT, "  two spaces\n\nand newlines", "<|im_start|>user\nhi<|im_end|>", "été 🤖 数字 12345", ""]
+    for text in texts:
+        ids = theirs(text)["input_ids"]
+        assert ours(text)["input_ids"] == ids, text
+        assert ours.decode(ids) == theirs.decode(ids), text
+    assert ours(PROMPT)["input_ids"] == PROMPT_IDS
+    assert ours.decode([PARIS]) == " Paris"
+    assert dict(ours(texts, padding=True)) == dict(theirs(texts, padding=True))
+    for name in ("bos_token", "eos_token", "pad_token", "unk_token", "pad_token_id",
+                 "add_bos_token", "chat_template", "all_special_tokens"):
+        assert getattr(ours, name) == getattr(theirs, name), name
+    assert ours.get_vocab() == theirs.get_vocab()
+    chat = [{"role": "user", "content": "Where is the Eiffel Tower?"}]
+    assert (ours.apply_chat_template(chat, tokenize=False, add_generation_prompt=True)
+            == theirs.apply_chat_template(chat, tokenize=False, add_generation_prompt=True))
+
+
+_WITHOUT_TORCH = """
+import sys
+sys.modules["torch"] = None  # any `import torch` fails from here on
+import numpy as np
+from jnnsight import LanguageModel
+lm = LanguageModel(sys.argv[1])
+with lm.trace(sys.argv[2]):
+    logits = lm.lm_head.output[0, -1].save()
+ids = lm.tokenizer(sys.argv[2])["input_ids"]
+np.savez(sys.argv[3], ids=np.asarray(ids), logits=np.asarray(logits))
+"""
+
+
+def test_language_model_loads_gguf_without_torch(smollm, smollm_torch_logits, tmp_path):
+    """Issue: no torch at run time. A process where `import torch` fails loads the GGUF file
+    (weights and tokenizer) and gives the logits transformers' PyTorch Llama gives."""
+    path, _, _ = smollm
+    script, out = tmp_path / "without_torch.py", tmp_path / "out.npz"
+    script.write_text(_WITHOUT_TORCH)  # a file: a trace block needs its source
+    run = subprocess.run([sys.executable, str(script), str(path), PROMPT, str(out)],
+                         capture_output=True, text=True, timeout=600)
+    assert run.returncode == 0, run.stderr[-3000:]
+    result = np.load(out)
+    assert result["ids"].tolist() == PROMPT_IDS
+    # SmolLM2's hidden states reach 2e4: float32 summation order gives about 1e-4
+    np.testing.assert_allclose(result["logits"], smollm_torch_logits, atol=3e-4, rtol=0)
 
 
 def test_tokenizer_missing_is_a_clear_error(tmp_path):

@@ -1,5 +1,9 @@
 """Tokenizers, through transformers (no torch): from a checkpoint folder or from a GGUF file.
 
+transformers' own GGUF route (``AutoTokenizer.from_pretrained(gguf_file=...)``)
+imports torch to read the file's metadata. Here the ``gguf`` package reads it,
+and transformers' torch-free converter builds the same tokenizer from it.
+
 Example::
 
     >>> tok = load_tokenizer("SmolLM2-135M-Instruct.Q4_1.gguf")   # built from the GGUF metadata
@@ -22,11 +26,11 @@ def load_tokenizer(path_or_folder: str | os.PathLike, gguf_file: str | None = No
     """A transformers tokenizer for a checkpoint.
 
     ``path_or_folder`` is a folder with tokenizer files, a ``.gguf`` file (its
-    tokenizer is rebuilt from the file's metadata by transformers), or a folder
+    tokenizer is rebuilt from the file's metadata: :func:`gguf_tokenizer`), or a folder
     plus ``gguf_file`` (a file name in it). A folder with no tokenizer files and
     exactly one ``.gguf`` file uses that file. A hub id is resolved through
     :func:`jnnsight.loading.resolve` first. ``kwargs`` go to
-    ``AutoTokenizer.from_pretrained`` (e.g. ``padding_side="left"``).
+    the tokenizer (e.g. ``padding_side="left"``).
     """
     from transformers import AutoTokenizer
 
@@ -34,14 +38,71 @@ def load_tokenizer(path_or_folder: str | os.PathLike, gguf_file: str | None = No
 
     path = resolve(path_or_folder, gguf_file=gguf_file)
     if path.is_file():  # a .gguf file
-        return AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name, **kwargs)
+        return gguf_tokenizer(path, **kwargs)
     if not any((path / name).is_file() for name in _TOKENIZER_FILES):
         ggufs = sorted(Path(path).glob("*.gguf"))
         if len(ggufs) == 1:
-            return AutoTokenizer.from_pretrained(str(path), gguf_file=ggufs[0].name, **kwargs)
+            return gguf_tokenizer(ggufs[0], **kwargs)
         raise CheckpointNotFoundError(
             f"No tokenizer files in {path} (looked for {', '.join(_TOKENIZER_FILES)}; "
             f"GGUF files there: {_names(ggufs)}). Pass the folder that `save_pretrained` of the "
             "tokenizer wrote, or a .gguf file (or gguf_file=...)."
         )
     return AutoTokenizer.from_pretrained(str(path), **kwargs)
+
+
+# transformers' GGUF_TOKENIZER_MAPPING leaves these out: special tokens are ids in the file.
+_SPECIAL_TOKEN_IDS = {"bos_token": "bos_token_id", "eos_token": "eos_token_id",
+                      "unk_token": "unknown_token_id", "pad_token": "padding_token_id"}
+
+
+def gguf_tokenizer(path: str | os.PathLike, **kwargs: Any) -> Any:
+    """The tokenizer a GGUF file describes, as transformers builds it, without torch.
+
+    The ``gguf`` package reads the file's ``tokenizer.*`` metadata; transformers'
+    GGUF converter (``transformers.integrations.gguf``, torch-free) turns it into
+    a fast tokenizer with the same vocabulary, merges, special tokens, BOS rule
+    and chat template as ``AutoTokenizer.from_pretrained(folder, gguf_file=...)``.
+    Where the installed transformers lacks that converter, its own route is used
+    (which needs torch). ``kwargs`` go to the tokenizer (``padding_side="left"``).
+
+        >>> tok = gguf_tokenizer("SmolLM2-135M-Instruct.Q4_1.gguf", padding_side="left")
+    """
+    path = Path(path)
+    try:
+        from transformers.integrations.gguf.gguf_tokenizer_mapping import (
+            GGUF_TOKENIZER_MAPPING, convert_gguf_tokenizer)
+    except ImportError:
+        return _transformers_gguf_tokenizer(path, **kwargs)
+    from transformers import PreTrainedTokenizerFast
+
+    from .gguf_file import _field, _reader
+
+    reader = _reader(path)
+    metadata = {key: _field(reader, key) for key in reader.fields if key.startswith("tokenizer.")}
+    grouped = {
+        group: {name: metadata[f"tokenizer.{key}"] for key, name in renames.items()
+                if f"tokenizer.{key}" in metadata}
+        for group, renames in GGUF_TOKENIZER_MAPPING.items()
+    }
+    tokenizer, config = grouped["tokenizer"], grouped["tokenizer_config"]
+    if tokenizer.get("tokenizer_type") == "llama":  # llama.cpp's default for sentencepiece files
+        config.setdefault("add_bos_token", True)
+    for name, key in _SPECIAL_TOKEN_IDS.items():
+        token_id = metadata.get(f"tokenizer.ggml.{key}")
+        config[name] = tokenizer["tokens"][token_id] if token_id is not None else None
+    backend, extra = convert_gguf_tokenizer(_field(reader, "general.architecture"), tokenizer)
+    return PreTrainedTokenizerFast(tokenizer_object=backend, **{**config, **extra, **kwargs})
+
+
+def _transformers_gguf_tokenizer(path: Path, **kwargs: Any) -> Any:
+    from transformers import AutoTokenizer
+
+    try:
+        return AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name, **kwargs)
+    except ImportError as err:
+        raise ImportError(
+            f"This transformers version builds a GGUF file's tokenizer through torch ({err}). "
+            "Install torch, or a transformers version with `transformers.integrations.gguf` "
+            "(5.x), to load the tokenizer of a .gguf file."
+        ) from err
