@@ -57,7 +57,7 @@ class GenerationConfig:
     """How tokens are chosen and when generation ends (static: part of the program key).
 
     Greedy by default. First, as transformers' logits processors do, the logits
-    of every token already in a row (prompt and padding included) are divided by
+    of every token already in a row (its left padding excepted) are divided by
     ``repetition_penalty`` (multiplied, where negative), and ``eos_token_id`` is
     ruled out until ``min_new_tokens`` tokens exist. With ``do_sample``, logits
     are then divided by ``temperature``, cut to the ``top_k`` largest and to the
@@ -91,25 +91,27 @@ class GenerationConfig:
             raise ValueError(f"min_new_tokens must be an int >= 0, got {self.min_new_tokens!r}.")
 
 
-def processed_logits(logits: jax.Array, tokens: jax.Array, length: jax.Array, new: jax.Array,
-                     config: GenerationConfig) -> jax.Array:
+def processed_logits(logits: jax.Array, tokens: jax.Array, start: jax.Array, length: jax.Array,
+                     new: jax.Array, config: GenerationConfig) -> jax.Array:
     """``logits`` ``[batch, vocab]`` after the repetition penalty and the minimum length.
 
-    ``tokens[:, :length]`` are the rows so far (``length`` may be traced), ``new``
-    the number of new tokens among them.
+    Row ``i`` so far is ``tokens[i, start[i]:length]``: ``start`` skips its left
+    padding, as transformers does; ``length`` may be traced. ``new`` is the
+    number of new tokens in each row.
 
     Example::
 
         >>> config = GenerationConfig(repetition_penalty=2.0)
-        >>> processed_logits(jnp.array([[1.0, -1.0, 3.0]]), jnp.array([[0, 1, 2]]), 2, 0, config)
+        >>> processed_logits(jnp.array([[1.0, -1.0, 3.0]]), jnp.array([[2, 0, 1]]),
+        ...                  jnp.array([1]), 3, 0, config)
         Array([[ 0.5, -2. ,  3. ]], dtype=float32)
     """
     logits = logits.astype(jnp.float32)
     if config.repetition_penalty != 1.0:
-        present = jnp.arange(tokens.shape[1]) < length
+        position = jnp.arange(tokens.shape[1])
+        present = (position >= start[:, None]) & (position < length)
         rows = jnp.arange(tokens.shape[0])[:, None]
-        seen = jnp.zeros(logits.shape, bool).at[rows, tokens].max(
-            jnp.broadcast_to(present, tokens.shape))
+        seen = jnp.zeros(logits.shape, bool).at[rows, tokens].max(present)
         penalty = config.repetition_penalty
         logits = jnp.where(seen, jnp.where(logits < 0, logits * penalty, logits / penalty), logits)
     if config.min_new_tokens > 0 and config.eos_token_id is not None:
@@ -343,7 +345,9 @@ def _step_function(module: Any, plan: StepPlan, program: Schedule, config: Gener
             positions = state["position"][:, None]
         args, kwargs = _inputs(ids, state, positions, jnp.asarray(slot, jnp.int32))
         out = woven_apply(module, plan.stages, env)(variables, *args, **kwargs)
-        logits = processed_logits(out.logits[:, -1], state["tokens"], prompt + index, index, config)
+        padding = jnp.argmax(state["mask"][:, :prompt] != 0, axis=1)  # each row's left padding
+        logits = processed_logits(out.logits[:, -1], state["tokens"], padding, prompt + index, index,
+                                  config)
         token = choose_tokens(logits, jax.random.fold_in(key, index), config)
         finished = state["finished"]
         if config.eos_token_id is not None:

@@ -31,7 +31,7 @@ import numpy as np
 from jax import core
 from jax.sharding import Mesh
 
-from .errors import JnnsightError, UserLine, at_user_line
+from .errors import JnnsightError, UserLine, at_user_line, warn_at_user_line
 from .nnsight import NNsight
 from .tracing.collate import Batch
 from .sharding import DEFAULT_RULES, Rules, automatic, param_shardings, place, shard_inputs
@@ -212,8 +212,8 @@ class LanguageModel(NNsight):
         key: jax.Array | None = None,
         eos_token_id: int | None | str = "default",
         pad_token_id: int | None = None,
-        repetition_penalty: float = 1.0,
-        min_new_tokens: int = 0,
+        repetition_penalty: float | None = 1.0,
+        min_new_tokens: int | None = 0,
         progress: bool | None = None,
         **unsupported: Any,
     ) -> "GenerateTracer":
@@ -259,8 +259,15 @@ class LanguageModel(NNsight):
         if pad_token_id is None:
             pad_token_id = getattr(self.tokenizer, "pad_token_id", None)
             pad_token_id = pad_token_id if pad_token_id is not None else (eos_token_id or 0)
+        repetition_penalty = 1.0 if repetition_penalty is None else float(repetition_penalty)
+        min_new_tokens = 0 if min_new_tokens is None else min_new_tokens
+        if isinstance(min_new_tokens, np.integer):
+            min_new_tokens = int(min_new_tokens)
+        if min_new_tokens and eos_token_id is None:
+            warn_at_user_line(f"min_new_tokens={min_new_tokens} has no effect: there is no "
+                              "eos_token_id to hold back.")
         config = GenerationConfig(max_new_tokens, do_sample, float(temperature), top_k, top_p,
-                                  eos_token_id, int(pad_token_id), float(repetition_penalty),
+                                  eos_token_id, int(pad_token_id), repetition_penalty,
                                   min_new_tokens)
         if key is None:
             key = jax.random.key(0 if seed is None else seed)

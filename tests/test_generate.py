@@ -256,6 +256,20 @@ def test_repetition_penalty_and_min_new_tokens_equal_transformers_generate(model
         changed |= theirs != hf_greedy(tm, prompt)
     assert changed  # the penalty mattered for these prompts
 
+    # One left-padded batch, padded with the short row's first greedy token: transformers
+    # does not count a row's left padding as a repetition, and neither may we.
+    width = max(map(len, PROMPTS))
+    pad = hf_greedy(tm, PROMPTS[1])[len(PROMPTS[1])]
+    ids = np.array([[pad] * (width - len(p)) + p for p in PROMPTS])
+    mask = np.array([[0] * (width - len(p)) + [1] * len(p) for p in PROMPTS])
+    with lm.generate({"input_ids": ids, "attention_mask": mask}, max_new_tokens=NEW,
+                     eos_token_id=None, pad_token_id=pad, repetition_penalty=1.8) as tracer:
+        tokens = tracer.result.save()
+    with torch.no_grad():
+        theirs = tm.generate(torch.tensor(ids), attention_mask=torch.tensor(mask), max_new_tokens=NEW,
+                             do_sample=False, pad_token_id=pad, repetition_penalty=1.8)
+    np.testing.assert_array_equal(np.asarray(tokens), theirs.numpy())
+
     prompt = PROMPTS[0]
     eos = hf_greedy(tm, prompt)[len(prompt)]  # the first new token: eos without the minimum
     with lm.generate(prompt, max_new_tokens=NEW, eos_token_id=eos, pad_token_id=7,
@@ -349,6 +363,9 @@ def test_bad_generation_inputs_get_clear_errors(models):
         lm.generate(PROMPTS[0], min_new_tokens=-1)
     with pytest.raises(TypeError, match=r"test_generate.py:\d+:[\s\S]*not support 'num_beams'"):
         lm.generate(PROMPTS[0], num_beams=2)
+    with pytest.warns(UserWarning, match="min_new_tokens=2 has no effect") as caught:
+        lm.generate(PROMPTS[0], min_new_tokens=np.int64(2), eos_token_id=None)
+    assert caught[0].filename == __file__
     with pytest.raises(JnnsightError, match="ends in padding"):
         with lm.generate({"input_ids": np.array([[11, 12, 0]]),
                           "attention_mask": np.array([[1, 1, 0]])}, max_new_tokens=2):

@@ -149,7 +149,13 @@ def test_language_model_left_pads_token_ids_like_golden(family):
 
 @pytest.mark.parametrize("family", FAMILIES)
 def test_installed_transformers_still_gives_the_goldens(family):
-    """Where torch is installed: the stored checkpoint, rerun in PyTorch, gives the stored logits."""
+    """Where torch is installed: the stored checkpoint, rerun in PyTorch, gives the stored logits.
+
+    torch against its own earlier run differs by up to about 1.1e-4 in some processes
+    of this suite (0 in others: its CPU kernels' summation order is not fixed), so
+    comparisons with this live run allow TOL relative to the largest logit (about 7).
+    jnnsight against the stored logits keeps the absolute TOL (test_logits_equal_golden).
+    """
     torch = pytest.importorskip("torch")
     transformers = pytest.importorskip("transformers")
     g = golden(family)[3]
@@ -162,8 +168,9 @@ def test_installed_transformers_still_gives_the_goldens(family):
             kwargs = dict(zip(("attention_mask", "position_ids"), args[1:]))
             return model(args[0], **kwargs).logits.numpy()
 
-    assert max_diff(run("ids"), g["logits"]) <= TOL
+    rerun = TOL * float(np.abs(g["logits"]).max())
+    assert max_diff(run("ids"), g["logits"]) <= rerun
     real = g["padded_mask"].astype(bool)
     theirs = run("padded_ids", "padded_mask", "padded_positions")
-    assert max_diff(theirs[real], g["padded_logits"][real]) <= TOL
-    assert max_diff(apply(family)(jnp.asarray(g["ids"])), run("ids")) <= TOL
+    assert max_diff(theirs[real], g["padded_logits"][real]) <= rerun
+    assert max_diff(apply(family)(jnp.asarray(g["ids"])), run("ids")) <= rerun

@@ -392,6 +392,77 @@ def test_gguf_smollm_tokenizer(smollm):
             == theirs.apply_chat_template(chat, tokenize=False, add_generation_prompt=True))
 
 
+def _write_tokenizer_gguf(path: Path, arch: str, kind: str, pre: str | None, add_bos: bool | None) -> None:
+    """A GGUF file with a tiny tokenizer: sentencepiece-style (``kind`` llama, gemma4) with
+    byte fallback, or byte-level BPE (``kind`` gpt2) with merges and chat-style specials."""
+    gguf = pytest.importorskip("gguf")
+    from transformers.convert_slow_tokenizer import bytes_to_unicode
+
+    writer = gguf.GGUFWriter(str(path), arch)
+    writer.add_block_count(1)  # transformers' route reads a model config from the file too
+    writer.add_context_length(8)
+    writer.add_embedding_length(4)
+    writer.add_feed_forward_length(8)
+    writer.add_head_count(1)
+    writer.add_layer_norm_rms_eps(1e-5)
+    if kind == "gpt2":
+        merges = ["Ġ h", "h e", "l l", "Ġh e", "Ġhe ll", "Ġhell o", "Ġ w", "o r", "Ġw or"]
+        specials = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
+        tokens = specials + list(bytes_to_unicode().values()) + ["".join(m.split()) for m in merges]
+        writer.add_token_merges(merges)
+        types = [3] * len(specials) + [1] * (len(tokens) - len(specials))
+        bos, eos, pad = 0, 2, 2
+    else:
+        pieces = ["▁", "h", "e", "l", "o", "▁h", "▁he", "ll", "▁hell", "▁hello", "w", "r", "d", "▁w"]
+        tokens = ["<unk>", "<s>", "</s>", "<pad>"] + pieces + [f"<0x{i:02X}>" for i in range(256)]
+        writer.add_token_scores([0.0] * 4 + [-float(i) for i in range(len(tokens) - 4)])
+        types = [2, 3, 3, 3] + [1] * len(pieces) + [6] * 256
+        bos, eos, pad = 1, 2, 3
+        writer.add_unk_token_id(0)
+    writer.add_tokenizer_model(kind)
+    if pre is not None:
+        writer.add_tokenizer_pre(pre)
+    writer.add_token_list(tokens)
+    writer.add_token_types(types)
+    writer.add_bos_token_id(bos)
+    writer.add_eos_token_id(eos)
+    writer.add_pad_token_id(pad)
+    if add_bos is not None:
+        writer.add_add_bos_token(add_bos)
+    writer.add_tensor("token_embd.weight", np.zeros((len(tokens), 4), np.float32))
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+
+
+@pytest.mark.parametrize("arch, kind, pre, add_bos", [
+    ("llama", "llama", None, None),        # sentencepiece: BOS by default
+    ("llama", "llama", None, False),
+    ("llama", "gemma4", None, True),       # transformers ignores the flag: no BOS
+    ("llama", "gpt2", "llama-bpe", True),  # byte-level BPE, Llama 3's split
+    ("qwen2", "gpt2", "qwen2", None),      # transformers builds a Qwen2Tokenizer here
+    ("gpt2", "gpt2", "gpt-2", None),
+])
+def test_gguf_tokenizers_equal_transformers_route(tmp_path, arch, kind, pre, add_bos):
+    transformers = pytest.importorskip("transformers")
+    pytest.importorskip("torch")
+    path = tmp_path / "tiny.gguf"
+    _write_tokenizer_gguf(path, arch, kind, pre, add_bos)
+    ours = load_tokenizer(path, padding_side="left")
+    theirs = transformers.AutoTokenizer.from_pretrained(str(tmp_path), gguf_file=path.name,
+                                                        padding_side="left")
+    texts = ["hello world", " hello  world\n", "<|im_start|>hello<|im_end|>", "<s>hell</s>", "héllo 42", ""]
+    for text in texts:
+        ids = theirs(text)["input_ids"]
+        assert ours(text)["input_ids"] == ids, text
+        assert ours.decode(ids) == theirs.decode(ids), text
+        assert ours.decode(ids, skip_special_tokens=True) == theirs.decode(ids, skip_special_tokens=True)
+    assert dict(ours(texts, padding=True)) == dict(theirs(texts, padding=True))
+    for name in ("bos_token", "eos_token", "pad_token", "unk_token", "add_bos_token", "all_special_tokens"):
+        assert getattr(ours, name) == getattr(theirs, name), name
+
+
 _WITHOUT_TORCH = """
 import sys
 sys.modules["torch"] = None  # any `import torch` fails from here on

@@ -5,7 +5,8 @@ families use; ``param`` must initialize like ``Module.param`` and still refuse
 parameters of the wrong shape, with flax's error.
 
 Bad inputs tried: einsum specs with a summed free axis, an output letter no
-operand has, a repeated letter; a ``Linear`` applied to a weight of the wrong shape.
+operand has, a repeated letter; operands of the wrong rank; a ``Linear`` applied
+to a weight of the wrong shape.
 """
 
 from __future__ import annotations
@@ -40,6 +41,11 @@ def test_contract_equals_einsum(spec, a, b):
 def test_contract_refuses_specs_it_cannot_express(spec):
     with pytest.raises(ValueError, match="batch, contracted and free letters"):
         contract(spec, jnp.ones((2, 2, 2)), jnp.ones((2, 2)))
+
+
+def test_contract_refuses_operands_of_the_wrong_rank():
+    with pytest.raises(ValueError, match="rank 3 and 3, got 2 and 3"):
+        contract("bqd,bkd->bqk", jnp.ones((3, 4)), jnp.ones((2, 5, 4)))
 
 
 def test_param_initializes_and_applies_like_flax():

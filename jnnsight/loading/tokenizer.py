@@ -62,9 +62,12 @@ def gguf_tokenizer(path: str | os.PathLike, **kwargs: Any) -> Any:
     The ``gguf`` package reads the file's ``tokenizer.*`` metadata; transformers'
     GGUF converter (``transformers.integrations.gguf``, torch-free) turns it into
     a fast tokenizer with the same vocabulary, merges, special tokens, BOS rule
-    and chat template as ``AutoTokenizer.from_pretrained(folder, gguf_file=...)``.
-    Where the installed transformers lacks that converter, its own route is used
-    (which needs torch). ``kwargs`` go to the tokenizer (``padding_side="left"``).
+    and chat template as ``AutoTokenizer.from_pretrained(folder, gguf_file=...)``
+    (whose class may be a subclass, such as ``Qwen2Tokenizer``, that tokenizes
+    alike). Where the installed transformers lacks that converter, its own route
+    is used (which needs torch). ``kwargs`` go to the tokenizer
+    (``padding_side="left"``) and, unlike in transformers' route, win over the
+    file's values (``add_bos_token=True`` adds BOS whatever the file says).
 
         >>> tok = gguf_tokenizer("SmolLM2-135M-Instruct.Q4_1.gguf", padding_side="left")
     """
@@ -86,8 +89,11 @@ def gguf_tokenizer(path: str | os.PathLike, **kwargs: Any) -> Any:
         for group, renames in GGUF_TOKENIZER_MAPPING.items()
     }
     tokenizer, config = grouped["tokenizer"], grouped["tokenizer_config"]
-    if tokenizer.get("tokenizer_type") == "llama":  # llama.cpp's default for sentencepiece files
+    kind = tokenizer.get("tokenizer_type")
+    if kind == "llama":  # llama.cpp's default for sentencepiece files
         config.setdefault("add_bos_token", True)
+    elif kind == "gemma4":  # its chat template writes <bos> itself (transformers' rule)
+        config["add_bos_token"] = False
     for name, key in _SPECIAL_TOKEN_IDS.items():
         token_id = metadata.get(f"tokenizer.ggml.{key}")
         config[name] = tokenizer["tokens"][token_id] if token_id is not None else None

@@ -130,6 +130,10 @@ def contract(spec: str, x: jax.Array, y: jax.Array) -> jax.Array:
         (2, 3, 5)
     """
     dims, order = _contraction(spec)
+    a, b = spec.split("->")[0].split(",")
+    if (x.ndim, y.ndim) != (len(a), len(b)):
+        raise ValueError(f"contract {spec!r} takes operands of rank {len(a)} and {len(b)}, "
+                         f"got {x.ndim} and {y.ndim}")
     z = jax.lax.dot_general(x, y, dims)
     return z if order == tuple(range(z.ndim)) else z.transpose(order)
 
