@@ -62,8 +62,9 @@ class GenerationConfig:
     ruled out until ``min_new_tokens`` tokens exist. With ``do_sample``, logits
     are then divided by ``temperature``, cut to the ``top_k`` largest and to the
     smallest set of probability at least ``top_p`` (transformers' order), and
-    sampled. A row that produced ``eos_token_id`` gets ``pad_token_id`` from then
-    on; generation ends early once every row has.
+    sampled. A row that produced ``eos_token_id`` (one id, or a tuple of ids any of
+    which ends a row, as Llama 3's ``generation_config.json`` lists) gets
+    ``pad_token_id`` from then on; generation ends early once every row has.
     """
 
     max_new_tokens: int = 20
@@ -71,7 +72,7 @@ class GenerationConfig:
     temperature: float = 1.0
     top_k: int | None = None
     top_p: float | None = None
-    eos_token_id: int | None = None
+    eos_token_id: int | tuple[int, ...] | None = None
     pad_token_id: int = 0
     repetition_penalty: float = 1.0
     min_new_tokens: int = 0
@@ -85,10 +86,22 @@ class GenerationConfig:
             raise ValueError(f"top_k must be >= 1, got {self.top_k!r}.")
         if self.top_p is not None and not 0 < self.top_p <= 1:
             raise ValueError(f"top_p must be in (0, 1], got {self.top_p!r}.")
+        if isinstance(self.eos_token_id, list):
+            object.__setattr__(self, "eos_token_id", tuple(self.eos_token_id))
+        if not all(isinstance(i, (int, np.integer)) for i in self.eos_ids):
+            raise ValueError(f"eos_token_id must be an int or a list of ints, got {self.eos_token_id!r}.")
         if not self.repetition_penalty > 0:
             raise ValueError(f"repetition_penalty must be > 0, got {self.repetition_penalty!r}.")
         if not isinstance(self.min_new_tokens, int) or self.min_new_tokens < 0:
             raise ValueError(f"min_new_tokens must be an int >= 0, got {self.min_new_tokens!r}.")
+
+
+    @property
+    def eos_ids(self) -> tuple[int, ...]:
+        """The ids that end a row (none without ``eos_token_id``)."""
+        if self.eos_token_id is None:
+            return ()
+        return self.eos_token_id if isinstance(self.eos_token_id, tuple) else (self.eos_token_id,)
 
 
 def processed_logits(logits: jax.Array, tokens: jax.Array, start: jax.Array, length: jax.Array,
@@ -114,10 +127,10 @@ def processed_logits(logits: jax.Array, tokens: jax.Array, start: jax.Array, len
         seen = jnp.zeros(logits.shape, bool).at[rows, tokens].max(present)
         penalty = config.repetition_penalty
         logits = jnp.where(seen, jnp.where(logits < 0, logits * penalty, logits / penalty), logits)
-    if config.min_new_tokens > 0 and config.eos_token_id is not None:
+    if config.min_new_tokens > 0 and config.eos_ids:
         early = jnp.asarray(new) < config.min_new_tokens
-        logits = logits.at[:, config.eos_token_id].set(
-            jnp.where(early, -jnp.inf, logits[:, config.eos_token_id]))
+        eos = jnp.asarray(config.eos_ids)
+        logits = logits.at[:, eos].set(jnp.where(early, -jnp.inf, logits[:, eos]))
     return logits
 
 
@@ -350,9 +363,9 @@ def _step_function(module: Any, plan: StepPlan, program: Schedule, config: Gener
                                   config)
         token = choose_tokens(logits, jax.random.fold_in(key, index), config)
         finished = state["finished"]
-        if config.eos_token_id is not None:
+        if config.eos_ids:
             token = jnp.where(finished, config.pad_token_id, token)
-            finished = finished | (token == config.eos_token_id)
+            finished = finished | jnp.isin(token, jnp.asarray(config.eos_ids))
         new = {
             "tokens": jax.lax.dynamic_update_slice_in_dim(
                 state["tokens"], token[:, None], prompt + index, axis=1),
@@ -483,7 +496,7 @@ def generate(lm: "LanguageModel", batch: Batch, bodies: Callable[[], None],
             ran = step + 1
             bar.update(1)
             finished = state["finished"]  # under jax.jit every step runs: rows pad after eos
-            if (config.eos_token_id is not None and step + 1 < needed
+            if (config.eos_ids and step + 1 < needed
                     and not isinstance(finished, jax.core.Tracer)
                     and bool(_replicated(finished.all()))):
                 break

@@ -210,7 +210,7 @@ class LanguageModel(NNsight):
         top_p: float | None = None,
         seed: int | None = None,
         key: jax.Array | None = None,
-        eos_token_id: int | None | str = "default",
+        eos_token_id: int | list[int] | None | str = "default",
         pad_token_id: int | None = None,
         repetition_penalty: float | None = 1.0,
         min_new_tokens: int | None = 0,
@@ -229,9 +229,10 @@ class LanguageModel(NNsight):
         Args:
           do_sample, temperature, top_k, top_p: sampling (greedy by default).
           seed, key: the sampling's randomness (a PRNG key wins over a seed).
-          eos_token_id: the token that ends a row (by default the tokenizer's
-            ``eos_token_id``; None: always run ``max_new_tokens`` steps). Rows
-            that ended get ``pad_token_id``; generation stops when all have.
+          eos_token_id: the token that ends a row, or a list of such tokens (by
+            default the tokenizer's ``eos_token_id``; None: always run
+            ``max_new_tokens`` steps). Rows that ended get ``pad_token_id``;
+            generation stops when all have.
           repetition_penalty, min_new_tokens: as in transformers' ``generate``
             (greedy or sampled). Its other options, beam search among them, are
             refused with an error.
@@ -256,9 +257,13 @@ class LanguageModel(NNsight):
             ))
         if eos_token_id == "default":
             eos_token_id = getattr(self.tokenizer, "eos_token_id", None)
+        if isinstance(eos_token_id, (list, tuple)):
+            eos_token_id = tuple(eos_token_id) or None
         if pad_token_id is None:
             pad_token_id = getattr(self.tokenizer, "pad_token_id", None)
-            pad_token_id = pad_token_id if pad_token_id is not None else (eos_token_id or 0)
+        if pad_token_id is None:  # transformers' fallback: the (first) eos token
+            first = eos_token_id[0] if isinstance(eos_token_id, tuple) else eos_token_id
+            pad_token_id = first if first is not None else 0
         repetition_penalty = 1.0 if repetition_penalty is None else float(repetition_penalty)
         min_new_tokens = 0 if min_new_tokens is None else min_new_tokens
         if isinstance(min_new_tokens, np.integer):

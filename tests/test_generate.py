@@ -280,6 +280,21 @@ def test_repetition_penalty_and_min_new_tokens_equal_transformers_generate(model
     assert ours[: len(theirs)] == theirs and eos not in theirs[len(prompt): len(prompt) + 3]
 
 
+def test_a_list_of_eos_tokens_ends_rows_at_any_of_them_as_transformers_does(models):
+    tm, lm = models["gpt2"]
+    plain = hf_greedy(tm, PROMPTS[0])
+    new = plain[len(PROMPTS[0]):]
+    unused = next(t for t in range(100) if t not in plain)  # an eos id that never comes
+    eos = [unused, new[2], new[4]]                          # the third new token ends the row
+    with lm.generate(PROMPTS[0], max_new_tokens=NEW, eos_token_id=eos, pad_token_id=7,
+                     min_new_tokens=1) as tracer:
+        tokens = tracer.result.save()
+    theirs = hf_greedy(tm, PROMPTS[0], eos_token_id=eos, pad_token_id=7, min_new_tokens=1)
+    ours = list(np.asarray(tokens[0]))
+    assert len(theirs) == len(PROMPTS[0]) + 3 and ours[: len(theirs)] == theirs
+    assert set(ours[len(theirs):]) == {7}
+
+
 def test_the_generated_tokens_compare_with_values_computed_before_any_step(models):
     _, lm = models["gpt2"]
     target = np.arange(len(PROMPTS[1]) + 3)
@@ -361,6 +376,8 @@ def test_bad_generation_inputs_get_clear_errors(models):
         lm.generate(PROMPTS[0], repetition_penalty=0)
     with pytest.raises(ValueError, match="min_new_tokens"):
         lm.generate(PROMPTS[0], min_new_tokens=-1)
+    with pytest.raises(ValueError, match="eos_token_id must be an int or a list of ints"):
+        lm.generate(PROMPTS[0], eos_token_id=[2, "</s>"])
     with pytest.raises(TypeError, match=r"test_generate.py:\d+:[\s\S]*not support 'num_beams'"):
         lm.generate(PROMPTS[0], num_beams=2)
     with pytest.warns(UserWarning, match="min_new_tokens=2 has no effect") as caught:
