@@ -170,10 +170,11 @@ class LanguageModel(NNsight):
         rules: Rules = DEFAULT_RULES,
     ):
         mesh = automatic(mesh) if mesh is not None else None
+        generation_config: dict[str, Any] = {}
         if name_or_path is not None:
             from .loading.pretrained import load_pretrained
 
-            module, variables, loaded_tokenizer = load_pretrained(
+            module, variables, loaded_tokenizer, generation_config = load_pretrained(
                 str(name_or_path), dtype, revision, mesh, rules)
             tokenizer = tokenizer if tokenizer is not None else loaded_tokenizer
         elif module is None or variables is None:
@@ -189,6 +190,8 @@ class LanguageModel(NNsight):
             tokenizer = tokenizer if isinstance(tokenizer, Tokenizer) else Tokenizer(tokenizer)
         object.__setattr__(self, "tokenizer", tokenizer)
         object.__setattr__(self, "pad_to_multiple_of", pad_to_multiple_of)
+        # the checkpoint's generation_config.json: lm.generate's eos and pad defaults
+        object.__setattr__(self, "generation_config", generation_config)
         # generation's schedules and compiled steps, by program and shapes
         object.__setattr__(self, "_generation_programs", LruCache(256))
 
@@ -230,9 +233,11 @@ class LanguageModel(NNsight):
           do_sample, temperature, top_k, top_p: sampling (greedy by default).
           seed, key: the sampling's randomness (a PRNG key wins over a seed).
           eos_token_id: the token that ends a row, or a list of such tokens (by
-            default the tokenizer's ``eos_token_id``; None: always run
-            ``max_new_tokens`` steps). Rows that ended get ``pad_token_id``;
-            generation stops when all have.
+            default the checkpoint's ``generation_config.json`` value, as
+            transformers' ``generate`` takes it, else the tokenizer's; None:
+            always run ``max_new_tokens`` steps). Rows that ended get
+            ``pad_token_id`` (by default generation_config's, the tokenizer's, or
+            the first end token); generation stops when all have.
           repetition_penalty, min_new_tokens: as in transformers' ``generate``
             (greedy or sampled). Its other options, beam search among them, are
             refused with an error.
@@ -255,10 +260,14 @@ class LanguageModel(NNsight):
                 "transformers' other generate options (beam search among them) are not "
                 "implemented."
             ))
-        if eos_token_id == "default":
-            eos_token_id = getattr(self.tokenizer, "eos_token_id", None)
+        defaults = self.generation_config
+        if isinstance(eos_token_id, str) and eos_token_id == "default":
+            eos_token_id = (defaults["eos_token_id"] if "eos_token_id" in defaults
+                            else getattr(self.tokenizer, "eos_token_id", None))
         if isinstance(eos_token_id, (list, tuple)):
             eos_token_id = tuple(eos_token_id) or None
+        if pad_token_id is None:
+            pad_token_id = defaults.get("pad_token_id")
         if pad_token_id is None:
             pad_token_id = getattr(self.tokenizer, "pad_token_id", None)
         if pad_token_id is None:  # transformers' fallback: the (first) eos token

@@ -295,6 +295,27 @@ def test_a_list_of_eos_tokens_ends_rows_at_any_of_them_as_transformers_does(mode
     assert set(ours[len(theirs):]) == {7}
 
 
+def test_default_end_tokens_come_from_generation_config_as_in_transformers(models, tmp_path):
+    tm, lm = models["llama"]
+    new = hf_greedy(tm, PROMPTS[0])[len(PROMPTS[0]):]
+    unused = next(t for t in range(100) if t not in new)
+    tm.generation_config.eos_token_id = [unused, new[1]]  # the second new token ends the row
+    tm.generation_config.pad_token_id = 9
+    try:
+        tm.save_pretrained(tmp_path)
+        theirs = hf_greedy(tm, PROMPTS[0])  # transformers' generate takes its defaults from it
+    finally:
+        tm.generation_config.eos_token_id, tm.generation_config.pad_token_id = None, 0
+    with pytest.warns(UserWarning, match="No tokenizer files"):
+        configured = type(lm)(tmp_path)
+    assert configured.generation_config["eos_token_id"] == [unused, new[1]]
+    with configured.generate(PROMPTS[0], max_new_tokens=NEW) as tracer:
+        tokens = tracer.result.save()
+    ours = list(np.asarray(tokens[0]))
+    assert len(theirs) == len(PROMPTS[0]) + 2 and ours[: len(theirs)] == theirs
+    assert set(ours[len(theirs):]) == {9}
+
+
 def test_the_generated_tokens_compare_with_values_computed_before_any_step(models):
     _, lm = models["gpt2"]
     target = np.arange(len(PROMPTS[1]) + 3)

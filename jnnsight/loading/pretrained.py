@@ -1,12 +1,13 @@
-"""A checkpoint as a linen module, its variables and its tokenizer.
+"""A checkpoint as a linen module, its variables, its tokenizer and its generation defaults.
 
 Example::
 
-    >>> module, variables, tokenizer = load_pretrained("path/to/SmolLM2-135M-Instruct.Q4_1.gguf")
+    >>> module, variables, tokenizer, generation = load_pretrained("path/to/SmolLM2-135M-Instruct.Q4_1.gguf")
 """
 
 from __future__ import annotations
 
+import json
 import warnings
 from pathlib import Path
 from typing import Any
@@ -165,16 +166,28 @@ def _check_keys(tensors: dict[str, Any], expected: dict, path: Path) -> None:
         )
 
 
+def load_generation_config(path: Path) -> dict[str, Any]:
+    """A checkpoint folder's ``generation_config.json`` (what transformers' ``generate``
+    takes its defaults from, such as Llama 3's list of end tokens); ``{}`` where absent."""
+    file = path / "generation_config.json" if path.is_dir() else None
+    if file is None or not file.is_file():
+        return {}
+    try:
+        return json.loads(file.read_text())
+    except json.JSONDecodeError as err:
+        raise CheckpointError(f"{file} is not valid JSON: {err}.") from err
+
+
 def load_pretrained(
     name_or_path: str, dtype: Any = jnp.float32, revision: str | None = None,
     mesh: Mesh | None = None, rules: Rules = DEFAULT_RULES,
-) -> tuple[nn.Module, dict[str, Any], Any]:
-    """``(module, variables, tokenizer)``; the tokenizer is None (with a warning) where
-    the checkpoint has none: such a model takes token ids."""
+) -> tuple[nn.Module, dict[str, Any], Any, dict[str, Any]]:
+    """``(module, variables, tokenizer, generation config)``; the tokenizer is None (with
+    a warning) where the checkpoint has none: such a model takes token ids."""
     module, variables, path = load_model(name_or_path, dtype, revision, mesh, rules)
     try:
         tokenizer = load_tokenizer(path, padding_side="left")
     except CheckpointNotFoundError as err:
         warnings.warn(f"{err} The model takes token ids only.", stacklevel=3)
         tokenizer = None
-    return module, variables, tokenizer
+    return module, variables, tokenizer, load_generation_config(path)
