@@ -237,7 +237,8 @@ class LanguageModel(NNsight):
             transformers' ``generate`` takes it, else the tokenizer's; None:
             always run ``max_new_tokens`` steps). Rows that ended get
             ``pad_token_id`` (by default generation_config's, the tokenizer's, or
-            the first end token); generation stops when all have.
+            the first end token); generation stops when all have. Sampling
+            settings in generation_config.json are not taken: greedy unless asked.
           repetition_penalty, min_new_tokens: as in transformers' ``generate``
             (greedy or sampled). Its other options, beam search among them, are
             refused with an error.
