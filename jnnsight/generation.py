@@ -89,12 +89,12 @@ class GenerationConfig:
         if isinstance(self.eos_token_id, list):
             object.__setattr__(self, "eos_token_id", tuple(self.eos_token_id))
         if not all(isinstance(i, (int, np.integer)) for i in self.eos_ids):
-            raise ValueError(f"eos_token_id must be an int or a list of ints, got {self.eos_token_id!r}.")
+            raise ValueError(
+                f"eos_token_id must be an int or a list of ints, got {self.eos_token_id!r}.")
         if not self.repetition_penalty > 0:
             raise ValueError(f"repetition_penalty must be > 0, got {self.repetition_penalty!r}.")
         if not isinstance(self.min_new_tokens, int) or self.min_new_tokens < 0:
             raise ValueError(f"min_new_tokens must be an int >= 0, got {self.min_new_tokens!r}.")
-
 
     @property
     def eos_ids(self) -> tuple[int, ...]:

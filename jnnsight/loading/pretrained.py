@@ -2,7 +2,7 @@
 
 Example::
 
-    >>> module, variables, tokenizer, generation = load_pretrained("path/to/SmolLM2-135M-Instruct.Q4_1.gguf")
+    >>> module, variables, tokenizer, generation = load_pretrained("path/to/SmolLM2.Q4_1.gguf")
 """
 
 from __future__ import annotations
