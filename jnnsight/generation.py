@@ -88,9 +88,12 @@ class GenerationConfig:
             raise ValueError(f"top_p must be in (0, 1], got {self.top_p!r}.")
         if isinstance(self.eos_token_id, list):
             object.__setattr__(self, "eos_token_id", tuple(self.eos_token_id))
-        if not all(isinstance(i, (int, np.integer)) for i in self.eos_ids):
-            raise ValueError(
-                f"eos_token_id must be an int or a list of ints, got {self.eos_token_id!r}.")
+        if not all(_is_id(i) for i in self.eos_ids):
+            raise ValueError(f"eos_token_id must be a token id (an int >= 0) or a list of "
+                             f"them, got {self.eos_token_id!r}.")
+        if not _is_id(self.pad_token_id):
+            raise ValueError(f"pad_token_id must be a token id (an int >= 0), got "
+                             f"{self.pad_token_id!r}.")
         if not self.repetition_penalty > 0:
             raise ValueError(f"repetition_penalty must be > 0, got {self.repetition_penalty!r}.")
         if not isinstance(self.min_new_tokens, int) or self.min_new_tokens < 0:
@@ -102,6 +105,10 @@ class GenerationConfig:
         if self.eos_token_id is None:
             return ()
         return self.eos_token_id if isinstance(self.eos_token_id, tuple) else (self.eos_token_id,)
+
+
+def _is_id(value: Any) -> bool:
+    return isinstance(value, (int, np.integer)) and not isinstance(value, bool) and value >= 0
 
 
 def processed_logits(logits: jax.Array, tokens: jax.Array, start: jax.Array, length: jax.Array,

@@ -190,7 +190,7 @@ class LanguageModel(NNsight):
             tokenizer = tokenizer if isinstance(tokenizer, Tokenizer) else Tokenizer(tokenizer)
         object.__setattr__(self, "tokenizer", tokenizer)
         object.__setattr__(self, "pad_to_multiple_of", pad_to_multiple_of)
-        # the checkpoint's generation_config.json: lm.generate's eos and pad defaults
+        # lm.generate's default end and pad tokens (loading.pretrained.load_generation_config)
         object.__setattr__(self, "generation_config", generation_config)
         # generation's schedules and compiled steps, by program and shapes
         object.__setattr__(self, "_generation_programs", LruCache(256))
@@ -232,13 +232,14 @@ class LanguageModel(NNsight):
         Args:
           do_sample, temperature, top_k, top_p: sampling (greedy by default).
           seed, key: the sampling's randomness (a PRNG key wins over a seed).
-          eos_token_id: the token that ends a row, or a list of such tokens (by
-            default the checkpoint's ``generation_config.json`` value, as
-            transformers' ``generate`` takes it, else the tokenizer's; None:
-            always run ``max_new_tokens`` steps). Rows that ended get
-            ``pad_token_id`` (by default generation_config's, the tokenizer's, or
-            the first end token); generation stops when all have. Sampling
-            settings in generation_config.json are not taken: greedy unless asked.
+          eos_token_id, pad_token_id: the token that ends a row, or a list of
+            such tokens (None: always run ``max_new_tokens`` steps), and the token
+            rows get after they ended; generation stops when all have. By default
+            both are what transformers' ``generate`` uses: a checkpoint folder's
+            ``generation_config.json`` (else its ``config.json``), the pad token
+            falling back to the first end token; for a GGUF file, its tokenizer's.
+            Only these two defaults come from the generation config: decoding is
+            greedy, with no penalty, unless asked.
           repetition_penalty, min_new_tokens: as in transformers' ``generate``
             (greedy or sampled). Its other options, beam search among them, are
             refused with an error.
@@ -261,19 +262,28 @@ class LanguageModel(NNsight):
                 "transformers' other generate options (beam search among them) are not "
                 "implemented."
             ))
+        # Defaults as transformers' generate takes them: from the checkpoint folder's
+        # generation config (lm.generation_config), else from the tokenizer (GGUF files).
         defaults = self.generation_config
         if isinstance(eos_token_id, str) and eos_token_id == "default":
             eos_token_id = (defaults["eos_token_id"] if "eos_token_id" in defaults
                             else getattr(self.tokenizer, "eos_token_id", None))
+        if hasattr(eos_token_id, "tolist"):  # a numpy or JAX array of ids
+            eos_token_id = np.asarray(eos_token_id).tolist()
         if isinstance(eos_token_id, (list, tuple)):
-            eos_token_id = tuple(eos_token_id) or None
+            if not eos_token_id:
+                raise ValueError(at_user_line(
+                    "eos_token_id=[] lists no end token: pass eos_token_id=None to always run "
+                    "max_new_tokens steps."))
+            eos_token_id = tuple(eos_token_id)
         if pad_token_id is None:
-            pad_token_id = defaults.get("pad_token_id")
-        if pad_token_id is None:
-            pad_token_id = getattr(self.tokenizer, "pad_token_id", None)
-        if pad_token_id is None:  # transformers' fallback: the (first) eos token
+            pad_token_id = (defaults["pad_token_id"] if "pad_token_id" in defaults
+                            else getattr(self.tokenizer, "pad_token_id", None))
+        if pad_token_id is None:  # transformers' fallback: the (first) end token
             first = eos_token_id[0] if isinstance(eos_token_id, tuple) else eos_token_id
-            pad_token_id = first if first is not None else 0
+            pad_token_id = first if first is not None else 0  # no end token: never used
+        if isinstance(pad_token_id, np.integer):
+            pad_token_id = int(pad_token_id)
         repetition_penalty = 1.0 if repetition_penalty is None else float(repetition_penalty)
         min_new_tokens = 0 if min_new_tokens is None else min_new_tokens
         if isinstance(min_new_tokens, np.integer):
@@ -282,7 +292,7 @@ class LanguageModel(NNsight):
             warn_at_user_line(f"min_new_tokens={min_new_tokens} has no effect: there is no "
                               "eos_token_id to hold back.")
         config = GenerationConfig(max_new_tokens, do_sample, float(temperature), top_k, top_p,
-                                  eos_token_id, int(pad_token_id), repetition_penalty,
+                                  eos_token_id, pad_token_id, repetition_penalty,
                                   min_new_tokens)
         if key is None:
             key = jax.random.key(0 if seed is None else seed)

@@ -295,25 +295,41 @@ def test_a_list_of_eos_tokens_ends_rows_at_any_of_them_as_transformers_does(mode
     assert set(ours[len(theirs):]) == {7}
 
 
-def test_default_end_tokens_come_from_generation_config_as_in_transformers(models, tmp_path):
+@pytest.mark.parametrize("source", ["generation_config", "config_only", "generation_config_without_eos"])
+def test_default_end_and_pad_tokens_are_what_transformers_generate_uses(models, tmp_path, source):
+    """transformers takes them from generation_config.json, or from config.json where the
+    folder has none (a file without eos_token_id means no end token, whatever config.json
+    says); the pad token falls back to the first end token."""
+    import json
+
+    transformers = pytest.importorskip("transformers")
     tm, lm = models["llama"]
     new = hf_greedy(tm, PROMPTS[0])[len(PROMPTS[0]):]
     unused = next(t for t in range(100) if t not in new)
-    tm.generation_config.eos_token_id = [unused, new[1]]  # the second new token ends the row
-    tm.generation_config.pad_token_id = 9
-    try:
-        tm.save_pretrained(tmp_path)
-        theirs = hf_greedy(tm, PROMPTS[0])  # transformers' generate takes its defaults from it
-    finally:
-        tm.generation_config.eos_token_id, tm.generation_config.pad_token_id = None, 0
+    tm.save_pretrained(tmp_path)
+    config = json.loads((tmp_path / "config.json").read_text())
+    config["eos_token_id"] = new[1]  # the second new token ends the row, where it counts
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    generation = tmp_path / "generation_config.json"
+    if source == "generation_config":
+        generation.write_text(json.dumps({"eos_token_id": [unused, new[1]], "pad_token_id": 9}))
+    elif source == "config_only":
+        generation.unlink()
+    else:
+        generation.write_text(json.dumps({"bos_token_id": 1}))
+    with torch.no_grad():
+        theirs = transformers.AutoModelForCausalLM.from_pretrained(tmp_path).generate(
+            torch.tensor([PROMPTS[0]]), attention_mask=torch.ones(1, len(PROMPTS[0]), dtype=torch.long),
+            max_new_tokens=NEW, do_sample=False)[0].tolist()
     with pytest.warns(UserWarning, match="No tokenizer files"):
         configured = type(lm)(tmp_path)
-    assert configured.generation_config["eos_token_id"] == [unused, new[1]]
     with configured.generate(PROMPTS[0], max_new_tokens=NEW) as tracer:
         tokens = tracer.result.save()
     ours = list(np.asarray(tokens[0]))
-    assert len(theirs) == len(PROMPTS[0]) + 2 and ours[: len(theirs)] == theirs
-    assert set(ours[len(theirs):]) == {9}
+    assert ours[: len(theirs)] == theirs
+    if len(theirs) < len(ours):  # transformers stops when every row ended; the rest is padding
+        assert set(ours[len(theirs):]) == {9 if source == "generation_config" else new[1]}
+    assert (len(theirs) == len(ours)) == (source == "generation_config_without_eos")
 
 
 def test_the_generated_tokens_compare_with_values_computed_before_any_step(models):
@@ -397,8 +413,13 @@ def test_bad_generation_inputs_get_clear_errors(models):
         lm.generate(PROMPTS[0], repetition_penalty=0)
     with pytest.raises(ValueError, match="min_new_tokens"):
         lm.generate(PROMPTS[0], min_new_tokens=-1)
-    with pytest.raises(ValueError, match="eos_token_id must be an int or a list of ints"):
-        lm.generate(PROMPTS[0], eos_token_id=[2, "</s>"])
+    for eos in ([2, "</s>"], [2, -1], True):
+        with pytest.raises(ValueError, match="eos_token_id must be a token id"):
+            lm.generate(PROMPTS[0], eos_token_id=eos)
+    with pytest.raises(ValueError, match=r"test_generate.py:\d+:[\s\S]*lists no end token"):
+        lm.generate(PROMPTS[0], eos_token_id=[])
+    with pytest.raises(ValueError, match="pad_token_id must be a token id"):
+        lm.generate(PROMPTS[0], pad_token_id=2.5)
     with pytest.raises(TypeError, match=r"test_generate.py:\d+:[\s\S]*not support 'num_beams'"):
         lm.generate(PROMPTS[0], num_beams=2)
     with pytest.warns(UserWarning, match="min_new_tokens=2 has no effect") as caught:

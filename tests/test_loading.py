@@ -491,6 +491,22 @@ def test_language_model_loads_gguf_without_torch(smollm, smollm_torch_logits, tm
     np.testing.assert_allclose(result["logits"], smollm_torch_logits, atol=3e-4, rtol=0)
 
 
+def test_generation_config_is_read_as_transformers_reads_it(tmp_path):
+    from jnnsight.loading.checkpoint import CheckpointError
+    from jnnsight.loading.pretrained import load_generation_config
+
+    (tmp_path / "config.json").write_text('{"eos_token_id": 2, "pad_token_id": 0}')
+    assert load_generation_config(tmp_path) == {"eos_token_id": 2, "pad_token_id": 0}
+    (tmp_path / "generation_config.json").write_text('{"eos_token_id": [2, 7], "temperature": 0.6}')
+    assert load_generation_config(tmp_path) == {"eos_token_id": [2, 7], "pad_token_id": None,
+                                                "temperature": 0.6}
+    assert load_generation_config(tmp_path / "model.gguf") == {}  # a GGUF file's tokenizer has them
+    for bad in ("[2, 7]", "{eos: 2"):
+        (tmp_path / "generation_config.json").write_text(bad)
+        with pytest.raises(CheckpointError, match="generation_config.json"):
+            load_generation_config(tmp_path)
+
+
 def test_tokenizer_missing_is_a_clear_error(tmp_path):
     pytest.importorskip("transformers")
     (tmp_path / "config.json").write_text("{}")

@@ -167,15 +167,26 @@ def _check_keys(tensors: dict[str, Any], expected: dict, path: Path) -> None:
 
 
 def load_generation_config(path: Path) -> dict[str, Any]:
-    """A checkpoint folder's ``generation_config.json`` (what transformers' ``generate``
-    takes its defaults from, such as Llama 3's list of end tokens); ``{}`` where absent."""
-    file = path / "generation_config.json" if path.is_dir() else None
-    if file is None or not file.is_file():
+    """What transformers' ``generate`` takes its default end and pad tokens from.
+
+    A checkpoint folder's ``generation_config.json``; where the folder has none,
+    the ``eos_token_id`` and ``pad_token_id`` of its ``config.json``. Either way
+    both keys are present (None where the source lacks them: no end token, as in
+    transformers). ``{}`` for a GGUF file, whose tokenizer carries both.
+    """
+    if not path.is_dir():
         return {}
+    file = path / "generation_config.json"
+    if not file.is_file():
+        config = load_config(path)
+        return {key: config.get(key) for key in ("eos_token_id", "pad_token_id")}
     try:
-        return json.loads(file.read_text())
+        generation = json.loads(file.read_text())
     except json.JSONDecodeError as err:
         raise CheckpointError(f"{file} is not valid JSON: {err}.") from err
+    if not isinstance(generation, dict):
+        raise CheckpointError(f"{file} holds a {type(generation).__name__}, not a JSON object.")
+    return {"eos_token_id": None, "pad_token_id": None, **generation}
 
 
 def load_pretrained(
