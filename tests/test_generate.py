@@ -3,6 +3,8 @@ hooks on the same random weights (N(0, 0.5), so cache, position and mask bugs sh
 
 from __future__ import annotations
 
+import json
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -300,8 +302,6 @@ def test_default_end_and_pad_tokens_are_what_transformers_generate_uses(models, 
     """transformers takes them from generation_config.json, or from config.json where the
     folder has none (a file without eos_token_id means no end token, whatever config.json
     says); the pad token falls back to the first end token."""
-    import json
-
     transformers = pytest.importorskip("transformers")
     tm, lm = models["llama"]
     new = hf_greedy(tm, PROMPTS[0])[len(PROMPTS[0]):]
