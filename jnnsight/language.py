@@ -190,10 +190,29 @@ class LanguageModel(NNsight):
             tokenizer = tokenizer if isinstance(tokenizer, Tokenizer) else Tokenizer(tokenizer)
         object.__setattr__(self, "tokenizer", tokenizer)
         object.__setattr__(self, "pad_to_multiple_of", pad_to_multiple_of)
-        # lm.generate's default end and pad tokens (loading.pretrained.load_generation_config)
-        object.__setattr__(self, "generation_config", generation_config)
+        self.generation_config = generation_config
         # generation's schedules and compiled steps, by program and shapes
         object.__setattr__(self, "_generation_programs", LruCache(256))
+
+    @property
+    def generation_config(self) -> dict[str, Any]:
+        """``lm.generate``'s default end and pad tokens, as transformers would take them.
+
+        ``{"eos_token_id": ..., "pad_token_id": ...}`` (and the rest of the
+        checkpoint folder's ``generation_config.json``): see
+        :func:`jnnsight.loading.pretrained.load_generation_config`. Empty for GGUF
+        files and built models: the tokenizer's tokens are the defaults then.
+        Assign a dict to change them (``lm.generation_config = {"eos_token_id": [2, 7]}``).
+        """
+        return self._generation_config
+
+    @generation_config.setter
+    def generation_config(self, value: dict[str, Any]) -> None:
+        if not isinstance(value, dict):
+            raise TypeError(at_user_line(
+                f"lm.generation_config takes a dict such as {{'eos_token_id': 2}}, got "
+                f"{type(value).__name__}."))
+        object.__setattr__(self, "_generation_config", dict(value))
 
     @property
     def generator(self) -> "GeneratorEnvoy":

@@ -331,6 +331,14 @@ def test_default_end_and_pad_tokens_are_what_transformers_generate_uses(models, 
         assert set(ours[len(theirs):]) == {9 if source == "generation_config" else new[1]}
     assert (len(theirs) == len(ours)) == (source == "generation_config_without_eos")
 
+    if source == "generation_config_without_eos":  # the defaults can be set by hand too
+        configured.generation_config = {"eos_token_id": new[1], "pad_token_id": 9}
+        with configured.generate(PROMPTS[0], max_new_tokens=NEW) as tracer:
+            tokens = tracer.result.save()
+        np.testing.assert_array_equal(tokens[0, len(PROMPTS[0]) + 2:], 9)
+        with pytest.raises(TypeError, match="takes a dict"):
+            configured.generation_config = [new[1]]
+
 
 def test_the_generated_tokens_compare_with_values_computed_before_any_step(models):
     _, lm = models["gpt2"]
