@@ -283,10 +283,13 @@ class LanguageModel(NNsight):
             ))
         # Defaults as transformers' generate takes them: from the checkpoint folder's
         # generation config (lm.generation_config), else from the tokenizer (GGUF files).
-        defaults = self.generation_config
+        def default(name: str) -> Any:
+            if name in self.generation_config:
+                return self.generation_config[name]
+            return getattr(self.tokenizer, name, None)
+
         if isinstance(eos_token_id, str) and eos_token_id == "default":
-            eos_token_id = (defaults["eos_token_id"] if "eos_token_id" in defaults
-                            else getattr(self.tokenizer, "eos_token_id", None))
+            eos_token_id = default("eos_token_id")
         if hasattr(eos_token_id, "tolist"):  # a numpy or JAX array of ids
             eos_token_id = np.asarray(eos_token_id).tolist()
         if isinstance(eos_token_id, (list, tuple)):
@@ -296,8 +299,7 @@ class LanguageModel(NNsight):
                     "max_new_tokens steps."))
             eos_token_id = tuple(eos_token_id)
         if pad_token_id is None:
-            pad_token_id = (defaults["pad_token_id"] if "pad_token_id" in defaults
-                            else getattr(self.tokenizer, "pad_token_id", None))
+            pad_token_id = default("pad_token_id")
         if pad_token_id is None:  # transformers' fallback: the (first) end token
             first = eos_token_id[0] if isinstance(eos_token_id, tuple) else eos_token_id
             pad_token_id = first if first is not None else 0  # no end token: never used

@@ -7,6 +7,9 @@ checked against a forward computed another way.
 
 from __future__ import annotations
 
+import subprocess
+import sys
+from pathlib import Path
 from typing import Any, Callable
 
 import flax.linen as nn
@@ -67,6 +70,14 @@ def toy():
     """A 3-block toy transformer (width 16, vocab 32) and a batch of 2 x 6 tokens."""
     model, tokens = toy_model(layers=3, width=16, heads=2, vocab=32, length=6, batch=2, seed=1)
     return model, tokens
+
+
+def run_script(script: Path, *args: str, timeout: int = 900) -> str:
+    """Run a Python file in a fresh process, as a user would; its stdout (stderr on failure)."""
+    done = subprocess.run([sys.executable, str(script), *args], capture_output=True, text=True,
+                          timeout=timeout)
+    assert done.returncode == 0, done.stderr[-3000:]
+    return done.stdout
 
 
 def assert_close(a: Any, b: Any, tol: float = 1e-5) -> None:

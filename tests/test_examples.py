@@ -5,20 +5,17 @@ from __future__ import annotations
 
 import importlib.util
 import re
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
+
+from conftest import run_script
 
 EXAMPLES = Path(__file__).parent.parent / "scripts" / "examples"
 
 
 def run(script: str, *args: str) -> str:
-    done = subprocess.run([sys.executable, str(EXAMPLES / script), *args], capture_output=True,
-                          text=True, timeout=600)
-    assert done.returncode == 0, done.stderr[-2000:]
-    return done.stdout
+    return run_script(EXAMPLES / script, *args, timeout=600)
 
 
 def test_das_finds_the_equality_variable_with_an_orthonormal_basis():

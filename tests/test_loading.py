@@ -31,6 +31,8 @@ from jnnsight.loading import (
 )
 from jnnsight.loading import checkpoint as checkpoint_module
 
+from conftest import run_script
+
 PROMPT = "The Eiffel Tower is in the city of"
 PARIS = 7042  # "ĠParis" in the SmolLM2 vocabulary
 PROMPT_IDS = [504, 414, 46682, 18669, 314, 281, 260, 2240, 282]  # PROMPT, as the GGUF's tokenizer encodes it
@@ -482,9 +484,7 @@ def test_language_model_loads_gguf_without_torch(smollm, smollm_torch_logits, tm
     path, _, _ = smollm
     script, out = tmp_path / "without_torch.py", tmp_path / "out.npz"
     script.write_text(_WITHOUT_TORCH)  # a file: a trace block needs its source
-    run = subprocess.run([sys.executable, str(script), str(path), PROMPT, str(out)],
-                         capture_output=True, text=True, timeout=600)
-    assert run.returncode == 0, run.stderr[-3000:]
+    run_script(script, str(path), PROMPT, str(out), timeout=600)
     result = np.load(out)
     assert result["ids"].tolist() == PROMPT_IDS
     # SmolLM2's hidden states reach 2e4: float32 summation order gives about 1e-4

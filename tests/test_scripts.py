@@ -8,20 +8,17 @@ from __future__ import annotations
 
 import importlib.util
 import re
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
+
+from conftest import run_script
 
 SCRIPTS = Path(__file__).resolve().parents[1] / "scripts"
 
 
 def run(script: str) -> str:
-    done = subprocess.run([sys.executable, str(SCRIPTS / script)], capture_output=True, text=True,
-                          timeout=900)
-    assert done.returncode == 0, done.stderr[-3000:]
-    return done.stdout
+    return run_script(SCRIPTS / script)
 
 
 def test_tour_runs_and_its_edits_do_what_it_says():

@@ -103,7 +103,7 @@ def project(x: jax.Array, weight: jax.Array, contract: int) -> jax.Array:
 
 
 @functools.lru_cache(maxsize=None)
-def _contraction(spec: str) -> tuple[Any, tuple[int, ...]]:
+def _contraction(spec: str) -> tuple[Any, tuple[int, ...], tuple[int, int]]:
     inputs, out = spec.split("->")
     a, b = inputs.split(",")
     once = [c for c in a + b if (c in a) != (c in b)]
@@ -115,7 +115,7 @@ def _contraction(spec: str) -> tuple[Any, tuple[int, ...]]:
     dims = ((tuple(a.index(c) for c in summed), tuple(b.index(c) for c in summed)),
             (tuple(a.index(c) for c in batch), tuple(b.index(c) for c in batch)))
     natural = batch + [c for c in a if c not in b] + [c for c in b if c not in a]
-    return dims, tuple(natural.index(c) for c in out)
+    return dims, tuple(natural.index(c) for c in out), (len(a), len(b))
 
 
 def contract(spec: str, x: jax.Array, y: jax.Array) -> jax.Array:
@@ -129,10 +129,9 @@ def contract(spec: str, x: jax.Array, y: jax.Array) -> jax.Array:
         >>> contract("bqd,bkd->bqk", jnp.ones((2, 3, 4)), jnp.ones((2, 5, 4))).shape
         (2, 3, 5)
     """
-    dims, order = _contraction(spec)
-    a, b = spec.split("->")[0].split(",")
-    if (x.ndim, y.ndim) != (len(a), len(b)):
-        raise ValueError(f"contract {spec!r} takes operands of rank {len(a)} and {len(b)}, "
+    dims, order, ranks = _contraction(spec)
+    if (x.ndim, y.ndim) != ranks:
+        raise ValueError(f"contract {spec!r} takes operands of rank {ranks[0]} and {ranks[1]}, "
                          f"got {x.ndim} and {y.ndim}")
     z = jax.lax.dot_general(x, y, dims)
     return z if order == tuple(range(z.ndim)) else z.transpose(order)
