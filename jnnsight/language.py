@@ -48,6 +48,8 @@ def _rows_of_input(value: Any, tokenizer: Any, line: UserLine | None) -> tuple[l
         value = [value]
     if isinstance(value, dict) or hasattr(value, "keys"):
         ids = np.asarray(value["input_ids"])
+        if not np.issubdtype(ids.dtype, np.integer):
+            raise JnnsightError(_at(line, f"token ids must be integers; got {ids.dtype} input_ids."))
         ids = ids[None] if ids.ndim == 1 else ids
         mask = np.asarray(value.get("attention_mask", np.ones_like(ids)))
         mask = mask[None] if mask.ndim == 1 else mask
@@ -64,7 +66,16 @@ def _rows_of_input(value: Any, tokenizer: Any, line: UserLine | None) -> tuple[l
         raise JnnsightError(_at(line,
             f"an invoke's input must be text, token ids or a tokenizer output; got {type(value).__name__}."
         ))
+    bad = next((t for r in ids for t in r if not _is_token_id(t)), None)
+    if bad is not None:
+        raise JnnsightError(_at(line,
+            f"token ids must be integers; got {bad!r} ({type(bad).__name__})."
+        ))
     return ids, [[1] * len(r) for r in ids]
+
+
+def _is_token_id(value: Any) -> bool:
+    return isinstance(value, (int, np.integer)) and not isinstance(value, bool)
 
 
 def _invoke_arrays(value: Any, tokenizer: Any, line: UserLine | None, pad: int) -> tuple[Any, Any]:
@@ -319,6 +330,40 @@ class LanguageModel(NNsight):
             key = jax.random.key(0 if seed is None else seed)
         return GenerateTracer(self, inputs, config, key, progress)
 
+    def _check_ids(self, input_ids: Any, attention_mask: Any, line: UserLine | None,
+                   new_tokens: int = 0) -> None:
+        """Refuse ids outside the vocabulary, and rows longer than learned position embeddings.
+
+        An embedding lookup clips out-of-range ids (JAX gathers never fail), so these
+        would give plausible wrong numbers. Only values on this host are checked:
+        under ``jax.jit`` ids are tracers. ``line`` None: the user's current line.
+        """
+        where = (lambda m: _at(line, m)) if line is not None else at_user_line
+        if isinstance(input_ids, core.Tracer) or (
+                isinstance(input_ids, jax.Array) and not input_ids.is_fully_addressable):
+            return
+        config = getattr(self.module, "config", None)
+        vocab = getattr(config, "vocab_size", None)
+        ids, real = np.asarray(input_ids), np.asarray(attention_mask) != 0
+        if vocab is not None and real.any():
+            used = ids[real]
+            if used.min() < 0 or used.max() >= vocab:
+                bad = used[(used < 0) | (used >= vocab)][0]
+                raise JnnsightError(where(
+                    f"token id {bad} is outside this model's vocabulary (0 to {vocab - 1}): "
+                    "were the ids made by another model's tokenizer? lm.tokenizer gives this "
+                    "model's ids."
+                ))
+        positions = getattr(config, "n_positions", None)  # GPT-2's learned positions
+        longest = int(real.sum(axis=1).max()) + max(new_tokens - 1, 0)
+        if positions is not None and longest > positions:
+            what = f"{longest} tokens" if not new_tokens else (
+                f"{longest - new_tokens + 1} prompt tokens plus {new_tokens - 1} generated ones fed back")
+            raise JnnsightError(where(
+                f"{what} are more than this model's {positions} position embeddings "
+                f"(n_positions): shorten the input{' or max_new_tokens' if new_tokens else ''}."
+            ))
+
     def _collate(self, inputs: list[tuple[tuple, dict] | None], lines: list) -> Batch:
         """Tokenize every invoke's input and left-pad all rows into one batch."""
         pad_id = getattr(self.tokenizer, "pad_token_id", None)
@@ -354,6 +399,7 @@ class LanguageModel(NNsight):
         invoke_rows = tuple(
             Rows(0, total, total) if span is None else Rows(span[0], span[1], total) for span in spans
         )
+        self._check_ids(input_ids, attention_mask, lines[0] if lines else None)
         input_ids, attention_mask = jnp.asarray(input_ids), jnp.asarray(attention_mask)
         if self.mesh is not None:
             input_ids, attention_mask = shard_inputs((input_ids, attention_mask), self.mesh, self.rules)

@@ -12,7 +12,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from jnnsight import LanguageModel
+from jnnsight import JnnsightError, LanguageModel
 
 PROMPT = "The Eiffel Tower is in the city of"
 
@@ -230,3 +230,51 @@ def test_a_tokenizer_without_pad_or_eos_token_still_batches(smollm2):
         solo = smollm2.lm_head.output.save()
     n = solo.shape[1]
     assert float(jnp.abs(short[0, -n:] - solo[0]).max()) <= 1e-4
+
+
+MODELS = Path(__file__).resolve().parents[1] / "models"
+
+
+@pytest.fixture(scope="module")
+def tiny_gpt2() -> LanguageModel:
+    return LanguageModel(MODELS / "tiny-gpt2")  # vocabulary 101, 32 position embeddings
+
+
+def _refused(lm: LanguageModel, ids, match: str, **generate) -> None:
+    with pytest.raises(JnnsightError, match=match) as error:
+        if generate:
+            with lm.generate(ids, eos_token_id=None, **generate) as tracer:
+                tracer.result.save()
+        else:
+            with lm.trace(ids):
+                lm.lm_head.output.save()
+    assert "test_language.py" in str(error.value).splitlines()[0]  # the user's line
+
+
+def test_ids_outside_the_vocabulary_or_the_positions_are_refused(tiny_gpt2):
+    """Embedding lookups clip out-of-range ids: unchecked, these give plausible wrong numbers.
+
+    Bad inputs tried: ids of 101 and -1 (as lists, numpy, a JAX array and a tokenizer
+    dict), float ids (a list, a float64 dict), 33 tokens for 32 positions, a generation
+    that feeds a 33rd position, a pad token outside the vocabulary.
+    """
+    vocabulary = "outside this model's vocabulary"
+    for ids in ([[5, 101, 7]], [[5, -1, 7]], np.array([[5, 101]]), jnp.array([[5, 101]]),
+                {"input_ids": np.array([[5, 101]]), "attention_mask": np.ones((1, 2), int)}):
+        _refused(tiny_gpt2, ids, vocabulary)
+    _refused(tiny_gpt2, [[5.7, 17.2]], "must be integers; got 5.7")
+    _refused(tiny_gpt2, {"input_ids": np.array([[5.0, 3.0]])}, "must be integers; got float64")
+    _refused(tiny_gpt2, [list(range(3, 36))], "33 tokens are more than this model's 32 position")
+    _refused(tiny_gpt2, [list(range(3, 32))], "29 prompt tokens plus 4 generated ones",
+             max_new_tokens=5)
+    _refused(tiny_gpt2, [[5, 6]], "pad_token_id=101 is outside", max_new_tokens=2, pad_token_id=101)
+
+    # the limits themselves are fine; padding beyond them is not counted
+    with tiny_gpt2.trace([list(range(3, 35))]):
+        tiny_gpt2.lm_head.output.save()
+    with tiny_gpt2.generate([list(range(3, 31))], max_new_tokens=5, eos_token_id=None) as tracer:
+        tokens = tracer.result.save()
+    assert tokens.shape == (1, 33)
+    with tiny_gpt2.trace({"input_ids": np.array([[0] * 8 + list(range(3, 35))]),
+                          "attention_mask": np.array([[0] * 8 + [1] * 32])}):
+        tiny_gpt2.lm_head.output.save()
