@@ -26,12 +26,15 @@ import flax.struct
 import jax
 import jax.numpy as jnp
 
+from .errors import at_user_line
+
 
 def at_positions(value: jax.Array, edited: jax.Array, positions: jax.Array | None) -> jax.Array:
     """``edited`` at the sequence ``positions`` (axis 1 of ``[batch, length, width]``), ``value`` elsewhere.
 
-    ``positions`` is an int array of indices (negative counts from the end) or a
-    boolean mask ``[length]`` / ``[batch, length]``; None means every position.
+    ``positions`` is an int array of indices (negative counts from the end),
+    ``[k]`` for every row or ``[batch, k]`` for each row its own, or a boolean mask
+    ``[length]`` / ``[batch, length]``; None means every position.
     Indices outside ``-length .. length - 1`` edit nothing. Positions index the
     value's own axis 1: in a generation step after the prompt that axis has one
     position, so ``-1`` (the newest token) is the one that addresses every step.
@@ -44,12 +47,22 @@ def at_positions(value: jax.Array, edited: jax.Array, positions: jax.Array | Non
         return edited
     positions = jnp.asarray(positions)
     length = value.shape[1]
+    if positions.ndim not in (1, 2) or (positions.ndim == 2 and positions.shape[0] not in (1, value.shape[0])):
+        raise ValueError(at_user_line(
+            f"positions of shape {list(positions.shape)} do not fit a value of shape "
+            f"{list(value.shape)}: give [k] indices for every row, [{value.shape[0]}, k] for "
+            f"each row, or a boolean mask [{length}] / [{value.shape[0]}, {length}]."
+        ))
     if positions.dtype == jnp.bool_:
         mask = positions
     else:
         index = jnp.where(positions < 0, positions + length, positions)
         index = jnp.where(index < 0, length, index)  # before the start: dropped too
-        mask = jnp.zeros((length,), bool).at[index].set(True, mode="drop")
+        if index.ndim == 1:
+            mask = jnp.zeros((length,), bool).at[index].set(True, mode="drop")
+        else:  # each row its own indices
+            rows = jnp.arange(index.shape[0])[:, None]
+            mask = jnp.zeros((index.shape[0], length), bool).at[rows, index].set(True, mode="drop")
     mask = jnp.broadcast_to(mask if mask.ndim == 2 else mask[None], value.shape[:2])
     return jnp.where(mask[..., None], edited, value)
 

@@ -179,6 +179,16 @@ def test_at_positions_edits_only_the_chosen_positions():
     one = jnp.zeros((2, 1, 3))  # a decode step's single position: -1 is it, 3 is not there
     np.testing.assert_array_equal(at_positions(one, one + 1, jnp.array([-1])), one + 1)
     np.testing.assert_array_equal(at_positions(one, one + 1, jnp.array([3])), one)
+    # [batch, k] indices: each row its own positions (a subject token per prompt)
+    per_row = at_positions(value, edited, jnp.array([[0, 1], [3, -1]]))
+    np.testing.assert_array_equal(per_row[:, :, 0], [[1, 1, 0, 0, 0], [0, 0, 0, 1, 1]])
+    np.testing.assert_array_equal(at_positions(value, edited, jnp.array([[2]]))[:, :, 0],
+                                  [[0, 0, 1, 0, 0]] * 2)  # one row of indices for every row
+    # bad shapes: three rows of indices for two, a 3-D array, a mask for three rows
+    for bad in (jnp.zeros((3, 1), int), jnp.zeros((2, 1, 1), int), jnp.zeros((3, 5), bool)):
+        with pytest.raises(ValueError, match="do not fit a value of shape") as error:
+            at_positions(value, edited, bad)
+        assert "test_optimize.py" in str(error.value).splitlines()[0]
 
 
 def test_das_rotation_interchanges_its_subspace_and_stays_orthonormal_while_training(models):
