@@ -365,3 +365,9 @@ def test_gradients_that_would_silently_be_zero_or_meaningless_are_refused(toy):
             ids = model.wte.input
             with model.lm_head.output.sum().backward():
                 ids.grad.save()
+    # an integer loss (an argmax) has zero gradients everywhere: torch refuses it too
+    with pytest.raises(WriteError, match="differentiates a floating-point scalar; this one is int32"):
+        with model.trace(tokens):
+            h = model.h[0].output[0]
+            with model.lm_head.output[0, -1].argmax().backward():
+                h.grad.save()

@@ -375,6 +375,12 @@ class Builder:
                 f"{list(jnp.shape(loss))}. Reduce it first (`loss.sum().backward()`, "
                 "`loss.mean()`)."
             ))
+        if not jnp.issubdtype(jnp.result_type(loss), jnp.floating):
+            raise WriteError(at_user_line(
+                f"`.backward()` differentiates a floating-point scalar; this one is "
+                f"{jnp.result_type(loss)}, whose gradients are zero everywhere (an argmax, a "
+                "comparison, a count). Use a differentiable loss, such as a log-probability."
+            ))
         previous = self.backward
         target = next((i for i, t in enumerate(self.targets) if t is loss), None)
         if target is None:
