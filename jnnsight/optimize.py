@@ -18,6 +18,7 @@ Example::
 
 from __future__ import annotations
 
+import functools
 from pathlib import Path
 from typing import Any, Callable
 
@@ -30,8 +31,11 @@ def train_step(loss_fn: Callable[..., jax.Array], optimizer: optax.GradientTrans
     """``step(trainable, opt_state, *args) -> (trainable, opt_state, loss)``, jitted.
 
     ``loss_fn(trainable, *args)`` returns a scalar; only ``trainable`` (any
-    pytree: an intervention, a dict of them) is differentiated and updated.
-    The old ``trainable`` and ``opt_state`` buffers are donated to the new ones.
+    pytree: an intervention, a dict of them, a model's parameters) is
+    differentiated and updated. The old ``trainable`` and ``opt_state`` buffers
+    are donated to the new ones (so ``lm.variables`` passed here can no longer be
+    used by ``lm``: trace with ``lm.bind(new_params)``), except where one array
+    is at two leaves, as tied embeddings are: XLA cannot donate a buffer twice.
     """
 
     def step(trainable: Any, opt_state: Any, *args: Any) -> tuple[Any, Any, jax.Array]:
@@ -39,7 +43,16 @@ def train_step(loss_fn: Callable[..., jax.Array], optimizer: optax.GradientTrans
         updates, opt_state = optimizer.update(grads, opt_state, trainable)
         return optax.apply_updates(trainable, updates), opt_state, loss
 
-    return jax.jit(step, donate_argnums=(0, 1))
+    donating, keeping = jax.jit(step, donate_argnums=(0, 1)), jax.jit(step)
+
+    @functools.wraps(step)
+    def call(trainable: Any, opt_state: Any, *args: Any) -> tuple[Any, Any, jax.Array]:
+        leaves = [leaf for leaf in jax.tree_util.tree_leaves((trainable, opt_state))
+                  if isinstance(leaf, jax.Array)]
+        shared = len({id(leaf) for leaf in leaves}) < len(leaves)
+        return (keeping if shared else donating)(trainable, opt_state, *args)
+
+    return call
 
 
 def _checkpointer() -> Any:

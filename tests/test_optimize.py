@@ -250,6 +250,35 @@ def test_a_linear_probe_learns_to_read_a_site(models):
     assert accuracy >= 0.9
 
 
+def test_train_step_fine_tunes_tied_parameters_and_donates_the_rest(models):
+    """GPT-2's tied embedding is one array at two leaves, which XLA cannot donate twice."""
+    _, lm = models["gpt2"]
+    ids = jnp.asarray(np.arange(6)[None] + 3)
+
+    def loss_fn(params, ids):
+        with lm.bind(params).trace(ids):
+            logits = lm.lm_head.output.save()
+        return nll(logits)
+
+    optimizer = optax.sgd(0.1)
+    params = jax.tree_util.tree_map(lambda x: x, lm.variables)  # the same arrays, tied included
+    leaves = jax.tree_util.tree_leaves(params)
+    assert len({id(x) for x in leaves}) == len(leaves) - 1  # lm_head.weight is wte.weight
+    state = optimizer.init(params)
+    grads = jax.grad(loss_fn)(params, ids)
+    expected = jax.tree_util.tree_map(lambda p, g: p - 0.1 * g, params, grads)
+    new, _, loss = jnnsight.train_step(loss_fn, optimizer)(params, state, ids)
+    assert float(loss) == pytest.approx(float(loss_fn(params, ids)), rel=1e-6)
+    for got, want in zip(jax.tree_util.tree_leaves(new), jax.tree_util.tree_leaves(expected), strict=True):
+        np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
+    assert not any(x.is_deleted() for x in jax.tree_util.tree_leaves(params))  # kept: tied
+    # untied trainables are donated, as documented
+    steer = SteeringVector(jnp.arange(8.0))
+    optimizer = optax.adam(0.1)
+    jnnsight.train_step(lambda s: jnp.sum(s.vector ** 2), optimizer)(steer, optimizer.init(steer))
+    assert steer.vector.is_deleted()
+
+
 def test_orbax_checkpoints_restore_interventions_and_optimizer_state(tmp_path):
     steer = SteeringVector(jnp.arange(8.0))
     optimizer = optax.adam(0.1)
