@@ -344,8 +344,13 @@ def _prompt_positions(mask: jax.Array) -> jax.Array:
 
 
 def _step_function(module: Any, plan: StepPlan, program: Schedule, config: GenerationConfig,
-                   prompt: int, first: bool) -> Callable[..., Any]:
-    """One jitted step: ``(variables, state, carry, consts, key, step) -> (state, carry, saves)``."""
+                   prompt: int, first: bool, donate: bool) -> Callable[..., Any]:
+    """One jitted step: ``(variables, state, carry, consts, key, step) -> (state, carry, saves)``.
+
+    With ``donate`` the old state's buffers (the key/value cache) become the new
+    state's; not where a transformation traces the generation (``jax.grad``
+    without ``jax.jit`` keeps the inputs for its backward pass).
+    """
 
     def step(variables, state, carry, consts, key, index):
         env = dict(zip(plan.carry_in, carry))
@@ -384,7 +389,7 @@ def _step_function(module: Any, plan: StepPlan, program: Schedule, config: Gener
         carried = [atom_value(env, v) for v in plan.carry_out]
         return new, carried, [atom_value(env, program.outvars[i]) for i in plan.saves]
 
-    return jax.jit(step, donate_argnums=(1,))
+    return jax.jit(step, donate_argnums=(1,) if donate else ())
 
 
 def _final_function(plan: StepPlan, program: Schedule) -> Callable[..., Any]:
@@ -477,11 +482,16 @@ def generate(lm: "LanguageModel", batch: Batch, bodies: Callable[[], None],
     consts = list(program.jaxpr.consts)
     shapes = tuple(v.aval for v in plan.consts)
 
+    traced = any(isinstance(leaf, jax.core.Tracer)
+                 for leaf in jax.tree_util.tree_leaves((variables, state, consts, key)))
+
     def compiled(plan_for_step: StepPlan, first: bool) -> Callable[..., Any]:
-        k = ("step", first, first_key if first else step_key, prompt, config, shapes, plan_for_step.key)
+        k = ("step", first, first_key if first else step_key, prompt, config, shapes,
+             plan_for_step.key, not traced)
         fn = programs.get(k)
         if fn is None:
-            fn = programs.put(k, _step_function(module, plan_for_step, plan, config, prompt, first))
+            fn = programs.put(k, _step_function(module, plan_for_step, plan, config, prompt, first,
+                                                donate=not traced))
         return fn
 
     # `tracer.stop()`: generation ends after the last step the block reads, writes or saves.

@@ -370,6 +370,41 @@ def test_generate_inside_jax_jit_gives_the_tokens_of_a_plain_call(models):
     assert list(np.asarray(stopped[0, len(PROMPTS[1]) + 2:])) == [0, 0]
 
 
+def test_gradients_through_a_generation_equal_those_of_the_generated_sequence(models):
+    """jax.grad of a later step's logit, with and without jax.jit (eager grad crashed once).
+
+    The reference is the trace of the prompt plus the tokens generated before that
+    step, steered at every position: what the steered key/value cache holds.
+    """
+    _, lm = models["gpt2"]
+    ids = jnp.asarray([PROMPTS[1]], jnp.int32)
+    n = len(PROMPTS[1])
+
+    def generated_logit(vec):
+        with lm.generate(ids, max_new_tokens=4, eos_token_id=None, pad_token_id=0) as tracer:
+            with tracer.all():
+                lm.transformer.h[0].output[0] = lm.transformer.h[0].output[0] + vec
+            logits = lm.lm_head.next(3).output.save()
+            tokens = tracer.result.save()
+        return logits[0, -1, 7], tokens
+
+    steer = jnp.linspace(-1.0, 1.0, 32)
+    _, tokens = generated_logit(steer)
+
+    def sequence_logit(vec):
+        with lm.trace(tokens[:, :n + 3]):
+            lm.transformer.h[0].output[0] = lm.transformer.h[0].output[0] + vec
+            logits = lm.lm_head.output.save()
+        return logits[0, -1, 7]
+
+    expected = jax.grad(sequence_logit)(steer)
+    assert float(jnp.abs(expected).max()) > 1e-3
+    eager = jax.grad(lambda v: generated_logit(v)[0])(steer)
+    jitted = jax.jit(jax.grad(lambda v: generated_logit(v)[0]))(steer)
+    np.testing.assert_allclose(eager, expected, rtol=1e-4, atol=1e-5)
+    np.testing.assert_allclose(jitted, expected, rtol=1e-4, atol=1e-5)
+
+
 # -- programs --------------------------------------------------------------------------------
 
 
