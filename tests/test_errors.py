@@ -29,6 +29,7 @@ Values after the block
 Capture
   * a block compiled from a string with ``exec``                        -> CaptureError
   * body on the line of the ``with``                                    -> CaptureError
+  * a body whose first statement is ``try:``                            -> CaptureError
   * ``return`` inside a block                                           -> CaptureError
   * a trace inside a trace's body / an invoke's body / ``intervene``    -> CaptureError
   * ``tracer.invoke`` in a trace that has its own input                 -> CaptureError
@@ -458,6 +459,26 @@ def test_body_on_the_with_line(small):
     message = advice(info.value)
     assert "line of its `with`" in message, message
     assert "lines of its own" in message
+
+
+def test_block_beginning_with_try(small):
+    model, tokens = small
+    with pytest.raises(CaptureError) as info:
+        with model.trace(tokens):
+            try:  # L:try
+                y = model.output.save()
+            except KeyError:
+                pass
+    names_line(info.value, "try")
+    assert "Put the `try` around the `with` block" in advice(info.value)
+    # a statement before it is a place to stop: the try then runs as written
+    with model.trace(tokens):
+        y = model.output.save()
+        try:
+            h = model.h[0].output[0].save()
+        except KeyError:
+            pass
+    assert h.shape[:2] == tokens.shape and y.shape[:2] == tokens.shape
 
 
 def test_return_inside_block(small):

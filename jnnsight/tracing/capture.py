@@ -99,6 +99,15 @@ def _compile_body(frame: types.FrameType) -> CapturedBody:
             "save values in the block and `return`/`break`/`continue` after it."
         ) from None
     doing = [n for n in node.body if not _is_no_op(n)]
+    if doing and isinstance(doing[0], (ast.Try, getattr(ast, "TryStar", ast.Try))):
+        # CPython does not hand an exception raised at a `try:` line to the enclosing
+        # `with`, and one raised inside the `try` would meet the user's handlers.
+        raise CaptureError(
+            f"{filename}:{doing[0].lineno}: a trace block cannot begin with `try:` "
+            "(jnnsight stops the block's inline run at its first statement, and Python "
+            "gives it no safe place there). Put the `try` around the `with` block, or "
+            "another statement before it."
+        )
     return CapturedBody(code, filename, node.lineno, doing[0].lineno if doing else None)
 
 
