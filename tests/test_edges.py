@@ -192,6 +192,38 @@ def test_names_set_by_a_trace_body_with_invokes_reach_the_function(toy):
     assert_close(outs[0], reference(model, tokens[:1])[0])
 
 
+def test_global_and_nonlocal_names_set_in_a_block_reach_their_scopes(toy):
+    """A function's ``global`` names (declared before or inside the block) and ``nonlocal`` ones."""
+    model, tokens = toy
+    expected = reference(model, tokens)[0]
+
+    def declared_before():
+        global SAVED_BEFORE
+        with model.trace(tokens):
+            SAVED_BEFORE = model.output.save()
+
+    def declared_inside():
+        with model.trace(tokens):
+            global SAVED_INSIDE
+            SAVED_INSIDE = model.output.save()
+
+    def enclosing():
+        saved = None
+
+        def inner():
+            nonlocal saved
+            with model.trace(tokens):
+                saved = model.output.save()
+        inner()
+        return saved
+
+    declared_before()
+    declared_inside()
+    assert_close(SAVED_BEFORE, expected)  # noqa: F821  (set by the functions above)
+    assert_close(SAVED_INSIDE, expected)  # noqa: F821
+    assert_close(enclosing(), expected)
+
+
 def test_a_line_tracer_keeps_tracing_the_caller_after_a_block(toy):
     model, tokens = toy
     seen = []

@@ -158,6 +158,9 @@ def write_frame(frame: types.FrameType, namespace: dict[str, Any], changed: dict
         return  # module level: the block ran in the frame's own globals
     code = frame.f_code
     local_names = set(code.co_varnames) | set(code.co_cellvars) | set(code.co_freevars)
+    # A name a function assigns is its local unless declared `global` (in the block too).
+    frame.f_globals.update({k: v for k, v in changed.items()
+                            if k not in local_names and k in code.co_names})
     updates = {k: v for k, v in changed.items() if k in local_names}
     if not updates:
         return
