@@ -24,6 +24,8 @@ Order
 Values after the block
   * arithmetic / ``.shape`` / ``.save()`` on an unsaved value           -> UnsavedValueError
   * an unsaved value inside a list; used in the next block              -> UnsavedValueError
+  * an unsaved value in ``jax.nn.softmax``, ``jnp.sum``, ``jax.jit``,
+    ``jax.tree_util.tree_map``                                          -> UnsavedValueError
   * ``.save()`` on a concrete array inside a block                      -> AttributeError
   * ``.save()`` outside a block on a tracer of the user's ``jax.jit``   -> JnnsightError
 Capture
@@ -387,6 +389,27 @@ def test_unsaved_value_names_the_line_of_use(small):
     assert "`hidden`" in advice(info.value)
     assert user_frames(info.value)[-1].lineno == MARKS["unsaved_use"]
     names_line(info.value, "unsaved_use")
+
+
+def test_unsaved_value_in_jax_functions(small):
+    model, tokens = small
+    with model.trace(tokens):
+        logits = model.output
+    uses = {
+        "softmax": lambda: jax.nn.softmax(logits, axis=-1),
+        "sum": lambda: jnp.sum(logits),
+        "norm": lambda: jnp.linalg.norm(logits),
+        "jit": lambda: jax.jit(lambda x: x * 2)(logits),
+        "asarray": lambda: jnp.asarray(logits),
+        "tree": lambda: jax.tree_util.tree_map(lambda x: x, {"a": logits}),
+    }
+    for use, call in uses.items():
+        with pytest.raises(UnsavedValueError, match="`logits` is a value of a trace block"):
+            call()
+    # the name can be bound again by the next block
+    with model.trace(tokens):
+        logits = model.output.save()
+    assert logits.shape[:2] == tokens.shape
 
 
 def test_unsaved_value_save_after_block(small):

@@ -69,11 +69,17 @@ class Unsaved:
     __lt__ = __le__ = __gt__ = __ge__ = _fail
 
 
+# JAX flattens the arguments of its functions (``jax.nn.softmax``, ``jnp.sum``, a user's
+# ``jax.jit``) as pytrees: flattening an Unsaved value is its clear error. (Abstracting
+# an object by its ``__jax_array__`` is an error of JAX's own, naming no variable.)
+jax.tree_util.register_pytree_node(Unsaved, lambda unsaved: unsaved._fail(), lambda *_: None)
+
+
 def replace_values(
     value: Any, name: str, swap: Callable[[Any, str], Any], depth: int = 0
 ) -> Any:
     """``value`` with ``swap`` applied to every leaf; lists and dicts in place."""
-    if depth > 8:
+    if depth > 8 or isinstance(value, Unsaved):
         return value
     if isinstance(value, list):
         for i, item in enumerate(value):
