@@ -43,7 +43,8 @@ Inputs
   * only ``tracer.invoke()`` with no input / a trace with neither       -> JnnsightError
   * a model input the forward cannot take                               -> the model's own error
 Exceptions in the body
-  * ``1/0``, a jnp shape error, ``if tracer > 0``, ``np.asarray(tracer)``
+  * ``1/0``, a jnp shape error, a broadcast error (an error with a cause),
+    ``if tracer > 0``, ``np.asarray(tracer)``
                                  -> the original type, the body line last in the traceback
 """
 
@@ -532,6 +533,8 @@ def _check_body_traceback(err: BaseException, with_mark: str, body_mark: str) ->
     # only the block's own __exit__ may stand between the `with` line and the body line
     assert all(f.name == "__exit__" for f in between), [f"{f.filename}:{f.name}" for f in between]
     assert len(between) <= 1
+    # the exception that stops the body's inline run is not in the chain a traceback prints
+    assert "SkipBody" not in "".join(traceback.format_exception(err))
 
 
 def test_zero_division_in_body(small):
@@ -551,6 +554,17 @@ def test_jnp_shape_error_in_body(small):
             h @ jnp.ones((3, 3))  # L:mm
     _check_body_traceback(info.value, "mm_with", "mm")
     assert "dot_general" in advice(info.value)
+
+
+def test_jnp_broadcast_error_in_body(small):
+    """JAX raises this one from another error: its whole chain is printed, SkipBody was in it."""
+    model, tokens = small
+    with pytest.raises(ValueError) as info:
+        with model.trace(tokens):  # L:bc_with
+            h = model.h[0].output[0]
+            h + jnp.ones((3,))  # L:bc
+    _check_body_traceback(info.value, "bc_with", "bc")
+    assert "Incompatible shapes for broadcasting" in str(info.value)
 
 
 def test_python_branch_on_traced_value(small):

@@ -39,7 +39,7 @@ from ..errors import (
     warn_at_user_line,
 )
 from . import program as _program
-from .capture import Capture
+from .capture import Capture, SkipBody
 from .collate import Batch
 from .resolve import Unsaved, code_names, resolve_namespace, write_frame
 
@@ -199,6 +199,7 @@ class Tracer:
         try:
             self._run()
         except BaseException as err:
+            _forget_skip(err)
             raise err.with_traceback(_trimmed(err)) from err.__cause__
         finally:
             del self._capture  # the caller's frame, and through it its locals
@@ -310,6 +311,20 @@ class Cache(dict):
         if path is not None:
             key = ".".join(path)
         return (key, call)
+
+
+def _forget_skip(err: BaseException) -> None:
+    """Cut the ``SkipBody`` that stopped the inline run out of ``err``'s chain.
+
+    The body runs while Python handles it, so every error of the body has it as
+    context, which a traceback would print first ("During handling of ...").
+    """
+    seen: set[int] = set()
+    while err is not None and id(err) not in seen:
+        seen.add(id(err))
+        if isinstance(err.__context__, SkipBody):
+            err.__context__ = None
+        err = err.__cause__ or err.__context__
 
 
 def _trimmed(err: BaseException) -> types.TracebackType | None:
