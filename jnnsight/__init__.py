@@ -115,8 +115,12 @@ class _Backward:
         _program.current().backward = self._previous
 
 
-def _tracer_backward(self: Any) -> _Backward:
-    """``with loss.backward():`` gradients of this scalar, read and edited with ``.grad``."""
+def _tracer_backward(self: Any, retain_graph: bool = False) -> _Backward:
+    """``with loss.backward():`` gradients of this scalar, read and edited with ``.grad``.
+
+    ``retain_graph`` is accepted for nnsight code and means nothing here: a block
+    may take several ``backward()`` of values of one forward.
+    """
     return _Backward(self)
 
 

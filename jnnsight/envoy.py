@@ -20,6 +20,8 @@ from __future__ import annotations
 import re
 from typing import TYPE_CHECKING, Any, Iterator
 
+import numpy as np
+
 from .errors import SiteError, at_user_line, close_names
 from .tracing import program as _program
 from .tracing.discover import site_name
@@ -173,7 +175,12 @@ class Envoy:
             ...     second = model.shared.next().output.save()
         """
         builder = _builder(self, "next()")
-        builder.calls[self._path] = builder.calls.get(self._path, 0) + steps
+        if not isinstance(steps, (int, np.integer)) or isinstance(steps, bool) or steps < 1:
+            raise ValueError(at_user_line(
+                f".next(steps) moves forward by a positive number of calls, got {steps!r}; "
+                "an envoy cannot go back (use another envoy, or read the value earlier)."
+            ))
+        builder.calls[self._path] = builder.calls.get(self._path, 0) + int(steps)
         return self
 
     def skip(self, value: Any) -> None:

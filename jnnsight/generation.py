@@ -202,16 +202,32 @@ class _Steps:
         steps = self._steps
         if isinstance(selection, slice):
             chosen = list(range(steps))[selection]
-        else:
-            chosen = [selection] if isinstance(selection, int) else list(selection)
-            bad = [s for s in chosen if not isinstance(s, int) or not -steps <= s < steps]
-            if bad:
-                raise IndexError(at_user_line(
-                    f"step {bad[0]!r} does not exist: this generation has {steps} step(s), "
-                    f"0 to {steps - 1} (step 0 is the prompt). Raise max_new_tokens."
-                ))
-            chosen = [s % steps for s in chosen]
-        return _at_steps(chosen)
+            if not chosen:
+                warn_at_user_line(
+                    f"tracer.iter[{selection.start}:{selection.stop}:{selection.step}] selects "
+                    f"no step of this generation's {steps} (0 to {steps - 1}): the loop's body "
+                    "does not run."
+                )
+            return _at_steps(chosen)
+        if isinstance(selection, (jax.Array, jax.core.Tracer)) or not (
+                _is_step(selection) or isinstance(selection, (list, tuple, range))):
+            raise TypeError(at_user_line(
+                f"tracer.iter takes a step number, a slice or a list of step numbers (Python "
+                f"ints), got {type(selection).__name__}: steps are chosen when the block is "
+                "read, before anything runs."
+            ))
+        chosen = [selection] if _is_step(selection) else list(selection)
+        bad = [s for s in chosen if not _is_step(s) or not -steps <= s < steps]
+        if bad:
+            raise IndexError(at_user_line(
+                f"step {bad[0]!r} does not exist: this generation has {steps} step(s), "
+                f"0 to {steps - 1} (step 0 is the prompt). Raise max_new_tokens."
+            ))
+        return _at_steps([int(s) % steps for s in chosen])
+
+
+def _is_step(value: Any) -> bool:
+    return isinstance(value, (int, np.integer)) and not isinstance(value, bool)
 
 
 def _at_steps(chosen: list[int]) -> Iterator[int]:
@@ -467,11 +483,11 @@ def generate(lm: "LanguageModel", batch: Batch, bodies: Callable[[], None],
     builder = Builder(table, avals)
     program = builder.run(bodies)
     if split_backward(program)[1] is not None:
-        raise JnnsightError(
+        raise JnnsightError(at_user_line(
             "`loss.backward()` is not supported in a generate block: each step is its own "
             "compiled program. Take gradients in `lm.trace(...)` on the prompt plus the "
             "generated tokens."
-        )
+        ))
     programs = lm._generation_programs
     plan_key = ("plans", first_key, step_key, steps, program.fingerprint)
     cut = programs.get(plan_key)

@@ -323,11 +323,22 @@ class LanguageModel(NNsight):
         if min_new_tokens and eos_token_id is None:
             warn_at_user_line(f"min_new_tokens={min_new_tokens} has no effect: there is no "
                               "eos_token_id to hold back.")
-        config = GenerationConfig(max_new_tokens, do_sample, float(temperature), top_k, top_p,
-                                  eos_token_id, pad_token_id, repetition_penalty,
-                                  min_new_tokens)
+        if isinstance(max_new_tokens, np.integer):
+            max_new_tokens = int(max_new_tokens)
+        try:
+            config = GenerationConfig(max_new_tokens, do_sample, float(temperature), top_k, top_p,
+                                      eos_token_id, pad_token_id, repetition_penalty,
+                                      min_new_tokens)
+        except ValueError as err:
+            raise ValueError(at_user_line(str(err))) from None
         if key is None:
             key = jax.random.key(0 if seed is None else seed)
+        elif not (isinstance(key, jax.Array) and (jax.dtypes.issubdtype(key.dtype, jax.dtypes.prng_key)
+                                                  or (key.dtype == jnp.uint32 and key.shape == (2,)))):
+            raise TypeError(at_user_line(
+                f"key must be a JAX PRNG key (`jax.random.key(3)`), got {key!r}; "
+                "or pass seed=3."
+            ))
         return GenerateTracer(self, inputs, config, key, progress)
 
     def _check_ids(self, input_ids: Any, attention_mask: Any, line: UserLine | None,

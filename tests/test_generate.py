@@ -448,10 +448,25 @@ def test_bad_generation_inputs_get_clear_errors(models):
     with pytest.raises(SiteError, match="Raise max_new_tokens"):
         with lm.generate(PROMPTS[0], max_new_tokens=2):
             lm.model.layers[0].next(2).output.save()
-    with pytest.raises(ValueError, match="max_new_tokens"):
+    with pytest.raises(ValueError, match=r"test_generate.py:\d+:[\s\S]*max_new_tokens"):
         lm.generate(PROMPTS[0], max_new_tokens=0)
-    with pytest.raises(ValueError, match="top_p"):
+    with pytest.raises(ValueError, match=r"test_generate.py:\d+:[\s\S]*top_p"):
         lm.generate(PROMPTS[0], do_sample=True, top_p=1.5)
+    with pytest.raises(TypeError, match=r"test_generate.py:\d+:[\s\S]*or pass seed=3"):
+        lm.generate(PROMPTS[0], key=3)
+    lm.generate(PROMPTS[0], max_new_tokens=np.int64(2))  # numpy ints are ints
+    for selection in (1.0, jnp.array([1, 2])):
+        with pytest.raises(TypeError, match="tracer.iter takes a step number"):
+            with lm.generate(PROMPTS[0], max_new_tokens=3) as tracer:
+                for step in tracer.iter[selection]:
+                    pass
+    with pytest.warns(UserWarning, match=r"tracer.iter\[5:8:None\] selects no step"):
+        with lm.generate(PROMPTS[0], max_new_tokens=3) as tracer:
+            for step in tracer.iter[5:8]:
+                lm.model.layers[0].output.save()
+    with pytest.raises(ValueError, match="positive number of calls, got -1"):
+        with lm.generate(PROMPTS[0], max_new_tokens=3):
+            lm.model.layers[0].next(-1).output.save()
     with pytest.raises(ValueError, match="repetition_penalty"):
         lm.generate(PROMPTS[0], repetition_penalty=0)
     with pytest.raises(ValueError, match="min_new_tokens"):

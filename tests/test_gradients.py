@@ -170,7 +170,7 @@ def test_bad_gradient_code_gets_clear_errors(models):
             h = lm.model.layers[0].output[0]
             with nll(lm.lm_head.output, A).backward():
                 h.grad = jnp.zeros(3)
-    with pytest.raises(JnnsightError, match="one `backward\\(\\)` target"):
+    with pytest.raises(JnnsightError, match=r"test_gradients.py:\d+:[\s\S]*one `backward\(\)` target"):
         with lm.trace(IDS):
             h = lm.model.layers[0].output[0]
             logits = lm.lm_head.output
@@ -184,7 +184,7 @@ def test_bad_gradient_code_gets_clear_errors(models):
             later = lm.model.layers[1].output[0]
             with nll(lm.lm_head.output, A).backward():
                 h.grad = h.grad * later
-    with pytest.raises(JnnsightError, match="depends on no module value"):
+    with pytest.raises(JnnsightError, match=r"test_gradients.py:\d+:[\s\S]*depends on no module value"):
         with lm.trace(IDS):
             with jnp.float32(1.0).backward():
                 pass
@@ -195,12 +195,24 @@ def test_bad_gradient_code_gets_clear_errors(models):
                 h = lm.model.layers[0].output[0]
                 with constant().backward():
                     h.grad.save()
+    with pytest.raises(JnnsightError, match=r"test_gradients.py:\d+:[\s\S]*not the gradient of another"):
+        with lm.trace(IDS):
+            h0 = lm.model.layers[0].output[0]
+            h1 = lm.model.layers[1].output[0]
+            with nll(lm.lm_head.output, A).backward():
+                h0.grad = h0.grad + h1.grad
+    with lm.trace(IDS):  # nnsight's retain_graph is accepted (there is no graph to keep)
+        h = lm.model.layers[0].output[0]
+        with nll(lm.lm_head.output, A).backward(retain_graph=True):
+            g = h.grad.save()
+        hidden = h.save()
+    assert g.shape == hidden.shape
     with pytest.raises(JnnsightError, match="uses a gradient"):
         with lm.trace(IDS):
             h = lm.model.layers[0].output[0]
             with nll(lm.lm_head.output, A).backward():
                 lm.model.layers[1].output[0] = h.grad
-    with pytest.raises(JnnsightError, match="not supported in a generate block"):
+    with pytest.raises(JnnsightError, match=r"test_gradients.py:\d+:[\s\S]*not supported in a generate"):
         with lm.generate(IDS, max_new_tokens=2):
             h = lm.model.layers[0].output[0]
             with nll(lm.lm_head.output, A).backward():

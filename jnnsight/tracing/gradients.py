@@ -130,8 +130,9 @@ def split_backward(program: InterventionProgram) -> tuple[InterventionProgram, B
 
     for target, loss in losses.items():
         if not any(e.primitive is site_read_p for e in _closure(forward, [loss])):
+            line = program.target_lines.get(target)
             raise JnnsightError(
-                f"`backward()` target #{target} depends on no module value (it is a constant, "
+                (f"{line}\n" if line else "") + f"`backward()` target #{target} depends on no module value (it is a constant, "
                 "or uses only outside arrays or parameters), so every `.grad` of it is zero. Compute the loss from "
                 "`envoy.output` or `.input` values; for gradients with respect to parameters "
                 "use `jax.grad` over `model.bind(params)`."
@@ -151,8 +152,9 @@ def split_backward(program: InterventionProgram) -> tuple[InterventionProgram, B
     writes = [e for e in backward if e.primitive is grad_write_p]
     plain = [e for e in backward if e.primitive not in _GRAD]
     if writes and len(losses) > 1:
+        line = next(iter(program.grad_write_lines.values()), None)
         raise JnnsightError(
-            "a block that edits gradients can have one `backward()` target; this one has "
+            (f"{line}\n" if line else "") + "a block that edits gradients can have one `backward()` target; this one has "
             f"{len(losses)}. Differentiate their sum, or use one trace per target."
         )
     edits = {}
@@ -163,8 +165,9 @@ def split_backward(program: InterventionProgram) -> tuple[InterventionProgram, B
         inputs = _free(eqns, write.invars)
         others = [v for v in inputs if v in needs_grad and v is not own]
         if others:
+            line = program.grad_write_lines.get((site, leaf, target))
             raise JnnsightError(
-                f"{program.write_lines.get(site)}\na gradient edit at a site can use that site's "
+                (f"{line}\n" if line else "") + "a gradient edit at a site can use that site's "
                 "own gradient, module values and outside arrays, not the gradient of "
                 "another site."
             )
@@ -187,7 +190,8 @@ def split_backward(program: InterventionProgram) -> tuple[InterventionProgram, B
                                                ).with_unknown_names())
     forward_program = InterventionProgram(
         ClosedJaxpr(forward_jaxpr, program.jaxpr.consts), program.table,
-        program.read_lines, program.write_lines, program.stop,
+        program.read_lines, program.write_lines, program.stop, program.grad_write_lines,
+        program.target_lines,
     )
     keys = {site: program.table.sites[site].key for site, _ in probes}
     return forward_program, Backward(

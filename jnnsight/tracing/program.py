@@ -128,6 +128,8 @@ class InterventionProgram:
       read_lines / write_lines: the user's line of the first read and of the
         last write per site order, for error messages.
       stop: whether the body called ``tracer.stop()``.
+      grad_write_lines: the line of the first gradient edit per ``(site order,
+        leaf, backward target)``; target_lines: the line of each ``backward()``.
     """
 
     jaxpr: ClosedJaxpr
@@ -135,6 +137,8 @@ class InterventionProgram:
     read_lines: Mapping[int, UserLine | None]
     write_lines: Mapping[int, UserLine | None]
     stop: bool
+    grad_write_lines: Mapping[tuple[int, int, int], UserLine | None] = field(default_factory=dict)
+    target_lines: Mapping[int, UserLine | None] = field(default_factory=dict)
     fingerprint: Hashable = field(init=False, repr=False)
 
     def __post_init__(self) -> None:
@@ -250,7 +254,8 @@ class Builder:
         self.targets: list[Any] = []
         self.backward: int | None = None  # the target whose `backward()` block runs
         self.grads: dict[tuple[int, int, int], Any] = {}  # (site, leaf, target) -> cotangent
-        self.grad_written: dict[tuple[int, int, int], None] = {}
+        self.grad_written: dict[tuple[int, int, int], UserLine | None] = {}
+        self.target_lines: dict[int, UserLine | None] = {}
 
     # reading and writing sites --------------------------------------------------
 
@@ -386,6 +391,7 @@ class Builder:
         if target is None:
             target = len(self.targets)
             self.targets.append(loss)
+            self.target_lines[target] = user_line(2)
         self.backward = target
         return previous
 
@@ -440,7 +446,7 @@ class Builder:
                 f"written is {new.dtype}{list(new.shape)}."
             ))
         self.grads[key] = rows.update(self.grads[key], new, self._batched(site)[j])
-        self.grad_written[key] = None
+        self.grad_written.setdefault(key, user_line(2))
 
     # parameters, saves -------------------------------------------------------------
 
@@ -496,7 +502,8 @@ class Builder:
 
         closed = jax.make_jaxpr(program)()
         return InterventionProgram(
-            closed, self.table, dict(self.read_lines), dict(self.write_lines), self.stopped
+            closed, self.table, dict(self.read_lines), dict(self.write_lines), self.stopped,
+            dict(self.grad_written), dict(self.target_lines),
         )
 
 
