@@ -387,11 +387,15 @@ class LanguageModel(NNsight):
                 spans.append(None)
                 continue
             args, kwargs = given
-            if len(args) != 1 or kwargs:
+            if len(args) != 1 or set(kwargs) - {"attention_mask"}:
                 raise JnnsightError(_at(line,
-                    "a language model's invoke takes one input: text, token ids or a tokenizer output."
+                    "a language model's invoke takes one input: text, token ids or a tokenizer "
+                    "output (a dict with input_ids and attention_mask), and optionally an "
+                    f"attention_mask for the ids; got {len(args)} input(s)"
+                    + (f" and {', '.join(sorted(kwargs))}." if kwargs else ".")
                 ))
-            ids, mask = _invoke_arrays(args[0], self.tokenizer, line, pad)
+            value = {"input_ids": args[0], **kwargs} if kwargs else args[0]
+            ids, mask = _invoke_arrays(value, self.tokenizer, line, pad)
             spans.append((total, total + ids.shape[0]))
             total += ids.shape[0]
             parts.append((ids, mask))

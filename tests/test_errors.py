@@ -38,7 +38,7 @@ Capture
   * ``tracer.invoke`` after the block / inside another invoke           -> CaptureError
   * ``tracer.stop()`` after the block                                   -> CaptureError
 Inputs
-  * invokes whose inputs differ in shape                                -> JnnsightError
+  * invokes whose inputs differ in shape, or in dtype                   -> JnnsightError
   * an invoke input with no batch axis                                  -> JnnsightError
   * only ``tracer.invoke()`` with no input / a trace with neither       -> JnnsightError
   * a model input the forward cannot take                               -> the model's own error
@@ -684,6 +684,12 @@ def test_invokes_with_mismatched_shapes(small):
     # the message should say which of the user's invokes disagree
     full = str(info.value)
     assert at("mismatch_2") in full or at("mismatch_1") in full, full
+    with pytest.raises(JnnsightError, match=r"give them one dtype \(`x.astype\('int32'\)`\)"):
+        with model.trace() as tracer:
+            with tracer.invoke(tokens):
+                y = model.output.save()
+            with tracer.invoke(tokens.astype(jnp.int16)):
+                z = model.output.save()
 
 
 def test_invoke_input_without_batch_axis(small):

@@ -278,3 +278,23 @@ def test_ids_outside_the_vocabulary_or_the_positions_are_refused(tiny_gpt2):
     with tiny_gpt2.trace({"input_ids": np.array([[0] * 8 + list(range(3, 35))]),
                           "attention_mask": np.array([[0] * 8 + [1] * 32])}):
         tiny_gpt2.lm_head.output.save()
+
+
+def test_ids_with_an_attention_mask_argument_are_the_tokenizer_dict(tiny_gpt2):
+    """``lm.trace(ids, attention_mask=mask)``, as transformers' forward takes them."""
+    ids = np.array([[0, 0, 5, 17, 33], [4, 9, 5, 17, 33]])
+    mask = np.array([[0, 0, 1, 1, 1], [1, 1, 1, 1, 1]])
+    with tiny_gpt2.trace(ids, attention_mask=mask):
+        as_argument = tiny_gpt2.lm_head.output.save()
+    with tiny_gpt2.trace({"input_ids": ids, "attention_mask": mask}):
+        as_dict = tiny_gpt2.lm_head.output.save()
+    with tiny_gpt2.trace([[5, 17, 33]]):
+        solo = tiny_gpt2.lm_head.output.save()
+    np.testing.assert_array_equal(as_argument, as_dict)
+    np.testing.assert_allclose(as_argument[0, 2:], solo[0], atol=1e-5)
+    with pytest.raises(JnnsightError, match="got 1 input\\(s\\) and position_ids"):
+        with tiny_gpt2.trace(ids, position_ids=ids):
+            tiny_gpt2.lm_head.output.save()
+    with pytest.raises(AttributeError, match="`tracer.result` belongs to generation"):
+        with tiny_gpt2.trace(ids) as tracer:
+            tracer.result.save()

@@ -69,10 +69,12 @@ def _check_like(first: Any, other: Any, line: UserLine | None) -> None:
                     "arguments must be equal in every invoke."
                 ))
         elif np.shape(a)[1:] != np.shape(b)[1:] or a.dtype != b.dtype:
+            fix = ("pad them to one shape" if np.shape(a)[1:] != np.shape(b)[1:] else
+                   f"give them one dtype (`x.astype({jnp.dtype(a.dtype).name!r})`)")
             raise JnnsightError(_at(line,
                 f"this invoke's input is {b.dtype}{list(np.shape(b))} and the first "
                 f"invoke's {a.dtype}{list(np.shape(a))}: invokes are concatenated "
-                "along axis 0, so every other axis (and the dtype) must agree: pad them to one shape."
+                f"along axis 0, so every other axis and the dtype must agree: {fix}."
             ))
 
 

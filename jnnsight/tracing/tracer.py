@@ -132,6 +132,14 @@ class Tracer:
             ))
         return Invoker(self, (args, kwargs) if (args or kwargs) else None)
 
+    def __getattr__(self, name: str) -> Any:
+        if name in ("result", "iter", "all"):
+            raise AttributeError(at_user_line(
+                f"`tracer.{name}` belongs to generation: it exists in `lm.generate(...)` "
+                "blocks, not in `model.trace(...)`."
+            ))
+        raise AttributeError(f"{type(self).__name__!r} object has no attribute {name!r}")
+
     def stop(self) -> None:
         """End the block here: later code is not run, and the forward stops after
         the last site the block needs."""
