@@ -285,7 +285,10 @@ def test_cache_holds_every_output_after_edits(toy):
     assert set(cache) == {(".".join(p), c) for p, c in seen}
     for (path, call), value in seen.items():
         assert_close(cache[".".join(path), call], value)
-    assert cache[model.h[0].mlp] is cache["h_0.mlp"]
+    assert cache[model.h[0].mlp] is cache["h_0.mlp"] is cache["h.0.mlp"] is cache["h[0].mlp"]
+    assert "h.1" in cache and ("h.1", 1) not in cache
+    with pytest.raises(KeyError, match="no output of that module call. Did you mean 'h_0.mlp'"):
+        cache["h.0.mpl"]
 
 
 class Shared(nn.Module):

@@ -21,6 +21,7 @@ Example::
 
 from __future__ import annotations
 
+import re
 import sys
 import threading
 import types
@@ -35,6 +36,7 @@ from ..errors import (
     JnnsightError,
     UserLine,
     at_user_line,
+    close_names,
     is_library_frame,
     warn_at_user_line,
 )
@@ -298,6 +300,10 @@ def gather(value: Any) -> Any:
 class Cache(dict):
     """Module outputs of a trace, keyed ``(path, call)``; ``cache["block_1"]`` is call 0.
 
+    A path may be written as the module tree has it (``"model.layers_0.mlp"``), as
+    PyTorch names it (``"model.layers.0.mlp"``) or as envoys index it
+    (``"model.layers[0].mlp"``).
+
     Example::
 
         >>> cache[model.block_1] is cache["block_1"] is cache["block_1", 0]
@@ -305,7 +311,12 @@ class Cache(dict):
     """
 
     def __getitem__(self, key: Any) -> Any:
-        return dict.__getitem__(self, self._normal(key))
+        normal = self._normal(key)
+        if not dict.__contains__(self, normal):
+            paths = sorted({path for path, _ in self.keys()})
+            raise KeyError(f"{key!r}: the cache holds no output of that module call. "
+                           + close_names(normal[0], paths))
+        return dict.__getitem__(self, normal)
 
     def __contains__(self, key: Any) -> bool:
         return dict.__contains__(self, self._normal(key))
@@ -318,6 +329,8 @@ class Cache(dict):
         path = getattr(key, "_path", None)
         if path is not None:
             key = ".".join(path)
+        elif isinstance(key, str):  # layers.0 and layers[0] are the module tree's layers_0
+            key = re.sub(r"\.(\d+)(?=\.|$)", r"_\1", re.sub(r"\[(\d+)\]", r"_\1", key))
         return (key, call)
 
 
