@@ -117,6 +117,11 @@ class LowRankRotation:
 
     @classmethod
     def random(cls, key: jax.Array, width: int, rank: int, dtype: Any = jnp.float32) -> "LowRankRotation":
+        if not 1 <= rank <= width:
+            raise ValueError(at_user_line(
+                f"a rotation's rank is the dimension of its subspace: 1 to width ({width}), "
+                f"got {rank}."
+            ))
         return cls(jax.random.normal(key, (width, rank), dtype))
 
     @property

@@ -325,6 +325,12 @@ class LanguageModel(NNsight):
                               "eos_token_id to hold back.")
         if isinstance(max_new_tokens, np.integer):
             max_new_tokens = int(max_new_tokens)
+        ignored = [f"{name}={value!r}" for name, value, default in (
+            ("temperature", temperature, 1.0), ("top_k", top_k, None), ("top_p", top_p, None))
+            if value != default]
+        if ignored and not do_sample:
+            warn_at_user_line(f"{', '.join(ignored)} only apply when sampling: decoding is "
+                              "greedy. Pass do_sample=True to sample.")
         try:
             config = GenerationConfig(max_new_tokens, do_sample, float(temperature), top_k, top_p,
                                       eos_token_id, pad_token_id, repetition_penalty,

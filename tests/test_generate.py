@@ -455,6 +455,9 @@ def test_bad_generation_inputs_get_clear_errors(models):
     with pytest.raises(TypeError, match=r"test_generate.py:\d+:[\s\S]*or pass seed=3"):
         lm.generate(PROMPTS[0], key=3)
     lm.generate(PROMPTS[0], max_new_tokens=np.int64(2))  # numpy ints are ints
+    with pytest.warns(UserWarning, match="top_k=5, temperature=0.5 only apply when sampling|"
+                                         "temperature=0.5, top_k=5 only apply when sampling"):
+        lm.generate(PROMPTS[0], temperature=0.5, top_k=5)
     for selection in (1.0, jnp.array([1, 2])):
         with pytest.raises(TypeError, match="tracer.iter takes a step number"):
             with lm.generate(PROMPTS[0], max_new_tokens=3) as tracer:

@@ -201,6 +201,9 @@ def test_das_rotation_interchanges_its_subspace_and_stays_orthonormal_while_trai
     rest = jnp.eye(64) - basis @ basis.T
     close(patched @ rest, base @ rest, 1e-5)                            # the rest is the base's
     close(LowRankRotation.random(jax.random.key(2), 64, 64)(base, source), source, 1e-5)
+    for rank in (0, 65):  # a basis of more directions than the width would silently have fewer
+        with pytest.raises(ValueError, match=f"1 to width \\(64\\), got {rank}"):
+            LowRankRotation.random(jax.random.key(2), 64, rank)
 
     # Train it to move prompt b's output toward prompt a's next token at layer 1.
     a, b = jnp.asarray([[31, 32, 33, 34, 35]]), jnp.asarray([[41, 42, 43, 44, 45]])
