@@ -30,6 +30,7 @@ from .errors import (
     SiteError,
     UnsavedValueError,
     WriteError,
+    user_line,
 )
 from .nnsight import NNsight
 from .language import LanguageModel
@@ -108,6 +109,7 @@ class _Backward:
             raise JnnsightError(at_user_line(
                 "`.backward()` belongs inside a trace block, on a scalar computed there."
             ))
+        builder.unentered_backwards.pop(id(self), None)
         self._previous = builder.begin_backward(self._loss)
         return self
 
@@ -121,7 +123,11 @@ def _tracer_backward(self: Any, retain_graph: bool = False) -> _Backward:
     ``retain_graph`` is accepted for nnsight code and means nothing here: a block
     may take several ``backward()`` of values of one forward.
     """
-    return _Backward(self)
+    backward = _Backward(self)
+    builder = _program.current()
+    if builder is not None:  # a bare `loss.backward()` would do nothing: the block refuses it
+        builder.unentered_backwards[id(backward)] = (backward, user_line(1))
+    return backward
 
 
 def _builder_for(what: str) -> Any:

@@ -207,6 +207,10 @@ def test_bad_gradient_code_gets_clear_errors(models):
             g = h.grad.save()
         hidden = h.save()
     assert g.shape == hidden.shape
+    with pytest.raises(JnnsightError, match=r"test_gradients.py:\d+:[\s\S]*does nothing by itself"):
+        with lm.trace(IDS):
+            h = lm.model.layers[0].output[0]
+            nll(lm.lm_head.output, A).backward()  # nnsight 0.4's spelling: no block
     with pytest.raises(JnnsightError, match="uses a gradient"):
         with lm.trace(IDS):
             h = lm.model.layers[0].output[0]

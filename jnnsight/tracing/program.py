@@ -42,7 +42,7 @@ from jax.extend.core import (
     take_current_trace,
 )
 
-from ..errors import SiteError, UserLine, WriteError, at_user_line, user_line
+from ..errors import JnnsightError, SiteError, UserLine, WriteError, at_user_line, user_line
 from .discover import Site, SiteKey, SiteTable, is_array
 
 # -- the primitives of a program ------------------------------------------------
@@ -256,6 +256,8 @@ class Builder:
         self.grads: dict[tuple[int, int, int], Any] = {}  # (site, leaf, target) -> cotangent
         self.grad_written: dict[tuple[int, int, int], UserLine | None] = {}
         self.target_lines: dict[int, UserLine | None] = {}
+        # `loss.backward()` calls not (yet) entered as `with` blocks, and their lines
+        self.unentered_backwards: dict[int, tuple[Any, UserLine | None]] = {}
 
     # reading and writing sites --------------------------------------------------
 
@@ -476,6 +478,11 @@ class Builder:
     # the pass ---------------------------------------------------------------------
 
     def _finish(self) -> list[Any]:
+        for _, line in self.unentered_backwards.values():
+            raise JnnsightError(
+                (f"{line}\n" if line else "") + "`loss.backward()` does nothing by itself here: "
+                "write `with loss.backward():` and read or edit `.grad` inside that block."
+            )
         for finalize in self.finalizers:
             finalize()
         for key in self.written:
