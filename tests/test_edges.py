@@ -95,6 +95,16 @@ def test_invokes_see_values_without_a_batch_axis_whole():
     assert_close(first, seen[(("wpe",), 0)])
     assert_close(second, seen[(("wpe",), 0)])
     assert_close(hidden, seen[(("h_0",), 0)][0][1:])
+    # a write there, in one invoke, is every invoke's: it says so
+    with pytest.warns(UserWarning, match="has no batch axis .* changes it for every invoke") as caught:
+        with model.trace() as tracer:
+            with tracer.invoke(tokens[:1]):
+                model.wpe.output = model.wpe.output * 0
+            with tracer.invoke(tokens[1:]):
+                other = model.output.save()
+    assert caught[0].filename == __file__
+    edited, _ = reference(model, tokens, edit=lambda path, call, out: out * 0 if path == ("wpe",) else out)
+    assert_close(other, edited[1:])
 
 
 def test_sites_and_parameters_read_inside_jax_transforms_in_a_block(toy):

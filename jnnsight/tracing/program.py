@@ -42,7 +42,9 @@ from jax.extend.core import (
     take_current_trace,
 )
 
-from ..errors import JnnsightError, SiteError, UserLine, WriteError, at_user_line, user_line
+from ..errors import (
+    JnnsightError, SiteError, UserLine, WriteError, at_user_line, user_line, warn_at_user_line,
+)
 from .discover import Site, SiteKey, SiteTable, is_array
 
 # -- the primitives of a program ------------------------------------------------
@@ -305,6 +307,12 @@ class Builder:
         new = self._checked(site, rows, value, describe)
         full = self._leaves(site)
         batched = self._batched(site)
+        if not rows.whole and not all(batched):
+            warn_at_user_line(
+                f"{describe()} has no batch axis (one value serves every invoke, as position "
+                "embeddings can), so this write in one invoke changes it for every invoke. "
+                "Write it in a `tracer.invoke()` with no input to edit the whole batch."
+            )
         self.current[site.key] = [rows.update(f, n, b) for f, n, b in zip(full, new, batched)]
         self.written[site.key] = line
         self.write_lines[site.order] = line
