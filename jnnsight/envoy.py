@@ -175,10 +175,10 @@ class Envoy:
             ...     second = model.shared.next().output.save()
         """
         builder = _builder(self, "next()")
-        if not isinstance(steps, (int, np.integer)) or isinstance(steps, bool) or steps < 1:
+        if not isinstance(steps, (int, np.integer)) or isinstance(steps, bool) or steps < 0:
             raise ValueError(at_user_line(
-                f".next(steps) moves forward by a positive number of calls, got {steps!r}; "
-                "an envoy cannot go back (use another envoy, or read the value earlier)."
+                f".next(steps) moves forward by a number of calls >= 0, got {steps!r}; an "
+                "envoy cannot go back (use another envoy, or read the value earlier)."
             ))
         builder.calls[self._path] = builder.calls.get(self._path, 0) + int(steps)
         return self
