@@ -91,10 +91,14 @@ def user_line(depth: int = 1) -> UserLine | None:
     return UserLine(frame.f_code.co_filename, frame.f_lineno)
 
 
+def at_line(line: UserLine | None, message: str) -> str:
+    """Prefix ``message`` with ``line``, where there is one."""
+    return f"{line}\n{message}" if line is not None else message
+
+
 def at_user_line(message: str) -> str:
     """Prefix ``message`` with the user's current line, where one is found."""
-    line = user_line(2)
-    return f"{line}\n{message}" if line is not None else message
+    return at_line(user_line(2), message)
 
 
 def warn_at_user_line(message: str, category: type[Warning] = UserWarning) -> None:

@@ -447,13 +447,7 @@ def generate(lm: "LanguageModel", batch: Batch, bodies: Callable[[], None],
             "does), or pass the prompts as text."
         ))
     steps = config.max_new_tokens
-    lm._check_ids(ids, mask, None, new_tokens=steps)
-    vocab = getattr(getattr(module, "config", None), "vocab_size", None)
-    if vocab is not None and not 0 <= config.pad_token_id < vocab:
-        raise JnnsightError(at_user_line(
-            f"pad_token_id={config.pad_token_id} is outside this model's vocabulary "
-            f"(0 to {vocab - 1}): ended rows are fed that token."
-        ))
+    lm._check_ids(ids, mask, None, new_tokens=steps, pad_token_id=config.pad_token_id)
     slots = prompt + steps
     state = {
         "tokens": jnp.concatenate([ids, jnp.full((rows, steps), config.pad_token_id, jnp.int32)], 1),

@@ -21,6 +21,7 @@ Example::
 
 from __future__ import annotations
 
+import functools
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -31,7 +32,7 @@ import numpy as np
 from jax import core
 from jax.sharding import Mesh
 
-from .errors import JnnsightError, UserLine, at_user_line, warn_at_user_line
+from .errors import JnnsightError, UserLine, at_line, at_user_line, warn_at_user_line
 from .nnsight import NNsight
 from .tracing.collate import Batch
 from .sharding import DEFAULT_RULES, Rules, automatic, param_shardings, place, shard_inputs
@@ -49,26 +50,26 @@ def _rows_of_input(value: Any, tokenizer: Any, line: UserLine | None) -> tuple[l
     if isinstance(value, dict) or hasattr(value, "keys"):
         ids = np.asarray(value["input_ids"])
         if not np.issubdtype(ids.dtype, np.integer):
-            raise JnnsightError(_at(line, f"token ids must be integers; got {ids.dtype} input_ids."))
+            raise JnnsightError(at_line(line, f"token ids must be integers; got {ids.dtype} input_ids."))
         ids = ids[None] if ids.ndim == 1 else ids
         mask = np.asarray(value.get("attention_mask", np.ones_like(ids)))
         mask = mask[None] if mask.ndim == 1 else mask
         return [list(map(int, r)) for r in ids], [list(map(int, r)) for r in mask]
     if isinstance(value, (list, tuple)) and value and all(isinstance(v, str) for v in value):
         if tokenizer is None:
-            raise JnnsightError(_at(line, "text was given, and this model has no tokenizer: pass token ids."))
+            raise JnnsightError(at_line(line, "text was given, and this model has no tokenizer: pass token ids."))
         rows = [list(tokenizer(text)["input_ids"]) for text in value]
         return rows, [[1] * len(r) for r in rows]
     ids = value.tolist() if hasattr(value, "tolist") else value
     if isinstance(ids, int) or (isinstance(ids, list) and ids and isinstance(ids[0], int)):
         ids = [ids] if isinstance(ids, list) else [[ids]]
     if not isinstance(ids, list) or not ids or not all(isinstance(r, list) and r for r in ids):
-        raise JnnsightError(_at(line,
+        raise JnnsightError(at_line(line,
             f"an invoke's input must be text, token ids or a tokenizer output; got {type(value).__name__}."
         ))
     bad = next((t for r in ids for t in r if not _is_token_id(t)), None)
     if bad is not None:
-        raise JnnsightError(_at(line,
+        raise JnnsightError(at_line(line,
             f"token ids must be integers; got {bad!r} ({type(bad).__name__})."
         ))
     return ids, [[1] * len(r) for r in ids]
@@ -87,7 +88,7 @@ def _invoke_arrays(value: Any, tokenizer: Any, line: UserLine | None, pad: int) 
     ids = value.get("input_ids") if isinstance(value, dict) else value
     if isinstance(ids, (jax.Array, core.Tracer)):
         if not jnp.issubdtype(ids.dtype, jnp.integer) or ids.ndim not in (1, 2):
-            raise JnnsightError(_at(line,
+            raise JnnsightError(at_line(line,
                 f"token ids must be integers of shape [length] or [rows, length]; got "
                 f"{ids.dtype}{list(ids.shape)}."
             ))
@@ -102,10 +103,6 @@ def _invoke_arrays(value: Any, tokenizer: Any, line: UserLine | None, pad: int) 
         padded[i, width - len(r):] = r
         mask[i, width - len(m):] = m
     return padded, mask
-
-
-def _at(line: UserLine | None, message: str) -> str:
-    return f"{line}\n{message}" if line is not None else message
 
 
 class Tokenizer:
@@ -348,19 +345,25 @@ class LanguageModel(NNsight):
         return GenerateTracer(self, inputs, config, key, progress)
 
     def _check_ids(self, input_ids: Any, attention_mask: Any, line: UserLine | None,
-                   new_tokens: int = 0) -> None:
+                   new_tokens: int = 0, pad_token_id: int | None = None) -> None:
         """Refuse ids outside the vocabulary, and rows longer than learned position embeddings.
 
         An embedding lookup clips out-of-range ids (JAX gathers never fail), so these
-        would give plausible wrong numbers. Only values on this host are checked:
-        under ``jax.jit`` ids are tracers. ``line`` None: the user's current line.
+        would give plausible wrong numbers. Generation also feeds back ``new_tokens - 1``
+        tokens and, in ended rows, ``pad_token_id``. Only values on this host are
+        checked: under ``jax.jit`` ids are tracers. ``line`` None: the user's current line.
         """
-        where = (lambda m: _at(line, m)) if line is not None else at_user_line
+        where = functools.partial(at_line, line) if line is not None else at_user_line
+        config = getattr(self.module, "config", None)
+        vocab = getattr(config, "vocab_size", None)
+        if vocab is not None and pad_token_id is not None and not 0 <= pad_token_id < vocab:
+            raise JnnsightError(where(
+                f"pad_token_id={pad_token_id} is outside this model's vocabulary "
+                f"(0 to {vocab - 1}): ended rows are fed that token."
+            ))
         if isinstance(input_ids, core.Tracer) or (
                 isinstance(input_ids, jax.Array) and not input_ids.is_fully_addressable):
             return
-        config = getattr(self.module, "config", None)
-        vocab = getattr(config, "vocab_size", None)
         ids, real = np.asarray(input_ids), np.asarray(attention_mask) != 0
         if vocab is not None and real.any():
             used = ids[real]
@@ -394,7 +397,7 @@ class LanguageModel(NNsight):
                 continue
             args, kwargs = given
             if len(args) != 1 or set(kwargs) - {"attention_mask"}:
-                raise JnnsightError(_at(line,
+                raise JnnsightError(at_line(line,
                     "a language model's invoke takes one input: text, token ids or a tokenizer "
                     "output (a dict with input_ids and attention_mask), and optionally an "
                     f"attention_mask for the ids; got {len(args)} input(s)"
@@ -406,7 +409,7 @@ class LanguageModel(NNsight):
             total += ids.shape[0]
             parts.append((ids, mask))
         if not parts:
-            raise JnnsightError(_at(lines[0] if lines else None,
+            raise JnnsightError(at_line(lines[0] if lines else None,
                 "the trace has no input: pass a prompt to `lm.trace(...)` or to a `tracer.invoke(...)`."
             ))
         length = max(ids.shape[1] for ids, _ in parts)

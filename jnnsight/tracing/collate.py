@@ -22,7 +22,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from ..errors import JnnsightError, UserLine
+from ..errors import JnnsightError, UserLine, at_line
 from .discover import is_array
 from .program import Rows
 
@@ -40,14 +40,10 @@ def _rows_of(args: tuple, kwargs: dict, line: UserLine | None) -> int:
     for leaf in jax.tree_util.tree_leaves((args, kwargs)):
         if is_array(leaf) and np.ndim(leaf) >= 1:
             return int(np.shape(leaf)[0])
-    raise JnnsightError(_at(line,
+    raise JnnsightError(at_line(line,
         "an invoke's input has no array with a batch axis: jnnsight batches "
         "invokes along axis 0 of their arrays. Give inputs of shape (batch, ...)."
     ))
-
-
-def _at(line: UserLine | None, message: str) -> str:
-    return f"{line}\n{message}" if line is not None else message
 
 
 def _check_like(first: Any, other: Any, line: UserLine | None) -> None:
@@ -55,23 +51,23 @@ def _check_like(first: Any, other: Any, line: UserLine | None) -> None:
     a_leaves, a_def = jax.tree_util.tree_flatten(first)
     b_leaves, b_def = jax.tree_util.tree_flatten(other)
     if a_def != b_def:
-        raise JnnsightError(_at(line,
+        raise JnnsightError(at_line(line,
             f"this invoke's input has structure {b_def}, and the first invoke's {a_def}: "
             "every invoke of a trace must pass the same arguments."
         ))
     for a, b in zip(a_leaves, b_leaves):
         if is_array(a) != is_array(b):
-            raise JnnsightError(_at(line, f"this invoke passes {b!r} where the first passes {a!r}."))
+            raise JnnsightError(at_line(line, f"this invoke passes {b!r} where the first passes {a!r}."))
         if not is_array(a):
             if a != b:
-                raise JnnsightError(_at(line,
+                raise JnnsightError(at_line(line,
                     f"invokes disagree on a non-array argument ({a!r} vs {b!r}): such "
                     "arguments must be equal in every invoke."
                 ))
         elif np.shape(a)[1:] != np.shape(b)[1:] or a.dtype != b.dtype:
             fix = ("pad them to one shape" if np.shape(a)[1:] != np.shape(b)[1:] else
                    f"give them one dtype (`x.astype({jnp.dtype(a.dtype).name!r})`)")
-            raise JnnsightError(_at(line,
+            raise JnnsightError(at_line(line,
                 f"this invoke's input is {b.dtype}{list(np.shape(b))} and the first "
                 f"invoke's {a.dtype}{list(np.shape(a))}: invokes are concatenated "
                 f"along axis 0, so every other axis and the dtype must agree: {fix}."
@@ -88,7 +84,7 @@ def collate(
     lines = lines or [None] * len(inputs)
     given = [(x, line) for x, line in zip(inputs, lines) if x is not None]
     if not given:
-        raise JnnsightError(_at(lines[0],
+        raise JnnsightError(at_line(lines[0],
             "the trace has no input: pass one to `model.trace(x)` or to at least one "
             "`tracer.invoke(x)`."
         ))

@@ -37,7 +37,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.extend.core import ClosedJaxpr, DebugInfo, Jaxpr, Var
 
-from ..errors import JnnsightError, SiteError
+from ..errors import JnnsightError, SiteError, at_line
 from .discover import SiteKey
 from .program import (
     InterventionProgram,
@@ -130,13 +130,13 @@ def split_backward(program: InterventionProgram) -> tuple[InterventionProgram, B
 
     for target, loss in losses.items():
         if not any(e.primitive is site_read_p for e in _closure(forward, [loss])):
-            line = program.target_lines.get(target)
-            raise JnnsightError(
-                (f"{line}\n" if line else "") + f"`backward()` target #{target} depends on no module value (it is a constant, "
-                "or uses only outside arrays or parameters), so every `.grad` of it is zero. Compute the loss from "
-                "`envoy.output` or `.input` values; for gradients with respect to parameters "
-                "use `jax.grad` over `model.bind(params)`."
-            )
+            raise JnnsightError(at_line(
+                program.target_lines.get(target),
+                f"`backward()` target #{target} depends on no module value (it is a constant, "
+                "or uses only outside arrays or parameters), so every `.grad` of it is zero. "
+                "Compute the loss from `envoy.output` or `.input` values; for gradients with "
+                "respect to parameters use `jax.grad` over `model.bind(params)`."
+            ))
     for eqn in backward:
         if eqn.primitive in (site_write_p, site_skip_p):
             raise JnnsightError(
@@ -152,11 +152,11 @@ def split_backward(program: InterventionProgram) -> tuple[InterventionProgram, B
     writes = [e for e in backward if e.primitive is grad_write_p]
     plain = [e for e in backward if e.primitive not in _GRAD]
     if writes and len(losses) > 1:
-        line = next(iter(program.grad_write_lines.values()), None)
-        raise JnnsightError(
-            (f"{line}\n" if line else "") + "a block that edits gradients can have one `backward()` target; this one has "
+        raise JnnsightError(at_line(
+            next(iter(program.grad_write_lines.values()), None),
+            "a block that edits gradients can have one `backward()` target; this one has "
             f"{len(losses)}. Differentiate their sum, or use one trace per target."
-        )
+        ))
     edits = {}
     for write in writes:
         site, leaf, target = (write.params[k] for k in ("site", "leaf", "target"))
@@ -165,12 +165,11 @@ def split_backward(program: InterventionProgram) -> tuple[InterventionProgram, B
         inputs = _free(eqns, write.invars)
         others = [v for v in inputs if v in needs_grad and v is not own]
         if others:
-            line = program.grad_write_lines.get((site, leaf, target))
-            raise JnnsightError(
-                (f"{line}\n" if line else "") + "a gradient edit at a site can use that site's "
-                "own gradient, module values and outside arrays, not the gradient of "
-                "another site."
-            )
+            raise JnnsightError(at_line(
+                program.grad_write_lines.get((site, leaf, target)),
+                "a gradient edit at a site can use that site's own gradient, module values "
+                "and outside arrays, not the gradient of another site."
+            ))
         residuals = tuple(v for v in inputs if v is not own)
         edits[(site, leaf)] = GradientEdit(own, residuals, _jaxpr([own, *residuals], list(write.invars), eqns, f"edit {site}"))
 

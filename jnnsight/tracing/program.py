@@ -43,7 +43,14 @@ from jax.extend.core import (
 )
 
 from ..errors import (
-    JnnsightError, SiteError, UserLine, WriteError, at_user_line, user_line, warn_at_user_line,
+    JnnsightError,
+    SiteError,
+    UserLine,
+    WriteError,
+    at_line,
+    at_user_line,
+    user_line,
+    warn_at_user_line,
 )
 from .discover import Site, SiteKey, SiteTable, is_array
 
@@ -486,11 +493,12 @@ class Builder:
     # the pass ---------------------------------------------------------------------
 
     def _finish(self) -> list[Any]:
-        for _, line in self.unentered_backwards.values():
-            raise JnnsightError(
-                (f"{line}\n" if line else "") + "`loss.backward()` does nothing by itself here: "
-                "write `with loss.backward():` and read or edit `.grad` inside that block."
-            )
+        if self.unentered_backwards:
+            _, line = next(iter(self.unentered_backwards.values()))
+            raise JnnsightError(at_line(
+                line, "`loss.backward()` does nothing by itself here: write `with "
+                "loss.backward():` and read or edit `.grad` inside that block."
+            ))
         for finalize in self.finalizers:
             finalize()
         for key in self.written:
