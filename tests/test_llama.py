@@ -148,6 +148,19 @@ def test_old_and_new_config_formats_agree(tmp_root):
     assert LlamaConfig.from_hf(new).rope_type == "llama3"
 
 
+def test_rope_scaling_added_to_a_new_config_wins_as_in_transformers(tmp_root):
+    """transformers 5 writes ``rope_parameters``; a ``rope_scaling`` added later takes over."""
+    _, new, _, _ = case("llama", tmp_root)
+    both = dict(new, rope_scaling={"rope_type": "linear", "factor": 4.0})
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        theirs = transformers.LlamaForCausalLM(transformers.LlamaConfig.from_dict(both))
+    ours = LlamaConfig.from_hf(both)
+    assert ours.rope_type == "linear"
+    np.testing.assert_allclose(rope_inv_freq(ours), theirs.model.rotary_emb.inv_freq.numpy(),
+                               rtol=1e-6, atol=0)
+
+
 def test_family_switches_from_config_json(tmp_root):
     qwen2 = case("qwen2_window_tied", tmp_root)[2].config
     assert (qwen2.attention_bias, qwen2.attention_out_bias, qwen2.qk_norm) == (True, False, False)

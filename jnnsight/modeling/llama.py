@@ -231,7 +231,9 @@ class LlamaConfig:
         max_positions = int(get("max_position_embeddings", 2048))
 
         # RoPE: transformers 5 writes `rope_parameters`; older files `rope_theta` + `rope_scaling`.
-        rope = dict(get("rope_parameters", {}) or get("rope_scaling", {}))
+        # Where a file has both (an old guide's `rope_scaling` added to a new file),
+        # transformers 5 takes `rope_scaling`, and so does this.
+        rope = dict(get("rope_scaling", {}) or get("rope_parameters", {}))
         if any(isinstance(v, dict) for v in rope.values()):
             raise NotImplementedError("per-layer-type `rope_parameters` are not implemented.")
         strange = sorted(set(rope) - _ROPE_FIELDS)
