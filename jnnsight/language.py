@@ -22,6 +22,7 @@ Example::
 from __future__ import annotations
 
 import functools
+from collections.abc import Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -59,12 +60,19 @@ def _rows_of_input(value: Any, tokenizer: Any, line: UserLine | None) -> tuple[l
         if tokenizer is None:
             raise JnnsightError(at_line(line, "text was given, and this model has no tokenizer: pass token ids."))
         rows = [list(tokenizer(text)["input_ids"]) for text in value]
+        if not all(rows):
+            raise JnnsightError(at_line(line,
+                f"the text {value[[bool(r) for r in rows].index(False)]!r} has no tokens: a "
+                "model needs at least one token to run on."
+            ))
         return rows, [[1] * len(r) for r in rows]
     ids = value.tolist() if hasattr(value, "tolist") else value
     if isinstance(ids, int) or (isinstance(ids, list) and ids and isinstance(ids[0], int)):
         ids = [ids] if isinstance(ids, list) else [[ids]]
     if not isinstance(ids, list) or not ids or not all(isinstance(r, list) and r for r in ids):
+        empty = isinstance(ids, list) and (not ids or any(r == [] for r in ids))
         raise JnnsightError(at_line(line,
+            "an invoke's input has no tokens (an empty list or row)." if empty else
             f"an invoke's input must be text, token ids or a tokenizer output; got {type(value).__name__}."
         ))
     bad = next((t for r in ids for t in r if not _is_token_id(t)), None)
@@ -73,6 +81,13 @@ def _rows_of_input(value: Any, tokenizer: Any, line: UserLine | None) -> tuple[l
             f"token ids must be integers; got {bad!r} ({type(bad).__name__})."
         ))
     return ids, [[1] * len(r) for r in ids]
+
+
+# Options a checkpoint's generation_config.json may set that lm.generate does not take from it.
+_DECODING_OPTIONS = frozenset({
+    "do_sample", "temperature", "top_k", "top_p", "min_p", "typical_p", "repetition_penalty",
+    "no_repeat_ngram_size", "num_beams", "length_penalty",
+})
 
 
 def _is_token_id(value: Any) -> bool:
@@ -178,8 +193,24 @@ class LanguageModel(NNsight):
         rules: Rules = DEFAULT_RULES,
     ):
         mesh = automatic(mesh) if mesh is not None else None
+        if pad_to_multiple_of is not None and (
+                not isinstance(pad_to_multiple_of, int) or pad_to_multiple_of < 1):
+            raise ValueError(at_user_line(
+                f"pad_to_multiple_of must be a positive int (or None for exact lengths), got "
+                f"{pad_to_multiple_of!r}."
+            ))
+        if isinstance(tokenizer, (str, Path)):
+            raise TypeError(at_user_line(
+                f"tokenizer= takes a tokenizer object, got the path {str(tokenizer)!r}: load it "
+                "with `transformers.AutoTokenizer.from_pretrained(path)`."
+            ))
         generation_config: dict[str, Any] = {}
         if name_or_path is not None:
+            if module is not None or variables is not None:
+                raise TypeError(at_user_line(
+                    "LanguageModel takes a checkpoint (name or path) or module= and "
+                    "variables=, not both: the checkpoint would replace them."
+                ))
             from .loading.pretrained import load_pretrained
 
             module, variables, loaded_tokenizer, generation_config = load_pretrained(
@@ -187,6 +218,13 @@ class LanguageModel(NNsight):
             tokenizer = tokenizer if tokenizer is not None else loaded_tokenizer
         elif module is None or variables is None:
             raise TypeError("LanguageModel needs a checkpoint (name or path), or module= and variables=.")
+        elif not (isinstance(variables, Mapping) and "params" in variables):
+            raise TypeError(at_user_line(
+                "variables= holds flax collections, the parameters under 'params': pass "
+                "{'params': params} (what module.init returns), got "
+                f"{type(variables).__name__}"
+                + (f" with keys {sorted(variables)[:4]}." if isinstance(variables, Mapping) else ".")
+            ))
         elif mesh is not None:
             from .modeling import param_axes_of
 
@@ -201,6 +239,7 @@ class LanguageModel(NNsight):
         self.generation_config = generation_config
         # generation's schedules and compiled steps, by program and shapes
         object.__setattr__(self, "_generation_programs", LruCache(256))
+        object.__setattr__(self, "_warned_generation_config", False)
 
     @property
     def generation_config(self) -> dict[str, Any]:
@@ -289,6 +328,16 @@ class LanguageModel(NNsight):
                 "transformers' other generate options (beam search among them) are not "
                 "implemented."
             ))
+        unapplied = {k: v for k, v in self.generation_config.items()
+                     if k in _DECODING_OPTIONS and v is not None}
+        if unapplied and not self._warned_generation_config:
+            object.__setattr__(self, "_warned_generation_config", True)
+            warn_at_user_line(
+                "this checkpoint's generation config sets "
+                + ", ".join(f"{k}={v!r}" for k, v in sorted(unapplied.items()))
+                + ": lm.generate takes only its end and pad tokens (decoding is greedy unless "
+                "asked). Pass the options you want to lm.generate."
+            )
         # Defaults as transformers' generate takes them: from the checkpoint folder's
         # generation config (lm.generation_config), else from the tokenizer (GGUF files).
         def default(name: str) -> Any:
@@ -359,7 +408,9 @@ class LanguageModel(NNsight):
         if vocab is not None and pad_token_id is not None and not 0 <= pad_token_id < vocab:
             raise JnnsightError(where(
                 f"pad_token_id={pad_token_id} is outside this model's vocabulary "
-                f"(0 to {vocab - 1}): ended rows are fed that token."
+                f"(0 to {vocab - 1}): ended rows are fed that token. It is the argument, else "
+                "the generation config's pad or (first) end token; pass pad_token_id= an id "
+                "of this vocabulary (and eos_token_id=None if the end token is not one either)."
             ))
         if isinstance(input_ids, core.Tracer) or (
                 isinstance(input_ids, jax.Array) and not input_ids.is_fully_addressable):

@@ -298,3 +298,11 @@ def test_ids_with_an_attention_mask_argument_are_the_tokenizer_dict(tiny_gpt2):
     with pytest.raises(AttributeError, match="`tracer.result` belongs to generation"):
         with tiny_gpt2.trace(ids) as tracer:
             tracer.result.save()
+
+
+def test_empty_text_is_refused(smollm2):
+    assert smollm2.tokenizer("")["input_ids"] == []  # SmolLM2 adds no BOS: nothing to run on
+    for empty in ("", ["Paris is", ""]):
+        with pytest.raises(JnnsightError, match="the text '' has no tokens"):
+            with smollm2.trace(empty):
+                smollm2.lm_head.output.save()

@@ -184,11 +184,17 @@ def test_load_checkpoint_folder(tmp_path, tiny_llama):
 
 
 def test_safetensors_clear_errors(tmp_path):
+    from jnnsight.loading.checkpoint import CheckpointError
+
     (tmp_path / "config.json").write_text("{}")
     with pytest.raises(CheckpointNotFoundError, match="No safetensors weights"):
         load_safetensors(tmp_path)
     with pytest.raises(CheckpointNotFoundError, match="No config.json"):
         load_config(tmp_path / "elsewhere")
+    for bad in ("{hidden_size: 2", "[1, 2]"):  # the file is named, as for generation_config.json
+        (tmp_path / "config.json").write_text(bad)
+        with pytest.raises(CheckpointError, match="config.json"):
+            load_config(tmp_path)
     with pytest.raises(JnnsightError, match="floating-point"):
         load_safetensors(tmp_path, dtype=np.int32)
 
@@ -505,6 +511,60 @@ def test_generation_config_is_read_as_transformers_reads_it(tmp_path):
         (tmp_path / "generation_config.json").write_text(bad)
         with pytest.raises(CheckpointError, match="generation_config.json"):
             load_generation_config(tmp_path)
+
+
+def test_an_untied_family_without_its_head_is_refused_not_tied(tmp_path, tiny_llama):
+    """No ``lm_head.weight`` and no ``tie_word_embeddings`` key: transformers' Llama does
+    not tie by default (it would draw a random head), so the file lacks a tensor."""
+    import json
+
+    from jnnsight import LanguageModel
+    from jnnsight.loading.checkpoint import CheckpointError
+    from safetensors.numpy import load_file, save_file
+
+    tiny_llama.save_pretrained(tmp_path)
+    config = json.loads((tmp_path / "config.json").read_text())
+    del config["tie_word_embeddings"]
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    tensors = load_file(tmp_path / "model.safetensors")
+    del tensors["lm_head.weight"]
+    save_file(tensors, tmp_path / "model.safetensors")
+    with pytest.raises(CheckpointError, match="lm_head.weight"):
+        LanguageModel(tmp_path)
+
+
+def test_language_model_arguments_are_checked(tmp_path, tiny_llama):
+    """Bad inputs tried: pad_to_multiple_of 0 / -4 / 2.5, a tokenizer path, a checkpoint
+    with module= and variables=, variables without their 'params' collection, empty ids,
+    a generation config's sampling options (applied nowhere: a warning)."""
+    import json
+    import warnings
+
+    from jnnsight import LanguageModel
+
+    tiny_llama.save_pretrained(tmp_path)
+    lm = LanguageModel(tmp_path, tokenizer=None)
+    for bad in (0, -4, 2.5):
+        with pytest.raises(ValueError, match="pad_to_multiple_of must be a positive int"):
+            LanguageModel(module=lm.module, variables=lm.variables, pad_to_multiple_of=bad)
+    with pytest.raises(TypeError, match="tokenizer= takes a tokenizer object"):
+        LanguageModel(module=lm.module, variables=lm.variables, tokenizer=str(tmp_path))
+    with pytest.raises(TypeError, match="not both"):
+        LanguageModel(tmp_path, module=lm.module, variables=lm.variables)
+    with pytest.raises(TypeError, match=r"pass \{'params': params\}"):
+        LanguageModel(module=lm.module, variables=lm.variables["params"])
+    for empty in ([[]], []):
+        with pytest.raises(JnnsightError, match="has no tokens"):
+            with lm.trace(empty):
+                lm.lm_head.output.save()
+    (tmp_path / "generation_config.json").write_text(
+        json.dumps({"eos_token_id": 2, "do_sample": True, "temperature": 0.6}))
+    sampled = LanguageModel(tmp_path)
+    with pytest.warns(UserWarning, match="sets do_sample=True, temperature=0.6: lm.generate takes only"):
+        sampled.generate([[1, 2, 3]], max_new_tokens=2)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        sampled.generate([[1, 2, 3]], max_new_tokens=2)  # once per model
 
 
 def test_tokenizer_missing_is_a_clear_error(tmp_path):

@@ -287,8 +287,13 @@ def load_config(path: str | os.PathLike) -> dict[str, Any]:
             f"No config.json in {where} (files there: {_names(where.iterdir()) if where.is_dir() else 'none'}). "
             "A checkpoint folder needs the config.json that `save_pretrained` writes."
         )
-    with open(file, encoding="utf-8") as f:
-        return json.load(f)
+    try:
+        config = json.loads(file.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as err:
+        raise CheckpointError(f"{file} is not valid JSON: {err}.") from err
+    if not isinstance(config, dict):
+        raise CheckpointError(f"{file} holds a {type(config).__name__}, not a JSON object.")
+    return config
 
 
 # --------------------------------------------------------------------------- safetensors

@@ -30,6 +30,8 @@ FAMILIES: dict[str, tuple[str, str, str]] = {
 
 # The input embedding's checkpoint key per family file: a tied lm_head.weight is this array.
 EMBEDDINGS: dict[str, str] = {"gpt2": "transformer.wte.weight", "llama": "model.embed_tokens.weight"}
+# transformers' default where config.json has no tie_word_embeddings
+TIED_BY_DEFAULT: dict[str, bool] = {"gpt2": True, "llama": False}
 
 
 def family(model_type: str) -> tuple[Any, type[nn.Module], Callable[..., Any]]:
@@ -62,7 +64,7 @@ def tie_embeddings(tensors: dict[str, Any], config: dict[str, Any]) -> dict[str,
 
     The same array object stands at both keys: no copy in memory.
     """
-    if "lm_head.weight" in tensors or not config.get("tie_word_embeddings", True):
+    family = FAMILIES[config.get("model_type", "")][0]
+    if "lm_head.weight" in tensors or not config.get("tie_word_embeddings", TIED_BY_DEFAULT[family]):
         return tensors
-    embedding = EMBEDDINGS[FAMILIES[config.get("model_type", "")][0]]
-    return {**tensors, "lm_head.weight": tensors[embedding]}
+    return {**tensors, "lm_head.weight": tensors[EMBEDDINGS[family]]}
