@@ -19,7 +19,11 @@ Example::
 
 from __future__ import annotations
 
+import atexit
+import json
+import os
 import re
+import weakref
 from pathlib import Path
 from typing import Any
 
@@ -30,6 +34,13 @@ from .errors import JnnsightError, at_user_line
 
 _NAME = re.compile(r"^[A-Za-z0-9_.-]+$")
 _CHUNK_BYTES = 8 << 20  # rows per zarr chunk: about 8 MiB of them
+_COMMITTED = ".rows.json"  # rows per name on disk as of the last flush (no array's name)
+
+
+def _flush_at_exit(store: "weakref.ref[ActivationStore]") -> None:
+    alive = store()
+    if alive is not None:
+        alive.flush()
 
 
 def _tensorstore() -> Any:
@@ -69,7 +80,27 @@ class StoredArray:
         return self.shape[0]
 
     def __getitem__(self, index: Any) -> np.ndarray:
-        return np.asarray(self._array[index].read().result())
+        """Rows as numpy indexing gives them: negative indices, slices past the end, steps."""
+        first, rest = (index[0], index[1:]) if isinstance(index, tuple) and index else (index, ())
+        if first is Ellipsis:
+            return np.asarray(self._array[index].read().result())
+        n = len(self)
+        if isinstance(first, (int, np.integer)) and not isinstance(first, bool):
+            if not -n <= first < n:
+                raise IndexError(f"row {first} is out of range: {self._name!r} has {n} rows.")
+            return self._read(slice(int(first) % n, int(first) % n + 1), rest)[0]
+        if isinstance(first, slice):
+            start, stop, step = first.indices(n)
+            rows = range(start, stop, step)
+            if not rows:
+                return np.zeros((0, *self.shape[1:]), self.dtype)[(slice(None), *rest)]
+            if step > 0:
+                return self._read(slice(rows[0], rows[-1] + 1), rest)[::step]
+            return self._read(slice(rows[-1], rows[0] + 1), rest)[::-1][::-step]
+        return np.asarray(self._array[index].read().result())  # index arrays, as tensorstore takes them
+
+    def _read(self, rows: slice, rest: tuple) -> np.ndarray:
+        return np.asarray(self._array[(rows, *rest)].read().result())
 
     def __array__(self, dtype: Any = None, copy: Any = None) -> np.ndarray:
         whole = self[...]
@@ -102,8 +133,20 @@ class ActivationStore:
         self._arrays: dict[str, Any] = {}
         self._pending: list[Any] = []
         ts = _tensorstore()
+        committed = self._committed()
         for folder in sorted(p for p in self.path.iterdir() if (p / "zarr.json").exists()):
-            self._arrays[folder.name] = ts.open(self._spec(folder.name)).result()
+            array = ts.open(self._spec(folder.name)).result()
+            rows = committed.get(folder.name, 0) if committed is not None else int(array.shape[0])
+            if rows < array.shape[0]:  # appended, then the process died before the rows were on disk
+                array = array.resize(exclusive_max=[rows, *array.shape[1:]],
+                                     resize_metadata_only=True).result()
+            self._arrays[folder.name] = array
+        atexit.register(_flush_at_exit, weakref.ref(self))
+
+    def _committed(self) -> dict[str, int] | None:
+        """Rows per name known to be on disk (None for a store written before this record)."""
+        file = self.path / _COMMITTED
+        return json.loads(file.read_text()) if file.exists() else None
 
     def _spec(self, name: str) -> dict:
         return {"driver": "zarr3", "kvstore": {"driver": "file", "path": str(self.path / name)}}
@@ -128,6 +171,13 @@ class ActivationStore:
         """
         batch = {**(values or {}), **named}
         rows = {name: self._host(name, value) for name, value in batch.items()}
+        counts = {name: value.shape[0] for name, value in rows.items()}
+        if len(set(counts.values())) > 1:
+            raise JnnsightError(at_user_line(
+                f"one append's values are rows of the same examples, so they need the same "
+                f"number of rows (axis 0); these have {counts}. Append them separately if "
+                "they are not aligned."
+            ))
         for name, value in rows.items():  # every name checked before anything is written
             if name in self._arrays:
                 self._check(name, self._arrays[name], value)
@@ -144,10 +194,23 @@ class ActivationStore:
             self._pending.append(write.commit)
 
     def flush(self) -> None:
-        """Wait until every appended row is on disk."""
+        """Wait until every appended row is on disk, and record the row counts.
+
+        A store reopened after a process died keeps the rows of its last flush (also
+        run when the store is dropped and when the interpreter exits normally), not rows
+        whose writes never ended.
+        """
         pending, self._pending = self._pending, []
         for commit in pending:
             commit.result()
+        counts = {name: int(array.shape[0]) for name, array in self._arrays.items()}
+        temporary = self.path / f"{_COMMITTED}.tmp"
+        temporary.write_text(json.dumps(counts))
+        os.replace(temporary, self.path / _COMMITTED)
+
+    def __del__(self) -> None:
+        if getattr(self, "_pending", None):  # dropped without flush (a temporary, a local)
+            self.flush()
 
     def __enter__(self) -> "ActivationStore":
         return self
@@ -162,9 +225,10 @@ class ActivationStore:
     # -- checks ---------------------------------------------------------------------------
 
     def _host(self, name: str, value: Any) -> np.ndarray:
-        if not _NAME.match(name):
+        if not _NAME.match(name) or name.startswith("."):
             raise JnnsightError(at_user_line(
-                f"{name!r} cannot name a stored array: use letters, digits, '_', '.' or '-'."
+                f"{name!r} cannot name a stored array: use letters, digits, '_', '.' or '-', "
+                "not starting with '.'."
             ))
         if isinstance(value, jax.core.Tracer):
             raise JnnsightError(at_user_line(
@@ -210,7 +274,7 @@ class ActivationStore:
         if value.dtype != dtype:
             raise JnnsightError(at_user_line(
                 f"{name!r} holds {dtype}; this batch is {value.dtype}. Cast it "
-                f"(`.astype(jnp.{dtype})`) or append under another name."
+                f"(`np.asarray(value).astype(np.{dtype})`) or append under another name."
             ))
 
 

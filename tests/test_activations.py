@@ -3,6 +3,10 @@ values kept in memory, from the same object and from a new one opened on the fol
 
 from __future__ import annotations
 
+import subprocess
+import sys
+import textwrap
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -55,8 +59,11 @@ def test_bad_appends_get_clear_errors(tmp_path):
         store.append(h=np.zeros((2, 4), np.float64))
     with pytest.raises(JnnsightError, match="scalar"):
         store.append(loss=np.float32(1.0))
-    with pytest.raises(JnnsightError, match="cannot name"):
-        store.append({"layers/10": np.zeros((2, 4))})
+    for name in ("layers/10", ".", "..", ".rows"):
+        with pytest.raises(JnnsightError, match="cannot name"):
+            store.append({name: np.zeros((2, 4))})
+    with pytest.raises(JnnsightError, match="need the same number of rows"):
+        store.append(h=np.zeros((4, 4), np.float32), labels=np.arange(3))
     with pytest.raises(JnnsightError, match="not an array"):
         store.append(h="text")
     with pytest.raises(JnnsightError, match="inside a JAX transformation"):
@@ -70,3 +77,47 @@ def test_bad_appends_get_clear_errors(tmp_path):
     view = store["labels"]
     store.append(labels=np.array([1, 1]))
     assert view.shape == (4,)  # a view taken earlier sees later rows
+
+
+def test_reads_index_rows_as_numpy_does(tmp_path):
+    store = ActivationStore(tmp_path / "index")
+    rows = np.arange(5 * 3, dtype=np.float32).reshape(5, 3)
+    store.append(x=rows)
+    stored = store["x"]
+    for index in (slice(None, 10_000), slice(-3, None), slice(None, -1), slice(None, None, 2),
+                  slice(None, None, -2), slice(4, 1, -1), slice(7, 9), -1, 0, 4, (slice(1, 3), 2),
+                  (-2, slice(0, 2)), Ellipsis):
+        np.testing.assert_array_equal(stored[index], rows[index], err_msg=str(index))
+    for index in (5, -6):
+        with pytest.raises(IndexError, match="has 5 rows"):
+            stored[index]
+
+
+def _run(code: str) -> None:
+    done = subprocess.run([sys.executable, "-c", textwrap.dedent(code)], capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr[-2000:]
+
+
+def test_a_store_reopened_after_its_process_died_keeps_only_rows_known_to_be_on_disk(tmp_path):
+    """Appended rows whose writes may not have ended read back as zeros once: they are dropped."""
+    folder = tmp_path / "killed"
+    _run(f"""
+        import os, numpy as np
+        from jnnsight import ActivationStore
+        store = ActivationStore({str(folder)!r})
+        store.append(x=np.ones((4, 3), np.float32))
+        store.flush()
+        store.append(x=np.full((5, 3), 2, np.float32), y=np.ones((5, 1)))
+        os._exit(0)                     # as a kill: no flush, no exit handlers
+    """)
+    store = ActivationStore(folder)
+    assert store.names == ["x", "y"] and len(store["x"]) == 4 and len(store["y"]) == 0
+    np.testing.assert_array_equal(store["x"][:], np.ones((4, 3), np.float32))
+    store.append(x=np.full((2, 3), 3, np.float32))  # a resumed run appends after them
+    np.testing.assert_array_equal(store["x"][4:], np.full((2, 3), 3, np.float32))
+    _run(f"""
+        import numpy as np
+        from jnnsight import ActivationStore
+        ActivationStore({str(folder)!r}).append(x=np.full((1, 3), 4, np.float32))
+    """)                                # a normal exit flushes
+    assert len(ActivationStore(folder)["x"]) == 4 + 2 + 1
