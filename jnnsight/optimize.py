@@ -83,8 +83,9 @@ def restore_checkpoint(path: str | Path, like: Any = None) -> Any:
     """A pytree saved by :func:`save_checkpoint`.
 
     With ``like`` (a pytree of the same structure: arrays, or
-    ``jax.ShapeDtypeStruct``s), the result has its structure and types (an
-    intervention, an optax state); without, nested dicts of arrays.
+    ``jax.ShapeDtypeStruct``s), the result has its structure, types and
+    shardings (an intervention, an optax state; arrays placed as ``like``'s are,
+    whatever the devices of the run that saved them); without, nested dicts of arrays.
 
     Example::
 
@@ -94,8 +95,14 @@ def restore_checkpoint(path: str | Path, like: Any = None) -> Any:
     if not path.exists():
         raise FileNotFoundError(f"no checkpoint at {path}.")
     target = None if like is None else jax.tree_util.tree_map(
-        lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), like)
+        lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=_sharding_of(x)), like)
     return _checkpointer().restore(path, target)
+
+
+def _sharding_of(x: Any) -> Any:
+    """Where ``like``'s leaf lives: its sharding, else the default device."""
+    sharding = getattr(x, "sharding", None)
+    return sharding if sharding is not None else jax.sharding.SingleDeviceSharding(jax.devices()[0])
 
 
 __all__ = ["train_step", "save_checkpoint", "restore_checkpoint"]

@@ -3,6 +3,10 @@ forward hook on the same weights; optax train steps; orbax checkpoints."""
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -299,5 +303,20 @@ def test_orbax_checkpoints_restore_interventions_and_optimizer_state(tmp_path):
         jnnsight.restore_checkpoint(tmp_path / "activations")["layer_1"], activations["layer_1"])
     with pytest.raises(FileExistsError, match="exists"):
         jnnsight.save_checkpoint(path, saved)
+    # saved on 8 devices, restored here on one: `like` says where the arrays go
+    code = f"""
+import jax, jax.numpy as jnp, jnnsight
+from jax.sharding import NamedSharding, PartitionSpec as P
+mesh = jax.make_mesh((8,), ("model",))
+vector = jax.device_put(jnp.arange(64.0), NamedSharding(mesh, P("model")))
+jnnsight.save_checkpoint({str(tmp_path / "sharded")!r}, {{"steer": jnnsight.SteeringVector(vector)}})
+"""
+    env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=8", "JAX_PLATFORMS": "cpu"}
+    done = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr[-2000:]
+    like = {"steer": SteeringVector.zeros(64)}
+    restored = jnnsight.restore_checkpoint(tmp_path / "sharded", like=like)
+    np.testing.assert_array_equal(restored["steer"].vector, np.arange(64.0))
+    assert restored["steer"].vector.sharding == like["steer"].vector.sharding
     with pytest.raises(FileNotFoundError, match="no checkpoint"):
         jnnsight.restore_checkpoint(tmp_path / "missing")
