@@ -83,6 +83,30 @@ def _rows_of_input(value: Any, tokenizer: Any, line: UserLine | None) -> tuple[l
     return ids, [[1] * len(r) for r in ids]
 
 
+def _checked_mesh(mesh: Any, rules: Any) -> Mesh:
+    """``mesh`` and ``rules`` as ``LanguageModel`` takes them, or a clear error."""
+    if not isinstance(mesh, Mesh):
+        raise TypeError(at_user_line(
+            f"mesh= takes a jax.sharding.Mesh, got {mesh!r}: make one with "
+            "`jax.make_mesh((2, 4), ('data', 'model'))`."
+        ))
+    if isinstance(rules, (str, bytes)) or not all(
+            isinstance(rule, (tuple, list)) and len(rule) == 2 and isinstance(rule[0], str)
+            for rule in rules):
+        raise TypeError(at_user_line(
+            "rules= takes (logical axis, mesh axis or axes or None) pairs, such as "
+            f"jnnsight.sharding.DEFAULT_RULES; got {rules!r}."
+        ))
+    used = {a for _, axes in rules for a in ((axes,) if isinstance(axes, str) else axes or ())}
+    if not used & set(mesh.axis_names):
+        warn_at_user_line(
+            f"no sharding rule names an axis of this mesh {tuple(mesh.axis_names)} (the rules "
+            f"use {sorted(used)}): every parameter is replicated on every device. Name the "
+            "mesh's axes 'data' and 'model', or pass rules= for yours."
+        )
+    return mesh
+
+
 # Options a checkpoint's generation_config.json may set that lm.generate does not take from it.
 _DECODING_OPTIONS = frozenset({
     "do_sample", "temperature", "top_k", "top_p", "min_p", "typical_p", "repetition_penalty",
@@ -192,7 +216,8 @@ class LanguageModel(NNsight):
         mesh: Mesh | None = None,
         rules: Rules = DEFAULT_RULES,
     ):
-        mesh = automatic(mesh) if mesh is not None else None
+        if mesh is not None:
+            mesh = automatic(_checked_mesh(mesh, rules))
         if pad_to_multiple_of is not None and (
                 not isinstance(pad_to_multiple_of, int) or pad_to_multiple_of < 1):
             raise ValueError(at_user_line(

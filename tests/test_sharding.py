@@ -68,3 +68,22 @@ def test_meshes_of_8_devices_give_the_numbers_of_one_device():
     assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-4000:]
     assert done.stdout.count(": ok;") == 3 and "tied embeddings: ok" in done.stdout
     assert "all meshes ok" in done.stdout
+
+
+def test_bad_mesh_and_rules_arguments_are_clear():
+    """Bad inputs tried: a tuple for mesh=, rules that are not pairs, a mesh whose axes no
+    rule names (every parameter would be replicated: a warning)."""
+    import jax
+
+    from jnnsight import LanguageModel
+
+    folder = Path(__file__).resolve().parents[1] / "models" / "tiny-llama"
+    with pytest.raises(TypeError, match=r"mesh= takes a jax.sharding.Mesh, got \(2, 4\)"):
+        LanguageModel(folder, mesh=(2, 4))
+    one = jax.make_mesh((1,), ("model",))
+    for rules in (["mlp"], "mlp", [("mlp",)]):
+        with pytest.raises(TypeError, match="rules= takes"):
+            LanguageModel(folder, mesh=one, rules=rules)
+    with pytest.warns(UserWarning, match=r"no sharding rule names an axis of this mesh \('tp',\)") as caught:
+        LanguageModel(folder, mesh=jax.make_mesh((1,), ("tp",)))
+    assert caught[0].filename == __file__
