@@ -28,6 +28,7 @@ Values after the block
     ``jax.tree_util.tree_map``                                          -> UnsavedValueError
   * ``.save()`` on a concrete array inside a block                      -> AttributeError
   * ``.save()`` outside a block on a tracer of the user's ``jax.jit``   -> JnnsightError
+  * ``.save(gather=True)`` in a block inside ``jax.jit``                 -> JnnsightError
 Capture
   * a block compiled from a string with ``exec``                        -> CaptureError
   * body on the line of the ``with``                                    -> CaptureError
@@ -459,6 +460,21 @@ def test_save_outside_block_in_user_jit():
         f(jnp.ones(3))
     assert "model.trace" in advice(info.value)
     names_line(info.value, "jit_save")
+
+
+def test_gather_in_a_block_inside_jax_jit(small):
+    model, tokens = small
+
+    @jax.jit
+    def f(tokens):
+        with model.trace(tokens):
+            out = model.output.save(gather=True)  # L:jit_gather
+        return out
+
+    with pytest.raises(JnnsightError) as info:
+        f(tokens)
+    assert "return it, and gather the result outside" in advice(info.value)
+    names_line(info.value, "jit_gather")
 
 
 # -- 6. capture --------------------------------------------------------------------------

@@ -35,6 +35,7 @@ from ..errors import (
     CaptureError,
     JnnsightError,
     UserLine,
+    at_line,
     at_user_line,
     close_names,
     is_library_frame,
@@ -270,6 +271,13 @@ class Tracer:
             if builder.saved.get(id(value)) is value:
                 found.add(id(value))
                 if id(value) in builder.gathered:
+                    if isinstance(values[id(value)], core.Tracer):
+                        raise JnnsightError(at_line(
+                            builder.save_lines.get(id(value)),
+                            "`.save(gather=True)` brings a value to the host, which a block "
+                            "inside `jax.jit`/`vmap`/`grad` cannot do: save it without gather, "
+                            "return it, and gather the result outside."
+                        ))
                     return gather(values[id(value)])
                 return values[id(value)]
             return Unsaved(name, line) if builder.is_ours(value) else value
