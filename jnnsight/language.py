@@ -391,9 +391,6 @@ class LanguageModel(NNsight):
         min_new_tokens = 0 if min_new_tokens is None else min_new_tokens
         if isinstance(min_new_tokens, np.integer):
             min_new_tokens = int(min_new_tokens)
-        if min_new_tokens and eos_token_id is None:
-            warn_at_user_line(f"min_new_tokens={min_new_tokens} has no effect: there is no "
-                              "eos_token_id to hold back.")
         if isinstance(max_new_tokens, np.integer):
             max_new_tokens = int(max_new_tokens)
         ignored = [f"{name}={value!r}" for name, value, default in (
@@ -408,6 +405,9 @@ class LanguageModel(NNsight):
                                       min_new_tokens)
         except ValueError as err:
             raise ValueError(at_user_line(str(err))) from None
+        if min_new_tokens and eos_token_id is None:
+            warn_at_user_line(f"min_new_tokens={min_new_tokens} has no effect: there is no "
+                              "eos_token_id to hold back.")
         if key is None:
             key = jax.random.key(0 if seed is None else seed)
         elif not (isinstance(key, jax.Array) and (jax.dtypes.issubdtype(key.dtype, jax.dtypes.prng_key)

@@ -271,13 +271,14 @@ def test_ids_outside_the_vocabulary_or_the_positions_are_refused(tiny_gpt2):
 
     # the limits themselves are fine; padding beyond them is not counted
     with tiny_gpt2.trace([list(range(3, 35))]):
-        tiny_gpt2.lm_head.output.save()
+        at_limit = tiny_gpt2.lm_head.output.save()
     with tiny_gpt2.generate([list(range(3, 31))], max_new_tokens=5, eos_token_id=None) as tracer:
         tokens = tracer.result.save()
     assert tokens.shape == (1, 33)
     with tiny_gpt2.trace({"input_ids": np.array([[0] * 8 + list(range(3, 35))]),
                           "attention_mask": np.array([[0] * 8 + [1] * 32])}):
-        tiny_gpt2.lm_head.output.save()
+        padded = tiny_gpt2.lm_head.output.save()
+    np.testing.assert_allclose(padded[:, 8:], at_limit, atol=1e-5)
 
 
 def test_ids_with_an_attention_mask_argument_are_the_tokenizer_dict(tiny_gpt2):
