@@ -489,7 +489,7 @@ def generate(lm: "LanguageModel", batch: Batch, bodies: Callable[[], None],
         plan = schedule(program)
         cut = programs.put(plan_key, (plan, *split(plan, table)))
     plan, plans, final = cut
-    consts = list(program.jaxpr.consts)
+    consts = lm._outside(list(program.jaxpr.consts))
     shapes = tuple(v.aval for v in plan.consts)
 
     traced = any(isinstance(leaf, jax.core.Tracer)

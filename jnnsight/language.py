@@ -31,7 +31,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from jax import core
-from jax.sharding import Mesh
+from jax.sharding import Mesh, NamedSharding
 
 from .errors import JnnsightError, UserLine, at_line, at_user_line, warn_at_user_line
 from .nnsight import NNsight
@@ -81,6 +81,18 @@ def _rows_of_input(value: Any, tokenizer: Any, line: UserLine | None) -> tuple[l
             f"token ids must be integers; got {bad!r} ({type(bad).__name__})."
         ))
     return ids, [[1] * len(r) for r in ids]
+
+
+def _onto(value: Any, mesh: Mesh) -> Any:
+    """``value`` on ``mesh`` where it lies on the same devices under the same axis names."""
+    sharding = getattr(value, "sharding", None)
+    if isinstance(value, core.Tracer) or not isinstance(sharding, NamedSharding):
+        return value
+    other = sharding.mesh
+    if other == mesh or other.axis_names != mesh.axis_names or other.devices.shape != mesh.devices.shape \
+            or not (other.devices == mesh.devices).all():
+        return value
+    return jax.device_put(value, NamedSharding(mesh, sharding.spec))
 
 
 def _checked_mesh(mesh: Any, rules: Any) -> Mesh:
@@ -417,6 +429,12 @@ class LanguageModel(NNsight):
                 "or pass seed=3."
             ))
         return GenerateTracer(self, inputs, config, key, progress)
+
+    def _outside(self, consts: list[Any]) -> list[Any]:
+        """Arrays the block closed over; those the user placed on the mesh they passed,
+        which has explicit axes where ``jax.make_mesh`` made it, moved onto ``lm.mesh``
+        (its ``AxisType.Auto`` copy): JAX runs one program on one mesh."""
+        return consts if self.mesh is None else [_onto(value, self.mesh) for value in consts]
 
     def _check_ids(self, input_ids: Any, attention_mask: Any, line: UserLine | None,
                    new_tokens: int = 0, pad_token_id: int | None = None) -> None:

@@ -321,9 +321,13 @@ class NNsight(Envoy):
             return None, dict(zip(saved, outs)), builder
         output, saves = self._executor(
             self.module, plan, program_key, variables,
-            batch.args, batch.kwargs, list(program.jaxpr.consts), backward,
+            batch.args, batch.kwargs, self._outside(list(program.jaxpr.consts)), backward,
         )
         return output, dict(zip(saved, saves)), builder
+
+    def _outside(self, consts: list[Any]) -> list[Any]:
+        """The arrays a block closed over, as the compiled program takes them."""
+        return consts
 
     def _apply_submodule(self, path: tuple[str, ...], args: tuple, kwargs: dict) -> Any:
         info = None

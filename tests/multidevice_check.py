@@ -16,6 +16,7 @@ from pathlib import Path
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
 from safetensors.numpy import save_file
 
 from jnnsight import LanguageModel
@@ -62,10 +63,16 @@ def check_tied_embeddings() -> None:
     print("tied embeddings: ok")
 
 
-def run(lm: LanguageModel) -> dict:
-    """Logits, a save, an edit's effect, generated tokens and gradients of one model."""
+def run(lm: LanguageModel, mesh: Mesh | None = None) -> dict:
+    """Logits, a save, an edit's effect, generated tokens and gradients of one model.
+
+    With ``mesh`` (the one given to ``LanguageModel``: explicit axes, as
+    ``jax.make_mesh`` makes it), the steering vector is placed on it, as a user would.
+    """
     ids = np.random.default_rng(0).integers(0, 128, (8, 6))
     steer = jnp.linspace(-1.0, 1.0, 64)
+    if mesh is not None:
+        steer = jax.device_put(steer, NamedSharding(mesh, PartitionSpec("model")))
     with lm.trace(ids):
         hidden = lm.model.layers[0].output[0].save()
         gathered = lm.model.layers[0].output[0][:, -1].save(gather=True)
@@ -86,7 +93,7 @@ def run(lm: LanguageModel) -> dict:
             out = lm.lm_head.output.save()
         return -jax.nn.log_softmax(out[:, -1])[:, 3].sum()
 
-    steer_grad = jax.jit(jax.grad(loss_fn))(steer, lm.variables)
+    steer_grad = jax.jit(jax.grad(loss_fn))(jnp.linspace(-1.0, 1.0, 64), lm.variables)
     assert isinstance(gathered, np.ndarray)  # gathered to the host on request
     return {"hidden": hidden, "gathered": gathered, "logits": logits, "grad": grad, "tokens": tokens,
             "steer_grad": steer_grad}
@@ -115,7 +122,7 @@ def main() -> None:
         model_size = mesh.shape["model"]
         assert local <= total / model_size * 1.1, (local, total, model_size)
         # The same numbers as one device.
-        ours = run(lm)
+        ours = run(lm, mesh)
         for name, value in reference.items():
             if name == "tokens":
                 np.testing.assert_array_equal(np.asarray(ours[name]), np.asarray(value))
