@@ -31,6 +31,7 @@ import jax
 import numpy as np
 
 from .errors import JnnsightError, at_user_line
+from .tracing.discover import is_int
 
 _NAME = re.compile(r"^[A-Za-z0-9_.-]+$")
 _CHUNK_BYTES = 8 << 20  # rows per zarr chunk: about 8 MiB of them
@@ -85,7 +86,7 @@ class StoredArray:
         if first is Ellipsis:
             return np.asarray(self._array[index].read().result())
         n = len(self)
-        if isinstance(first, (int, np.integer)) and not isinstance(first, bool):
+        if is_int(first):
             if not -n <= first < n:
                 raise IndexError(f"row {first} is out of range: {self._name!r} has {n} rows.")
             return self._read(slice(int(first) % n, int(first) % n + 1), rest)[0]

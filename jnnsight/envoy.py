@@ -20,11 +20,9 @@ from __future__ import annotations
 import re
 from typing import TYPE_CHECKING, Any, Iterator
 
-import numpy as np
-
 from .errors import SiteError, at_user_line, close_names
 from .tracing import program as _program
-from .tracing.discover import site_name
+from .tracing.discover import is_int, site_name
 
 if TYPE_CHECKING:
     from .nnsight import NNsight
@@ -175,7 +173,7 @@ class Envoy:
             ...     second = model.shared.next().output.save()
         """
         builder = _builder(self, "next()")
-        if not isinstance(steps, (int, np.integer)) or isinstance(steps, bool) or steps < 0:
+        if not is_int(steps) or steps < 0:
             raise ValueError(at_user_line(
                 f".next(steps) moves forward by a number of calls >= 0, got {steps!r}; an "
                 "envoy cannot go back (use another envoy, or read the value earlier)."

@@ -40,7 +40,7 @@ from .errors import CaptureError, JnnsightError, SiteError, UserLine, at_user_li
 from .tracing import program as _program
 from .tracing.capture import Capture
 from .tracing.collate import Batch
-from .tracing.discover import Site, abstract_leaves
+from .tracing.discover import Site, abstract_leaves, is_int
 from .tracing.execute import run_stage, woven_apply
 from .tracing.gradients import split_backward
 from .tracing.program import Builder
@@ -108,7 +108,7 @@ class GenerationConfig:
 
 
 def _is_id(value: Any) -> bool:
-    return isinstance(value, (int, np.integer)) and not isinstance(value, bool) and value >= 0
+    return is_int(value) and value >= 0
 
 
 def processed_logits(logits: jax.Array, tokens: jax.Array, start: jax.Array, length: jax.Array,
@@ -210,24 +210,20 @@ class _Steps:
                 )
             return _at_steps(chosen)
         if isinstance(selection, (jax.Array, jax.core.Tracer)) or not (
-                _is_step(selection) or isinstance(selection, (list, tuple, range))):
+                is_int(selection) or isinstance(selection, (list, tuple, range))):
             raise TypeError(at_user_line(
                 f"tracer.iter takes a step number, a slice or a list of step numbers (Python "
                 f"ints), got {type(selection).__name__}: steps are chosen when the block is "
                 "read, before anything runs."
             ))
-        chosen = [selection] if _is_step(selection) else list(selection)
-        bad = [s for s in chosen if not _is_step(s) or not -steps <= s < steps]
+        chosen = [selection] if is_int(selection) else list(selection)
+        bad = [s for s in chosen if not is_int(s) or not -steps <= s < steps]
         if bad:
             raise IndexError(at_user_line(
                 f"step {bad[0]!r} does not exist: this generation has {steps} step(s), "
                 f"0 to {steps - 1} (step 0 is the prompt). Raise max_new_tokens."
             ))
         return _at_steps([int(s) % steps for s in chosen])
-
-
-def _is_step(value: Any) -> bool:
-    return isinstance(value, (int, np.integer)) and not isinstance(value, bool)
 
 
 def _at_steps(chosen: list[int]) -> Iterator[int]:
@@ -447,7 +443,7 @@ def generate(lm: "LanguageModel", batch: Batch, bodies: Callable[[], None],
             "does), or pass the prompts as text."
         ))
     steps = config.max_new_tokens
-    lm._check_ids(ids, mask, None, new_tokens=steps, pad_token_id=config.pad_token_id)
+    lm._check_generation(mask, steps, config.pad_token_id)
     slots = prompt + steps
     state = {
         "tokens": jnp.concatenate([ids, jnp.full((rows, steps), config.pad_token_id, jnp.int32)], 1),

@@ -24,7 +24,7 @@ from __future__ import annotations
 import functools
 from collections.abc import Mapping
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Callable
 
 import flax.linen as nn
 import jax
@@ -36,6 +36,7 @@ from jax.sharding import Mesh, NamedSharding
 from .errors import JnnsightError, UserLine, at_line, at_user_line, warn_at_user_line
 from .nnsight import NNsight
 from .tracing.collate import Batch
+from .tracing.discover import is_int
 from .sharding import DEFAULT_RULES, Rules, automatic, param_shardings, place, shard_inputs
 from .tracing.lru import LruCache
 from .tracing.program import Rows
@@ -75,7 +76,7 @@ def _rows_of_input(value: Any, tokenizer: Any, line: UserLine | None) -> tuple[l
             "an invoke's input has no tokens (an empty list or row)." if empty else
             f"an invoke's input must be text, token ids or a tokenizer output; got {type(value).__name__}."
         ))
-    bad = next((t for r in ids for t in r if not _is_token_id(t)), None)
+    bad = next((t for r in ids for t in r if not is_int(t)), None)
     if bad is not None:
         raise JnnsightError(at_line(line,
             f"token ids must be integers; got {bad!r} ({type(bad).__name__})."
@@ -93,6 +94,12 @@ def _onto(value: Any, mesh: Mesh) -> Any:
             or not (other.devices == mesh.devices).all():
         return value
     return jax.device_put(value, NamedSharding(mesh, sharding.spec))
+
+
+def _on_host(value: Any) -> bool:
+    """Whether this process can read ``value``: not a tracer, not spread over other hosts."""
+    return not isinstance(value, core.Tracer) and not (
+        isinstance(value, jax.Array) and not value.is_fully_addressable)
 
 
 def _checked_mesh(mesh: Any, rules: Any) -> Mesh:
@@ -124,10 +131,6 @@ _DECODING_OPTIONS = frozenset({
     "do_sample", "temperature", "top_k", "top_p", "min_p", "typical_p", "repetition_penalty",
     "no_repeat_ngram_size", "num_beams", "length_penalty",
 })
-
-
-def _is_token_id(value: Any) -> bool:
-    return isinstance(value, (int, np.integer)) and not isinstance(value, bool)
 
 
 def _invoke_arrays(value: Any, tokenizer: Any, line: UserLine | None, pad: int) -> tuple[Any, Any]:
@@ -405,9 +408,9 @@ class LanguageModel(NNsight):
             min_new_tokens = int(min_new_tokens)
         if isinstance(max_new_tokens, np.integer):
             max_new_tokens = int(max_new_tokens)
-        ignored = [f"{name}={value!r}" for name, value, default in (
+        ignored = [f"{name}={value!r}" for name, value, neutral in (
             ("temperature", temperature, 1.0), ("top_k", top_k, None), ("top_p", top_p, None))
-            if value != default]
+            if value != neutral]
         if ignored and not do_sample:
             warn_at_user_line(f"{', '.join(ignored)} only apply when sampling: decoding is "
                               "greedy. Pass do_sample=True to sample.")
@@ -436,28 +439,17 @@ class LanguageModel(NNsight):
         (its ``AxisType.Auto`` copy): JAX runs one program on one mesh."""
         return consts if self.mesh is None else [_onto(value, self.mesh) for value in consts]
 
-    def _check_ids(self, input_ids: Any, attention_mask: Any, line: UserLine | None,
-                   new_tokens: int = 0, pad_token_id: int | None = None) -> None:
+    def _check_ids(self, input_ids: Any, attention_mask: Any, line: UserLine | None) -> None:
         """Refuse ids outside the vocabulary, and rows longer than learned position embeddings.
 
         An embedding lookup clips out-of-range ids (JAX gathers never fail), so these
-        would give plausible wrong numbers. Generation also feeds back ``new_tokens - 1``
-        tokens and, in ended rows, ``pad_token_id``. Only values on this host are
-        checked: under ``jax.jit`` ids are tracers. ``line`` None: the user's current line.
+        would give plausible wrong numbers. Only values on this host are checked:
+        under ``jax.jit`` ids are tracers.
         """
-        where = functools.partial(at_line, line) if line is not None else at_user_line
-        config = getattr(self.module, "config", None)
-        vocab = getattr(config, "vocab_size", None)
-        if vocab is not None and pad_token_id is not None and not 0 <= pad_token_id < vocab:
-            raise JnnsightError(where(
-                f"pad_token_id={pad_token_id} is outside this model's vocabulary "
-                f"(0 to {vocab - 1}): ended rows are fed that token. It is the argument, else "
-                "the generation config's pad or (first) end token; pass pad_token_id= an id "
-                "of this vocabulary (and eos_token_id=None if the end token is not one either)."
-            ))
-        if isinstance(input_ids, core.Tracer) or (
-                isinstance(input_ids, jax.Array) and not input_ids.is_fully_addressable):
+        if not _on_host(input_ids):
             return
+        where = functools.partial(at_line, line) if line is not None else at_user_line
+        vocab = self._config_value("vocab_size")
         ids, real = np.asarray(input_ids), np.asarray(attention_mask) != 0
         if vocab is not None and real.any():
             used = ids[real]
@@ -468,7 +460,26 @@ class LanguageModel(NNsight):
                     "were the ids made by another model's tokenizer? lm.tokenizer gives this "
                     "model's ids."
                 ))
-        positions = getattr(config, "n_positions", None)  # GPT-2's learned positions
+        self._check_positions(real, 0, where)
+
+    def _check_generation(self, attention_mask: Any, new_tokens: int, pad_token_id: int) -> None:
+        """What generation feeds the model beyond the checked prompt: ``new_tokens - 1``
+        generated tokens after the longest row and, in ended rows, ``pad_token_id``."""
+        vocab = self._config_value("vocab_size")
+        if vocab is not None and not 0 <= pad_token_id < vocab:
+            raise JnnsightError(at_user_line(
+                f"pad_token_id={pad_token_id} is outside this model's vocabulary "
+                f"(0 to {vocab - 1}): ended rows are fed that token. It is the argument, else "
+                "the generation config's pad or (first) end token; pass pad_token_id= an id "
+                "of this vocabulary (and eos_token_id=None if the end token is not one either)."
+            ))
+        if _on_host(attention_mask):
+            self._check_positions(np.asarray(attention_mask) != 0, new_tokens, at_user_line)
+
+    def _check_positions(self, real: np.ndarray, new_tokens: int, where: Callable[[str], str]) -> None:
+        """Rows (``real``: the attention mask as booleans) plus ``new_tokens - 1`` fed-back
+        tokens must fit GPT-2's learned position embeddings."""
+        positions = self._config_value("n_positions")  # GPT-2's learned positions
         longest = int(real.sum(axis=1).max()) + max(new_tokens - 1, 0)
         if positions is not None and longest > positions:
             what = f"{longest} tokens" if not new_tokens else (
@@ -477,6 +488,9 @@ class LanguageModel(NNsight):
                 f"{what} are more than this model's {positions} position embeddings "
                 f"(n_positions): shorten the input{' or max_new_tokens' if new_tokens else ''}."
             ))
+
+    def _config_value(self, name: str) -> Any:
+        return getattr(getattr(self.module, "config", None), name, None)
 
     def _collate(self, inputs: list[tuple[tuple, dict] | None], lines: list) -> Batch:
         """Tokenize every invoke's input and left-pad all rows into one batch."""

@@ -287,13 +287,18 @@ def load_config(path: str | os.PathLike) -> dict[str, Any]:
             f"No config.json in {where} (files there: {_names(where.iterdir()) if where.is_dir() else 'none'}). "
             "A checkpoint folder needs the config.json that `save_pretrained` writes."
         )
+    return json_object(file)
+
+
+def json_object(file: Path) -> dict[str, Any]:
+    """A JSON file holding an object (``config.json``, ``generation_config.json``), as a dict."""
     try:
-        config = json.loads(file.read_text(encoding="utf-8"))
+        value = json.loads(file.read_text(encoding="utf-8"))
     except json.JSONDecodeError as err:
         raise CheckpointError(f"{file} is not valid JSON: {err}.") from err
-    if not isinstance(config, dict):
-        raise CheckpointError(f"{file} holds a {type(config).__name__}, not a JSON object.")
-    return config
+    if not isinstance(value, dict):
+        raise CheckpointError(f"{file} holds a {type(value).__name__}, not a JSON object.")
+    return value
 
 
 # --------------------------------------------------------------------------- safetensors

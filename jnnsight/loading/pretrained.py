@@ -7,7 +7,6 @@ Example::
 
 from __future__ import annotations
 
-import json
 import warnings
 from pathlib import Path
 from typing import Any
@@ -27,6 +26,7 @@ from .checkpoint import (
     CheckpointNotFoundError,
     _cast,
     _progress_bar,
+    json_object,
     lazy_safetensors,
     load_checkpoint,
     load_config,
@@ -180,13 +180,7 @@ def load_generation_config(path: Path) -> dict[str, Any]:
     if not file.is_file():
         config = load_config(path)
         return {key: config.get(key) for key in ("eos_token_id", "pad_token_id")}
-    try:
-        generation = json.loads(file.read_text())
-    except json.JSONDecodeError as err:
-        raise CheckpointError(f"{file} is not valid JSON: {err}.") from err
-    if not isinstance(generation, dict):
-        raise CheckpointError(f"{file} holds a {type(generation).__name__}, not a JSON object.")
-    return {"eos_token_id": None, "pad_token_id": None, **generation}
+    return {"eos_token_id": None, "pad_token_id": None, **json_object(file)}
 
 
 def load_pretrained(

@@ -40,6 +40,11 @@ def is_array(leaf: Any) -> bool:
     return isinstance(leaf, (jax.Array, np.ndarray, np.generic))
 
 
+def is_int(value: Any) -> bool:
+    """A Python or numpy integer (not a bool): a token id, a step, a count, a row."""
+    return isinstance(value, (int, np.integer)) and not isinstance(value, bool)
+
+
 def abstract_leaves(value: Any) -> tuple[jax.tree_util.PyTreeDef, tuple[Any, ...]]:
     """A value's structure, with arrays replaced by ``ShapeDtypeStruct``."""
     leaves, treedef = jax.tree_util.tree_flatten(value)
