@@ -27,7 +27,7 @@ Example::
 from __future__ import annotations
 
 import sys
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Callable, Iterator
 
 import jax
@@ -64,7 +64,9 @@ class GenerationConfig:
     smallest set of probability at least ``top_p`` (transformers' order), and
     sampled. A row that produced ``eos_token_id`` (one id, or a tuple of ids any of
     which ends a row, as Llama 3's ``generation_config.json`` lists) gets
-    ``pad_token_id`` from then on; generation ends early once every row has.
+    ``pad_token_id`` from then on; generation ends early once every row has. So
+    does a row whose text comes to contain one of ``stop_strings`` (checked on
+    the host after each step, :class:`StopStrings`; not part of the program key).
     """
 
     max_new_tokens: int = 20
@@ -76,6 +78,7 @@ class GenerationConfig:
     pad_token_id: int = 0
     repetition_penalty: float = 1.0
     min_new_tokens: int = 0
+    stop_strings: tuple[str, ...] = field(default=(), compare=False)
 
     def __post_init__(self) -> None:
         if not isinstance(self.max_new_tokens, int) or self.max_new_tokens < 1:
@@ -98,6 +101,13 @@ class GenerationConfig:
             raise ValueError(f"repetition_penalty must be > 0, got {self.repetition_penalty!r}.")
         if not isinstance(self.min_new_tokens, int) or self.min_new_tokens < 0:
             raise ValueError(f"min_new_tokens must be an int >= 0, got {self.min_new_tokens!r}.")
+        strings = self.stop_strings
+        if isinstance(strings, str):
+            strings = (strings,)
+        if not isinstance(strings, (list, tuple)) or not all(isinstance(s, str) and s for s in strings):
+            raise ValueError(f"stop_strings must be a string or a list of non-empty strings, got "
+                             f"{self.stop_strings!r}.")
+        object.__setattr__(self, "stop_strings", tuple(strings))
 
     @property
     def eos_ids(self) -> tuple[int, ...]:
@@ -105,6 +115,49 @@ class GenerationConfig:
         if self.eos_token_id is None:
             return ()
         return self.eos_token_id if isinstance(self.eos_token_id, tuple) else (self.eos_token_id,)
+
+    @property
+    def ends_rows(self) -> bool:
+        """Whether a row can end before ``max_new_tokens`` (an end token or a stop string)."""
+        return bool(self.eos_ids or self.stop_strings)
+
+    def ended(self) -> str:
+        """What ends rows, for messages."""
+        eos = f"eos_token_id {self.eos_token_id}" if self.eos_ids else ""
+        stops = f"one of stop_strings {list(self.stop_strings)}" if self.stop_strings else ""
+        return " or ".join(filter(None, (eos, stops)))
+
+
+class StopStrings:
+    """transformers' ``stop_strings``, checked on the host: a row ends at the token that
+    completes one of the strings in its text (its prompt's end included), as
+    transformers' ``StopStringCriteria`` does.
+
+    Example::
+
+        >>> stops = StopStrings(("Paris",), lm.tokenizer, ids, mask)
+        >>> stops.ended(np.asarray(new_tokens))     # after each step
+        array([ True, False])
+    """
+
+    def __init__(self, strings: tuple[str, ...], tokenizer: Any, ids: jax.Array, mask: jax.Array):
+        self.strings = strings
+        self.tokenizer = tokenizer
+        # Every token of a window this long decodes to at least a character, mostly.
+        self.window = max(map(len, strings)) + 1
+        self.rows = [row[keep != 0].tolist() for row, keep in zip(np.asarray(ids), np.asarray(mask))]
+
+    def ended(self, tokens: np.ndarray) -> np.ndarray:
+        """Append one new token per row; which rows' text now has a stop string that
+        reaches into that token."""
+        hits = []
+        for row, token in zip(self.rows, tokens.tolist()):
+            row.append(token)
+            window = row[-self.window:]
+            text = self.tokenizer.decode(window)
+            start = len(self.tokenizer.decode(window[:-1]))  # where the new token's text begins
+            hits.append(any(s in text[max(0, start - len(s) + 1):] for s in self.strings))
+        return np.asarray(hits)
 
 
 def _is_id(value: Any) -> bool:
@@ -284,11 +337,12 @@ class GenerateTracer(Tracer):
     """
 
     def __init__(self, model: "LanguageModel", args: tuple, config: GenerationConfig,
-                 key: jax.Array, progress: bool):
+                 key: jax.Array, progress: bool, tokenizer: Any = None):
         super().__init__(model, args, {})
         self.config = config
         self._key = key
         self._progress = progress
+        self._tokenizer = tokenizer
         self.iter = _Steps(config.max_new_tokens)
 
     def all(self) -> _AllSteps:
@@ -305,7 +359,8 @@ class GenerateTracer(Tracer):
         self.model.generator.output = value
 
     def _execute(self, batch: Batch, bodies: Callable[[], None]) -> tuple[dict[int, Any], Builder]:
-        return generate(self.model, batch, bodies, self.config, self._key, self._progress)
+        return generate(self.model, batch, bodies, self.config, self._key, self._progress,
+                        self._tokenizer)
 
 
 # -- the loop -------------------------------------------------------------------------
@@ -314,11 +369,11 @@ class GenerateTracer(Tracer):
 class Unreached:
     """A saved value of a step that generation did not reach: any use is an error."""
 
-    def __init__(self, line: UserLine | None, stopped: int):
+    def __init__(self, line: UserLine | None, stopped: int, ended: str):
         self._message = (
             f"{line}\nthis value belongs to a generation step that never ran: every row "
-            f"produced the end-of-sequence token at step {stopped}. Save values of "
-            "earlier steps, or pass eos_token_id=None to always run max_new_tokens steps."
+            f"had produced {ended} at step {stopped}. Save values of earlier steps, or pass "
+            "eos_token_id=None (and no stop_strings) to always run max_new_tokens steps."
         )
 
     def __getattr__(self, name: str) -> Any:
@@ -387,8 +442,9 @@ def _step_function(module: Any, plan: StepPlan, program: Schedule, config: Gener
                                   config)
         token = choose_tokens(logits, jax.random.fold_in(key, index), config)
         finished = state["finished"]
-        if config.eos_ids:
+        if config.ends_rows:
             token = jnp.where(finished, config.pad_token_id, token)
+        if config.eos_ids:
             finished = finished | jnp.isin(token, jnp.asarray(config.eos_ids))
         new = {
             "tokens": jax.lax.dynamic_update_slice_in_dim(
@@ -423,8 +479,10 @@ def _final_function(plan: StepPlan, program: Schedule) -> Callable[..., Any]:
 
 
 def generate(lm: "LanguageModel", batch: Batch, bodies: Callable[[], None],
-             config: GenerationConfig, key: jax.Array, progress: bool) -> tuple[dict[int, Any], Builder]:
-    """Run the block's program over a generation; the saved values by tracer id, and the builder."""
+             config: GenerationConfig, key: jax.Array, progress: bool,
+             tokenizer: Any = None) -> tuple[dict[int, Any], Builder]:
+    """Run the block's program over a generation; the saved values by tracer id, and the
+    builder. ``tokenizer`` reads the rows' text where ``config.stop_strings`` asks."""
     module = lm.module
     if not hasattr(module, "cache_shapes"):
         raise JnnsightError(
@@ -490,10 +548,20 @@ def generate(lm: "LanguageModel", batch: Batch, bodies: Callable[[], None],
 
     traced = any(isinstance(leaf, jax.core.Tracer)
                  for leaf in jax.tree_util.tree_leaves((variables, state, consts, key)))
+    stops = None
+    if config.stop_strings:
+        if traced or jax.process_count() > 1:
+            raise JnnsightError(at_user_line(
+                "stop_strings reads each step's tokens on the host, which "
+                + ("a generation inside jax.jit or jax.grad does not have" if traced else
+                   "a multi-process run does not do")
+                + ": use eos_token_id, or cut the text after generation."
+            ))
+        stops = StopStrings(config.stop_strings, tokenizer, ids, mask)
 
     def compiled(plan_for_step: StepPlan, first: bool) -> Callable[..., Any]:
-        k = ("step", first, first_key if first else step_key, prompt, config, shapes,
-             plan_for_step.key, not traced)
+        k = ("step", first, first_key if first else step_key, prompt, config, config.ends_rows,
+             shapes, plan_for_step.key, not traced)
         fn = programs.get(k)
         if fn is None:
             fn = programs.put(k, _step_function(module, plan_for_step, plan, config, prompt, first,
@@ -525,8 +593,12 @@ def generate(lm: "LanguageModel", batch: Batch, bodies: Callable[[], None],
             values.update(zip(step_plan.saves, saves))
             ran = step + 1
             bar.update(1)
+            if stops is not None:
+                ended = stops.ended(np.asarray(state["tokens"])[:, prompt + step])
+                if ended.any():
+                    state["finished"] = state["finished"] | jnp.asarray(ended)
             finished = state["finished"]  # under jax.jit every step runs: rows pad after eos
-            if (config.eos_ids and step + 1 < needed
+            if (config.ends_rows and step + 1 < needed
                     and not isinstance(finished, jax.core.Tracer)
                     and bool(_replicated(finished.all()))):
                 break
@@ -552,12 +624,12 @@ def generate(lm: "LanguageModel", batch: Batch, bodies: Callable[[], None],
     if late or missing:
         lines = [builder.save_lines.get(saved[i]) for i in missing]
         warn_at_user_line(
-            f"generation ended after step {ran - 1} (every row produced eos_token_id "
-            f"{config.eos_token_id}); the block's reads, writes and saves at later steps "
+            f"generation ended after step {ran - 1} (every row had produced "
+            f"{config.ended()}); the block's reads, writes and saves at later steps "
             f"did not run{f', first at {lines[0]}' if lines and lines[0] else ''}."
         )
         for i in missing:
-            values[i] = Unreached(builder.save_lines.get(saved[i]), ran - 1)
+            values[i] = Unreached(builder.save_lines.get(saved[i]), ran - 1, config.ended())
     return {saved[i]: values[i] for i in range(len(saved))}, builder
 
 
@@ -576,4 +648,5 @@ def _progress_bar(steps: int, progress: bool | None) -> Any:
     return tqdm(total=steps, desc="generate", unit="token", disable=not show, leave=False)
 
 
-__all__ = ["GenerationConfig", "GenerateTracer", "GeneratorEnvoy", "choose_tokens", "generate"]
+__all__ = ["GenerationConfig", "GenerateTracer", "GeneratorEnvoy", "StopStrings", "choose_tokens",
+           "generate"]

@@ -323,6 +323,8 @@ class LanguageModel(NNsight):
         pad_token_id: int | None = None,
         repetition_penalty: float | None = 1.0,
         min_new_tokens: int | None = 0,
+        stop_strings: str | list[str] | None = None,
+        tokenizer: Any = None,
         progress: bool | None = None,
         **unsupported: Any,
     ) -> "GenerateTracer":
@@ -349,6 +351,10 @@ class LanguageModel(NNsight):
           repetition_penalty, min_new_tokens: as in transformers' ``generate``
             (greedy or sampled). Its other options, beam search among them, are
             refused with an error.
+          stop_strings, tokenizer: a row also ends at the token that completes one
+            of these strings in its text, read with ``tokenizer`` (by default
+            ``lm.tokenizer``), as transformers' ``stop_strings``. Checked on the
+            host after each step: not inside ``jax.jit``.
           progress: a progress bar (by default when stderr is a terminal).
 
         Example::
@@ -364,7 +370,8 @@ class LanguageModel(NNsight):
             raise TypeError(at_user_line(
                 f"lm.generate does not support {', '.join(map(repr, unsupported))}. It takes "
                 "max_new_tokens, do_sample, temperature, top_k, top_p, seed or key, "
-                "eos_token_id, pad_token_id, repetition_penalty, min_new_tokens and progress; "
+                "eos_token_id, pad_token_id, repetition_penalty, min_new_tokens, stop_strings "
+                "(with tokenizer) and progress; "
                 "transformers' other generate options (beam search among them) are not "
                 "implemented."
             ))
@@ -417,9 +424,15 @@ class LanguageModel(NNsight):
         try:
             config = GenerationConfig(max_new_tokens, do_sample, float(temperature), top_k, top_p,
                                       eos_token_id, pad_token_id, repetition_penalty,
-                                      min_new_tokens)
+                                      min_new_tokens, () if stop_strings is None else stop_strings)
         except ValueError as err:
             raise ValueError(at_user_line(str(err))) from None
+        tokenizer = self.tokenizer if tokenizer is None else tokenizer
+        if config.stop_strings and tokenizer is None:
+            raise JnnsightError(at_user_line(
+                "stop_strings needs a tokenizer to read the generated text, and this model has "
+                "none: pass tokenizer= (or load the model with one)."
+            ))
         if min_new_tokens and eos_token_id is None:
             warn_at_user_line(f"min_new_tokens={min_new_tokens} has no effect: there is no "
                               "eos_token_id to hold back.")
@@ -431,7 +444,7 @@ class LanguageModel(NNsight):
                 f"key must be a JAX PRNG key (`jax.random.key(3)`), got {key!r}; "
                 "or pass seed=3."
             ))
-        return GenerateTracer(self, inputs, config, key, progress)
+        return GenerateTracer(self, inputs, config, key, progress, tokenizer)
 
     def _outside(self, consts: list[Any]) -> list[Any]:
         """Arrays the block closed over; those the user placed on the mesh they passed,

@@ -98,6 +98,51 @@ def test_smollm2_greedy_generation_equals_transformers_with_and_without_steering
     assert np.asarray(steered).tolist() == theirs_steered.tolist() != theirs.tolist()
 
 
+def test_stop_strings_end_each_row_where_transformers_generate_ends_it(smollm2, smollm2_torch):
+    """A row ends at the token that completes a stop string, also one that begins in the
+    prompt ("of Par") or in an earlier token ("\\n\\n"); the other rows go on."""
+    import torch
+
+    other = "My favourite city is"
+    stops = ["\n\n", "of Par"]
+    with smollm2.generate(max_new_tokens=8, eos_token_id=None, pad_token_id=0,
+                          stop_strings=stops) as tracer:
+        with tracer.invoke(PROMPT):
+            pass
+        with tracer.invoke(other):
+            pass
+        with tracer.invoke():
+            tokens = tracer.result.save()
+    smollm2_torch.generation_config.eos_token_id = None
+    width = tokens.shape[1] - 8
+    for row, prompt in enumerate((PROMPT, other)):
+        ids = smollm2.tokenizer(prompt)["input_ids"]
+        with torch.no_grad():
+            theirs = smollm2_torch.generate(torch.tensor([ids]), max_new_tokens=8, do_sample=False,
+                                            pad_token_id=0, stop_strings=stops,
+                                            tokenizer=smollm2.tokenizer)[0, len(ids):].tolist()
+        ours = np.asarray(tokens[row, width:]).tolist()
+        assert ours[: len(theirs)] == theirs and set(ours[len(theirs):]) <= {0}, (prompt, ours, theirs)
+    assert np.asarray(tokens[0, width:]).tolist().count(0) == 7  # " Paris" ends the first row
+
+    def jitted(ids):
+        with smollm2.generate(ids, max_new_tokens=2, stop_strings=".") as tracer:
+            out = tracer.result.save()
+        return out
+
+    untokenized = LanguageModel(module=smollm2.module, variables=smollm2.variables)
+    for lm, bad, error, match in (
+        (smollm2, "", ValueError, "non-empty strings"),
+        (smollm2, [".", 3], ValueError, "non-empty strings"),
+        (untokenized, ".", JnnsightError, "needs a tokenizer"),
+    ):
+        with pytest.raises(error, match=match) as caught:
+            lm.generate(PROMPT, stop_strings=bad)
+        assert "test_language.py" in str(caught.value).splitlines()[0]
+    with pytest.raises(JnnsightError, match="inside jax.jit") as caught:
+        jax.jit(jitted)(jnp.asarray([smollm2.tokenizer(PROMPT)["input_ids"]]))
+    assert "test_language.py" in str(caught.value).splitlines()[0]
+
 def test_invokes_of_different_lengths_equal_solo_runs(smollm2):
     short, long = "Paris is", "The capital of France is the city of"
     with smollm2.trace() as tracer:
