@@ -281,14 +281,17 @@ class _Steps:
 
 def _at_steps(chosen: list[int]) -> Iterator[int]:
     builder = _require_builder("tracer.iter[...]")
-    step, calls = builder.step, dict(builder.calls)
+    step, calls, iteration = builder.step, dict(builder.calls), builder.iteration
+    loop = object()
     try:
-        for s in chosen:
+        for i, s in enumerate(chosen):
             builder.step = s
+            builder.iteration = (id(loop), i)
             builder.calls.clear()
             yield s
     finally:
         builder.step = step
+        builder.iteration = iteration
         builder.calls.clear()
         builder.calls.update(calls)
 
@@ -367,9 +370,15 @@ class GenerateTracer(Tracer):
 
 
 class Unreached:
-    """A saved value of a step that generation did not reach: any use is an error."""
+    """A saved value of a step that generation did not reach: any use is an error.
 
-    def __init__(self, line: UserLine | None, stopped: int, ended: str):
+    A name the body of ``tracer.iter[...]`` or ``tracer.all()`` binds again at each
+    step holds, as in nnsight, its value from the last step that ran (``last``);
+    a list the body appends to keeps this marker for the steps that did not run.
+    """
+
+    def __init__(self, line: UserLine | None, stopped: int, ended: str, last: Any = None):
+        self._last = last
         self._message = (
             f"{line}\nthis value belongs to a generation step that never ran: every row "
             f"had produced {ended} at step {stopped}. Save values of earlier steps, or pass "
@@ -377,9 +386,14 @@ class Unreached:
         )
 
     def __getattr__(self, name: str) -> Any:
-        if name.startswith("__") or name == "_message":
+        if name.startswith("__") or name in ("_message", "_last"):
             raise AttributeError(name)
         raise JnnsightError(self._message)
+
+    def as_name(self) -> Any:
+        """What a variable bound to this save holds: the value of the last step that
+        ran, where the loop's body saved one, else this marker."""
+        return self if self._last is None else self._last
 
     def _refuse(self, *args: Any, **kwargs: Any) -> Any:
         raise JnnsightError(self._message)
@@ -628,8 +642,17 @@ def generate(lm: "LanguageModel", batch: Batch, bodies: Callable[[], None],
             f"{config.ended()}); the block's reads, writes and saves at later steps "
             f"did not run{f', first at {lines[0]}' if lines and lines[0] else ''}."
         )
+        # Per place in a step loop's body, its save at the last step that ran: what a
+        # name the loop binds holds. Not for a value also saved outside the loops.
+        reached: dict[Any, tuple[int, Any]] = {}
+        for i, tracer_id in enumerate(saved):
+            for place in builder.save_slots.get(tracer_id, ()) if i in values else ():
+                if place is not None and place[1] >= reached.get(place[0], (-1, None))[0]:
+                    reached[place[0]] = (place[1], values[i])
         for i in missing:
-            values[i] = Unreached(builder.save_lines.get(saved[i]), ran - 1, config.ended())
+            places = builder.save_slots.get(saved[i], [None])
+            last = None if None in places else reached.get(places[0][0], (0, None))[1]
+            values[i] = Unreached(builder.save_lines.get(saved[i]), ran - 1, config.ended(), last)
     return {saved[i]: values[i] for i in range(len(saved))}, builder
 
 

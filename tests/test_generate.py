@@ -235,15 +235,25 @@ def test_eos_ends_rows_and_generation_as_transformers_does(models):
         with lm.generate(PROMPTS[0], max_new_tokens=NEW, eos_token_id=eos, pad_token_id=7) as tracer:
             tokens = tracer.result.save()
             late = lm.model.layers[0].next(5).output[0].save()      # step 5: never reached
+            with tracer.all():
+                last = lm.model.layers[1].output[0].save()          # the last step that ran
+            each = []
+            for step in tracer.iter[:]:
+                each.append(lm.model.layers[1].output[0].save())
     assert caught[0].filename == __file__  # the warning names the user's block
     theirs = hf_greedy(tm, PROMPTS[0], eos_token_id=eos, pad_token_id=7)
     ours = list(np.asarray(tokens[0]))
     assert ours[: len(theirs)] == theirs and len(theirs) < len(ours)
     assert set(ours[len(theirs):]) == {7}
     for use in (lambda: late.shape, lambda: np.asarray(late), lambda: late + 1,
-                lambda: jnp.asarray(late), lambda: late[0], lambda: float(late)):
+                lambda: jnp.asarray(late), lambda: late[0], lambda: float(late),
+                lambda: each[3] + 1):
         with pytest.raises(JnnsightError, match="never ran"):
             use()
+    # As in nnsight, a name the step loop binds holds the last step that ran (step 2,
+    # which produced eos); a list it appends to has that step's value at index 2.
+    np.testing.assert_array_equal(last, each[2])
+    assert not np.array_equal(each[1], each[2])
 
 
 @pytest.mark.parametrize("name", ["gpt2", "llama"])

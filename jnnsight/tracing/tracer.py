@@ -279,6 +279,10 @@ class Tracer:
                             "return it, and gather the result outside."
                         ))
                     return gather(values[id(value)])
+                # A name rebound by a generation's step loop: the last step that ran
+                # (lists the loop appends to keep a marker per missing step).
+                if "[" not in name and hasattr(type(values[id(value)]), "as_name"):
+                    return values[id(value)].as_name()
                 return values[id(value)]
             return Unsaved(name, line) if builder.is_ours(value) else value
 
