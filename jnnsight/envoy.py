@@ -17,18 +17,14 @@ Example::
 
 from __future__ import annotations
 
-import re
 from typing import TYPE_CHECKING, Any, Iterator
 
 from .errors import SiteError, at_user_line, close_names
 from .tracing import program as _program
-from .tracing.discover import is_int, site_name
+from .tracing.discover import NUMBERED, is_int, module_name, site_name
 
 if TYPE_CHECKING:
     from .nnsight import NNsight
-
-_NUMBERED = re.compile(r"^(.*)_(\d+)$")
-
 
 def _builder(envoy: "Envoy", what: str) -> _program.Builder:
     builder = _program.current()
@@ -52,7 +48,7 @@ class Envoy:
 
     @property
     def _name(self) -> str:
-        return "model" + "".join(f".{p}" for p in self._path)
+        return module_name(self._path)
 
     def __getattr__(self, name: str) -> Any:
         if name.startswith("__"):
@@ -245,7 +241,7 @@ def _numbered_children(children: list[str]) -> dict[str, list[str]]:
     """Groups ``h_0, h_1, ...`` under ``h`` where ``h`` is not a child itself."""
     groups: dict[str, dict[int, str]] = {}
     for child in children:
-        match = _NUMBERED.match(child)
+        match = NUMBERED.match(child)
         if match:
             groups.setdefault(match.group(1), {})[int(match.group(2))] = child
     return {

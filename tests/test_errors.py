@@ -292,7 +292,7 @@ def test_write_input_wrong_shape(small):
         with model.trace(tokens):
             model.h[1].input = jnp.zeros((1, 4, 3))  # L:input_shape
     names_line(info.value, "input_shape")
-    assert "model.h_1.input" in advice(info.value)
+    assert "model.h[1].input" in advice(info.value)
 
 
 def test_write_whole_batch_shape_in_one_row_invoke(small):
@@ -350,7 +350,7 @@ def test_causality_names_both_lines(small):
     names_line(info.value, "caus_read")
     names_line(info.value, "caus_write")
     message = advice(info.value)
-    assert "model.h_0.output" in message and "model.h_1.output" in message
+    assert "model.h[0].output" in message and "model.h[1].output" in message
     assert "second trace" in message
 
 

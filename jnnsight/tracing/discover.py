@@ -20,6 +20,7 @@ Example::
 from __future__ import annotations
 
 import dataclasses
+import re
 from dataclasses import dataclass, field
 from functools import cached_property
 from typing import Any, Callable, Literal
@@ -124,10 +125,20 @@ class SiteTable:
         )
 
 
+NUMBERED = re.compile(r"^(.*)_(\d+)$")  # h_1: the second of the list model.h
+
+
+def module_name(path: tuple[str, ...]) -> str:
+    """How a user addresses a module: ``model.h[1].mlp`` for the path ``("h_1", "mlp")``
+    (numbered children are a list, as the envoys give them)."""
+    return "model" + "".join(
+        f".{m[1]}[{m[2]}]" if (m := NUMBERED.match(p)) else f".{p}" for p in path)
+
+
 def site_name(key: SiteKey) -> str:
-    """How a user addresses a site: ``model.h_1.mlp.next().output``."""
+    """How a user addresses a site: ``model.h[1].mlp.next().output``."""
     path, call, kind = key
-    return "model" + "".join(f".{p}" for p in path) + ".next()" * call + f".{kind}"
+    return module_name(path) + ".next()" * call + f".{kind}"
 
 
 def site_interceptor(
