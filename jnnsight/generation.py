@@ -26,6 +26,7 @@ Example::
 
 from __future__ import annotations
 
+import itertools
 import sys
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Callable, Iterator
@@ -279,14 +280,17 @@ class _Steps:
         return _at_steps([int(s) % steps for s in chosen])
 
 
+_LOOPS = itertools.count()  # numbers the step loops a block runs
+
+
 def _at_steps(chosen: list[int]) -> Iterator[int]:
     builder = _require_builder("tracer.iter[...]")
     step, calls, iteration = builder.step, dict(builder.calls), builder.iteration
-    loop = object()
+    loop = next(_LOOPS)
     try:
         for i, s in enumerate(chosen):
             builder.step = s
-            builder.iteration = (id(loop), i)
+            builder.iteration = (loop, i)
             builder.calls.clear()
             yield s
     finally:
