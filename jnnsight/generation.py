@@ -65,9 +65,10 @@ class GenerationConfig:
     smallest set of probability at least ``top_p`` (transformers' order), and
     sampled. A row that produced ``eos_token_id`` (one id, or a tuple of ids any of
     which ends a row, as Llama 3's ``generation_config.json`` lists) gets
-    ``pad_token_id`` from then on; generation ends early once every row has. So
-    does a row whose text comes to contain one of ``stop_strings`` (checked on
-    the host after each step, :class:`StopStrings`; not part of the program key).
+    ``pad_token_id`` from then on; generation ends early once every row has. A row
+    whose text comes to contain one of ``stop_strings`` has ended too (checked on
+    the host after each step, :class:`StopStrings`; not part of the program key); as
+    in transformers, it gets ``pad_token_id`` only where there is an end token.
     """
 
     max_new_tokens: int = 20
@@ -460,9 +461,8 @@ def _step_function(module: Any, plan: StepPlan, program: Schedule, config: Gener
                                   config)
         token = choose_tokens(logits, jax.random.fold_in(key, index), config)
         finished = state["finished"]
-        if config.ends_rows:
+        if config.eos_ids:  # as transformers: rows pad after they ended only with an end token
             token = jnp.where(finished, config.pad_token_id, token)
-        if config.eos_ids:
             finished = finished | jnp.isin(token, jnp.asarray(config.eos_ids))
         new = {
             "tokens": jax.lax.dynamic_update_slice_in_dim(
@@ -578,8 +578,8 @@ def generate(lm: "LanguageModel", batch: Batch, bodies: Callable[[], None],
         stops = StopStrings(config.stop_strings, tokenizer, ids, mask)
 
     def compiled(plan_for_step: StepPlan, first: bool) -> Callable[..., Any]:
-        k = ("step", first, first_key if first else step_key, prompt, config, config.ends_rows,
-             shapes, plan_for_step.key, not traced)
+        k = ("step", first, first_key if first else step_key, prompt, config, shapes,
+             plan_for_step.key, not traced)
         fn = programs.get(k)
         if fn is None:
             fn = programs.put(k, _step_function(module, plan_for_step, plan, config, prompt, first,

@@ -100,30 +100,27 @@ def test_smollm2_greedy_generation_equals_transformers_with_and_without_steering
 
 def test_stop_strings_end_each_row_where_transformers_generate_ends_it(smollm2, smollm2_torch):
     """A row ends at the token that completes a stop string, also one that begins in the
-    prompt ("of Par") or in an earlier token ("\\n\\n"); the other rows go on."""
+    prompt ("of Par") or in an earlier token ("\\n\\n"). As in transformers, an ended row
+    gets the pad token only where there is an end token; generation stops when all ended."""
     import torch
 
-    other = "My favourite city is"
-    stops = ["\n\n", "of Par"]
-    with smollm2.generate(max_new_tokens=8, eos_token_id=None, pad_token_id=0,
-                          stop_strings=stops) as tracer:
-        with tracer.invoke(PROMPT):
-            pass
-        with tracer.invoke(other):
-            pass
-        with tracer.invoke():
-            tokens = tracer.result.save()
+    prompts, stops = [PROMPT, "My favourite city is"], ["\n\n", "of Par"]
+    batch = smollm2.tokenizer(prompts, padding=True, return_tensors="np")
     smollm2_torch.generation_config.eos_token_id = None
-    width = tokens.shape[1] - 8
-    for row, prompt in enumerate((PROMPT, other)):
-        ids = smollm2.tokenizer(prompt)["input_ids"]
+    for eos in (None, 1):  # 1 is never generated here: rows pad only because they ended
+        with smollm2.generate(prompts, max_new_tokens=8, eos_token_id=eos, pad_token_id=0,
+                              stop_strings=stops) as tracer:
+            tokens = tracer.result.save()
         with torch.no_grad():
-            theirs = smollm2_torch.generate(torch.tensor([ids]), max_new_tokens=8, do_sample=False,
-                                            pad_token_id=0, stop_strings=stops,
-                                            tokenizer=smollm2.tokenizer)[0, len(ids):].tolist()
-        ours = np.asarray(tokens[row, width:]).tolist()
-        assert ours[: len(theirs)] == theirs and set(ours[len(theirs):]) <= {0}, (prompt, ours, theirs)
-    assert np.asarray(tokens[0, width:]).tolist().count(0) == 7  # " Paris" ends the first row
+            theirs = smollm2_torch.generate(
+                torch.tensor(batch["input_ids"]), attention_mask=torch.tensor(batch["attention_mask"]),
+                max_new_tokens=8, do_sample=False, eos_token_id=eos, pad_token_id=0,
+                stop_strings=stops, tokenizer=smollm2.tokenizer).tolist()
+        ours = np.asarray(tokens).tolist()
+        assert [row[: len(theirs[0])] for row in ours] == theirs, (eos, ours, theirs)
+        assert all(set(row[len(theirs[0]):]) <= {0} for row in ours)
+        first = ours[0][batch["input_ids"].shape[1]:]
+        assert (first.count(0) == 7) == (eos is not None)  # " Paris" ends the first row
 
     def jitted(ids):
         with smollm2.generate(ids, max_new_tokens=2, stop_strings=".") as tracer:
