@@ -85,10 +85,14 @@ class GenerationConfig:
     def __post_init__(self) -> None:
         if not isinstance(self.max_new_tokens, int) or self.max_new_tokens < 1:
             raise ValueError(f"max_new_tokens must be a positive int, got {self.max_new_tokens!r}.")
+        if not isinstance(self.temperature, (int, float)) or not (
+                self.top_p is None or isinstance(self.top_p, (int, float))):
+            raise ValueError(f"temperature and top_p must be Python numbers (they are part of "
+                             f"the compiled step), got {self.temperature!r} and {self.top_p!r}.")
         if self.do_sample and not self.temperature > 0:
             raise ValueError(f"temperature must be > 0 when sampling, got {self.temperature!r}.")
-        if self.top_k is not None and self.top_k < 1:
-            raise ValueError(f"top_k must be >= 1, got {self.top_k!r}.")
+        if self.top_k is not None and not (is_int(self.top_k) and self.top_k >= 1):
+            raise ValueError(f"top_k must be an int >= 1 (or None), got {self.top_k!r}.")
         if self.top_p is not None and not 0 < self.top_p <= 1:
             raise ValueError(f"top_p must be in (0, 1], got {self.top_p!r}.")
         if isinstance(self.eos_token_id, list):

@@ -22,6 +22,7 @@ Example::
 from __future__ import annotations
 
 import functools
+import secrets
 from collections.abc import Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable
@@ -315,7 +316,7 @@ class LanguageModel(NNsight):
         max_new_tokens: int = 20,
         do_sample: bool = False,
         temperature: float = 1.0,
-        top_k: int | None = None,
+        top_k: int | None = 50,
         top_p: float | None = None,
         seed: int | None = None,
         key: jax.Array | None = None,
@@ -338,8 +339,11 @@ class LanguageModel(NNsight):
         ``tracer.invoke(prompt)`` blocks, batched into one generation.
 
         Args:
-          do_sample, temperature, top_k, top_p: sampling (greedy by default).
-          seed, key: the sampling's randomness (a PRNG key wins over a seed).
+          do_sample, temperature, top_k, top_p: sampling (greedy by default), with
+            transformers' defaults (``top_k=50``; ``top_k=None`` keeps every token).
+          seed, key: the sampling's randomness (a PRNG key wins over a seed). With
+            neither, each call draws a fresh seed, as torch's global generator would:
+            pass one to reproduce a sample.
           eos_token_id, pad_token_id: the token that ends a row, or a list of
             such tokens (None: always run ``max_new_tokens`` steps), and the token
             rows get after they ended; generation stops when all have. By default
@@ -415,14 +419,16 @@ class LanguageModel(NNsight):
             min_new_tokens = int(min_new_tokens)
         if isinstance(max_new_tokens, np.integer):
             max_new_tokens = int(max_new_tokens)
+        temperature, top_k, top_p = (v.item() if isinstance(v, np.generic) else v
+                                     for v in (temperature, top_k, top_p))
         ignored = [f"{name}={value!r}" for name, value, neutral in (
-            ("temperature", temperature, 1.0), ("top_k", top_k, None), ("top_p", top_p, None))
+            ("temperature", temperature, 1.0), ("top_k", top_k, 50), ("top_p", top_p, None))
             if value != neutral]
         if ignored and not do_sample:
             warn_at_user_line(f"{', '.join(ignored)} only apply when sampling: decoding is "
                               "greedy. Pass do_sample=True to sample.")
         try:
-            config = GenerationConfig(max_new_tokens, do_sample, float(temperature), top_k, top_p,
+            config = GenerationConfig(max_new_tokens, do_sample, temperature, top_k, top_p,
                                       eos_token_id, pad_token_id, repetition_penalty,
                                       min_new_tokens, () if stop_strings is None else stop_strings)
         except ValueError as err:
@@ -436,8 +442,14 @@ class LanguageModel(NNsight):
         if min_new_tokens and eos_token_id is None:
             warn_at_user_line(f"min_new_tokens={min_new_tokens} has no effect: there is no "
                               "eos_token_id to hold back.")
+        if seed is not None and not (is_int(seed) and 0 <= seed < 2**64):
+            raise TypeError(at_user_line(f"seed must be an int from 0 to 2**64 - 1, got {seed!r}."))
         if key is None:
-            key = jax.random.key(0 if seed is None else seed)
+            if seed is None:  # a fresh sample per call, as transformers' generate gives
+                seed = secrets.randbits(64) if do_sample else 0
+            key = jax.random.key(int(seed) & 0xFFFFFFFF)
+            if seed >> 32:  # JAX takes 32 bits of a seed; the rest goes into the key too
+                key = jax.random.fold_in(key, int(seed) >> 32)
         elif not (isinstance(key, jax.Array) and (jax.dtypes.issubdtype(key.dtype, jax.dtypes.prng_key)
                                                   or (key.dtype == jnp.uint32 and key.shape == (2,)))):
             raise TypeError(at_user_line(

@@ -225,6 +225,20 @@ def test_sampling_is_reproducible_per_key_and_rows_are_independent(models):
     assert all(list(row) == hf_greedy(models["gpt2"][0], PROMPTS[1])[len(PROMPTS[1]):] for row in greedy)
     nucleus = sample(4, top_p=1e-6)  # the smallest nucleus is the top token
     np.testing.assert_array_equal(nucleus, greedy)
+    assert (sample(2**32 + 1, temperature=3.0) != sample(1, temperature=3.0)).any()  # 64-bit seeds
+
+    # As transformers: a fresh sample per call without a seed, and top_k=50 by default.
+    def first_tokens(**kwargs):
+        with lm.generate([PROMPTS[1]] * 64, max_new_tokens=1, do_sample=True, temperature=100.0,
+                         eos_token_id=None, **kwargs) as tracer:
+            tokens = tracer.result.save()
+        return set(np.asarray(tokens)[:, -1].tolist())
+
+    with lm.trace(PROMPTS[1]):
+        logits = lm.lm_head.output[0, -1].save()
+    top50 = set(np.argsort(-np.asarray(logits))[:50].tolist())
+    assert first_tokens(seed=5) <= top50 and not first_tokens(seed=5, top_k=None) <= top50
+    assert first_tokens() != first_tokens()
 
 
 def test_eos_ends_rows_and_generation_as_transformers_does(models):
@@ -464,6 +478,14 @@ def test_bad_generation_inputs_get_clear_errors(models):
         lm.generate(PROMPTS[0], do_sample=True, top_p=1.5)
     with pytest.raises(TypeError, match=r"test_generate.py:\d+:[\s\S]*or pass seed=3"):
         lm.generate(PROMPTS[0], key=3)
+    for bad, error, match in ((dict(top_k=1.5), ValueError, "top_k must be an int"),
+                              (dict(temperature="hot"), ValueError, "must be Python numbers"),
+                              (dict(top_p=jnp.float32(0.5)), ValueError, "must be Python numbers"),
+                              (dict(seed="a"), TypeError, "seed must be an int"),
+                              (dict(seed=-1), TypeError, "seed must be an int")):
+        with pytest.raises(error, match=rf"test_generate.py:\d+:[\s\S]*{match}"):
+            lm.generate(PROMPTS[0], do_sample=True, **bad)
+    lm.generate(PROMPTS[0], do_sample=True, temperature=np.float32(0.5))  # numpy scalars are numbers
     lm.generate(PROMPTS[0], max_new_tokens=np.int64(2))  # numpy ints are ints
     with pytest.warns(UserWarning, match="top_k=5, temperature=0.5 only apply when sampling|"
                                          "temperature=0.5, top_k=5 only apply when sampling"):
