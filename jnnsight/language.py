@@ -255,7 +255,7 @@ class LanguageModel(NNsight):
             from .loading.pretrained import load_pretrained
 
             module, variables, loaded_tokenizer, generation_config = load_pretrained(
-                str(name_or_path), dtype, revision, mesh, rules)
+                str(name_or_path), dtype, revision, mesh, rules, with_tokenizer=tokenizer is None)
             tokenizer = tokenizer if tokenizer is not None else loaded_tokenizer
         elif module is None or variables is None:
             raise TypeError("LanguageModel needs a checkpoint (name or path), or module= and variables=.")

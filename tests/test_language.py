@@ -349,3 +349,14 @@ def test_empty_text_is_refused(smollm2):
         with pytest.raises(JnnsightError, match="the text '' has no tokens"):
             with smollm2.trace(empty):
                 smollm2.lm_head.output.save()
+
+
+def test_a_tokenizer_passed_for_a_folder_without_one_is_used_without_a_warning(smollm2):
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # "No tokenizer files ... token ids only" was misleading
+        lm = LanguageModel(MODELS / "tiny-gpt2", tokenizer=smollm2.tokenizer)
+    assert lm.tokenizer is smollm2.tokenizer
+    with pytest.warns(UserWarning, match="No tokenizer files.*or pass tokenizer="):
+        assert LanguageModel(MODELS / "tiny-gpt2").tokenizer is None

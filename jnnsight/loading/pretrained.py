@@ -185,14 +185,16 @@ def load_generation_config(path: Path) -> dict[str, Any]:
 
 def load_pretrained(
     name_or_path: str, dtype: Any = jnp.float32, revision: str | None = None,
-    mesh: Mesh | None = None, rules: Rules = DEFAULT_RULES,
+    mesh: Mesh | None = None, rules: Rules = DEFAULT_RULES, with_tokenizer: bool = True,
 ) -> tuple[nn.Module, dict[str, Any], Any, dict[str, Any]]:
     """``(module, variables, tokenizer, generation config)``; the tokenizer is None (with
-    a warning) where the checkpoint has none: such a model takes token ids."""
+    a warning) where the checkpoint has none: such a model takes token ids. None, quietly,
+    without ``with_tokenizer`` (the caller has its own)."""
     module, variables, path = load_model(name_or_path, dtype, revision, mesh, rules)
+    tokenizer = None
     try:
-        tokenizer = load_tokenizer(path, padding_side="left")
+        if with_tokenizer:
+            tokenizer = load_tokenizer(path, padding_side="left")
     except CheckpointNotFoundError as err:
-        warnings.warn(f"{err} The model takes token ids only.", stacklevel=3)
-        tokenizer = None
+        warnings.warn(f"{err} The model takes token ids only (or pass tokenizer=).", stacklevel=3)
     return module, variables, tokenizer, load_generation_config(path)
