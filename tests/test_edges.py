@@ -81,6 +81,19 @@ def test_blocks_with_different_callbacks_do_not_share_a_program(toy):
     assert_close(tripled, doubled * 1.5, tol=1e-4)
 
 
+def test_blocks_with_literals_0_and_minus_0_do_not_share_a_program(toy):
+    model, tokens = toy
+
+    def sign(c: float):
+        with model.trace(tokens):
+            h = model.h[0].output[0]
+            s = (h[0, 0, :2] * 0.0 + jnp.copysign(1.0, jnp.full((2,), c))).save()
+        return s
+
+    np.testing.assert_array_equal(sign(0.0), [1.0, 1.0])
+    np.testing.assert_array_equal(sign(-0.0), [-1.0, -1.0])  # 0.0 == -0.0 in Python
+
+
 def test_invokes_see_values_without_a_batch_axis_whole():
     from jnnsight.toy import toy_model
 

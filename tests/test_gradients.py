@@ -165,11 +165,16 @@ def test_bad_gradient_code_gets_clear_errors(models):
         with lm.trace(IDS):
             with lm.lm_head.output.sum(-1).backward():
                 pass
-    with pytest.raises(WriteError, match="the gradient here is"):
+    with pytest.raises(WriteError, match="the gradient here is.*Index or reshape"):
         with lm.trace(IDS):
             h = lm.model.layers[0].output[0]
             with nll(lm.lm_head.output, A).backward():
                 h.grad = jnp.zeros(3)
+    with pytest.raises(WriteError, match=r"the gradient here is.*astype\(jnp.float32\)"):
+        with lm.trace(IDS):
+            h = lm.model.layers[0].output[0]
+            with nll(lm.lm_head.output, A).backward():
+                h.grad = h.grad.astype(jnp.bfloat16)
     with pytest.raises(JnnsightError, match=r"test_gradients.py:\d+:[\s\S]*one `backward\(\)` target"):
         with lm.trace(IDS):
             h = lm.model.layers[0].output[0]

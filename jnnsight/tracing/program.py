@@ -213,7 +213,8 @@ def _value_key(value: Any) -> Hashable:
         hash(value)
     except TypeError:
         return _Same(value)
-    return (type(value).__name__, value)
+    # repr too: 0.0 == -0.0 in Python, and they make different programs
+    return (type(value).__name__, value, repr(value))
 
 
 class _Same:
@@ -464,9 +465,11 @@ class Builder:
         current = self.grad(value)
         new = jnp.asarray(new)
         if new.shape != current.shape or new.dtype != current.dtype:
+            fix = (f"Index or reshape it to {list(current.shape)}." if new.shape != current.shape
+                   else f"Cast it with `.astype(jnp.{current.dtype})`.")
             raise WriteError(at_user_line(
                 f"the gradient here is {current.dtype}{list(current.shape)}, and the value "
-                f"written is {new.dtype}{list(new.shape)}."
+                f"written is {new.dtype}{list(new.shape)}. {fix}"
             ))
         self.grads[key] = rows.update(self.grads[key], new, self._batched(site)[j])
         self.grad_written.setdefault(key, user_line(2))
