@@ -330,3 +330,52 @@ def test_rebinding_a_saved_name_warns_at_the_save_line(toy):
         with model.trace(tokens):
             kept = [model.h[i].output[0].save() for i in range(3)]
     assert len(kept) == 3
+
+
+class _Layer(nn.Module):
+    @nn.compact
+    def __call__(self, x, _=None):
+        return x + jnp.tanh(nn.Dense(8, name="fc")(x)), None
+
+
+class _Lifted(nn.Module):
+    """Layers under nn.scan, then one under nn.remat, then a plain head."""
+
+    @nn.compact
+    def __call__(self, x):
+        scan = nn.scan(_Layer, variable_axes={"params": 0}, split_rngs={"params": True}, length=3)
+        x, _ = scan(name="layers")(x, None)
+        x, _ = nn.remat(_Layer)(name="block")(x)
+        return nn.Dense(2, name="head")(x)
+
+
+def test_sites_inside_flax_lifted_transforms_are_refused_and_the_rest_works():
+    """nn.scan and nn.remat bodies run in their own trace: a write there was dropped and a
+    read leaked a tracer. They are refused at the user's line; sites outside still work."""
+    from jnnsight.errors import SiteError
+
+    module = _Lifted()
+    x = jax.random.normal(jax.random.key(0), (2, 8))
+    model = NNsight(module, module.init(jax.random.key(1), x))
+    for site in ("layers.fc", "layers", "block", "block.fc"):
+        for use in ("read", "write"):
+            with pytest.raises(SiteError, match="inside a flax lifted transform.*model.output") as caught:
+                with model.trace(x):
+                    envoy = model
+                    for name in site.split("."):
+                        envoy = getattr(envoy, name)
+                    if use == "read":
+                        envoy.output.save()
+                    else:
+                        envoy.output = envoy.output
+            assert "test_edges.py" in str(caught.value).splitlines()[0]
+    with model.trace(x) as tracer:
+        h = model.head.input.save()
+        model.head.output = model.head.output * 2
+        out = model.output.save()
+        cache = tracer.cache()
+    expected, _ = reference(model, x, edit=lambda p, c, o: o * 2 if p == ("head",) else o)
+    assert_close(out, expected)
+    head = model.variables["params"]["head"]
+    assert_close(out, (h @ head["kernel"] + head["bias"]) * 2)
+    assert set(cache) == {("", 0), ("head", 0)}

@@ -29,6 +29,7 @@ import flax.linen as nn
 import jax
 import numpy as np
 from jax import core
+from jax.extend.core import take_current_trace
 
 from ..errors import JnnsightError
 
@@ -67,6 +68,9 @@ class Site:
       leaves: ``ShapeDtypeStruct`` per array leaf, the value itself otherwise.
       batched: per leaf, whether its axis 0 is the batch axis; None where not
         measured (a forward with one invoke never needs it).
+      lifted: the module runs inside a flax lifted transform (``nn.scan``,
+        ``nn.remat``, ``nn.vmap``, ...), whose values live in the transform's own
+        trace: a block can neither read nor write them.
     """
 
     key: SiteKey
@@ -74,6 +78,7 @@ class Site:
     treedef: jax.tree_util.PyTreeDef
     leaves: tuple[Any, ...]
     batched: tuple[bool, ...] | None = None
+    lifted: bool = False
 
     @cached_property
     def avals(self) -> tuple[core.ShapedArray | None, ...]:
@@ -110,6 +115,19 @@ class SiteTable:
     def call_offset(self, path: tuple[str, ...], step: int) -> int:
         """The call index of ``path``'s first call at generation step ``step``: 0 here."""
         return 0
+
+    def lifted(self, site: Site, name: str) -> str:
+        """Why the site (shown to the user as ``name``) cannot be used, and what can."""
+        path = site.key[0]
+        enclosing = [self.get((path[:i], 0, "output")) for i in range(len(path) - 1, -1, -1)]
+        outside = next((s.key[0] for s in enclosing if s is not None and not s.lifted), ())
+        return (
+            f"{name} runs inside a flax lifted transform (nn.scan, nn.remat, nn.vmap, ...): "
+            "its values exist only inside that transform's own trace, so a block can neither "
+            f"read nor write them. Use `{site_name((outside, 0, 'output'))}`, the first module "
+            "outside it, or run the model without the transform (a Python loop over the layers for "
+            "nn.scan, no nn.remat) to address them."
+        )
 
     def missing(self, key: SiteKey, name: str) -> str:
         """Why the site ``key`` (shown to the user as ``name``) does not exist."""
@@ -189,10 +207,13 @@ def discover(module: nn.Module, variables: Any, args: tuple, kwargs: dict) -> Si
     """
     sites: list[Site] = []
     modules: dict[tuple[str, ...], ModuleInfo] = {}
+    outer: list[Any] = []  # the trace of the forward itself
 
     def add(key: SiteKey, value: Any) -> None:
         treedef, leaves = abstract_leaves(value)
-        sites.append(Site(key, len(sites), treedef, leaves))
+        with take_current_trace() as trace:
+            lifted = trace is not outer[0]
+        sites.append(Site(key, len(sites), treedef, leaves, lifted=lifted))
 
     def on_input(key, mod, a, k):
         path, call, _ = key
@@ -214,6 +235,8 @@ def discover(module: nn.Module, variables: Any, args: tuple, kwargs: dict) -> Si
         a, k = jax.tree_util.tree_unflatten(
             treedef, [next(given) if _is_abstract_array(x) else x for x in leaves]
         )
+        with take_current_trace() as trace:
+            outer.append(trace)
         with nn.intercept_methods(site_interceptor(on_input, on_output)):
             return module.apply(variables, *a, **k)
 

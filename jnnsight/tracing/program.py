@@ -281,6 +281,8 @@ class Builder:
         site = self.table.get(key)
         if site is None:
             raise SiteError(at_user_line(self.table.missing(key, describe())))
+        if site.lifted:
+            raise SiteError(at_user_line(self.table.lifted(site, describe())))
         return site
 
     def call_index(self, path: tuple[str, ...]) -> int:

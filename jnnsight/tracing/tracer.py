@@ -178,7 +178,8 @@ class Tracer:
                        for key in builder.skipped]
             for site in table.sites:
                 path, call, kind = site.key
-                if kind == "output" and not any(a < site.order < b for a, b in skipped):
+                if (kind == "output" and not site.lifted
+                        and not any(a < site.order < b for a, b in skipped)):
                     leaves = builder._leaves(site)
                     dict.__setitem__(
                         cache, (".".join(path), call), builder.save(site.unflatten(leaves), internal=True)
