@@ -32,25 +32,49 @@ def train_step(loss_fn: Callable[..., jax.Array], optimizer: optax.GradientTrans
 
     ``loss_fn(trainable, *args)`` returns a scalar; only ``trainable`` (any
     pytree: an intervention, a dict of them, a model's parameters) is
-    differentiated and updated. The old ``trainable`` and ``opt_state`` buffers
-    are donated to the new ones (so ``lm.variables`` passed here can no longer be
-    used by ``lm``: trace with ``lm.bind(new_params)``), except where one array
-    is at two leaves, as tied embeddings are: XLA cannot donate a buffer twice.
+    differentiated and updated. One array at several leaves of ``trainable``, as
+    tied embeddings are, is one parameter, as in torch: each of those leaves gets
+    the sum of their gradients, and the new ``trainable`` has one new array there
+    again. The old ``trainable`` and ``opt_state`` buffers are donated to the new
+    ones (so ``lm.variables`` passed here can no longer be used by ``lm``: trace
+    with ``lm.bind(new_params)``), except where arrays are shared: XLA cannot
+    donate a buffer twice.
     """
 
-    def step(trainable: Any, opt_state: Any, *args: Any) -> tuple[Any, Any, jax.Array]:
+    def step(ties: tuple[tuple[int, ...], ...], trainable: Any, opt_state: Any,
+             *args: Any) -> tuple[Any, Any, jax.Array]:
         loss, grads = jax.value_and_grad(loss_fn)(trainable, *args)
+        if ties:
+            leaves, treedef = jax.tree_util.tree_flatten(grads)
+            for group in ties:
+                total = sum(leaves[i] for i in group)
+                for i in group:
+                    leaves[i] = total
+            grads = jax.tree_util.tree_unflatten(treedef, leaves)
         updates, opt_state = optimizer.update(grads, opt_state, trainable)
         return optax.apply_updates(trainable, updates), opt_state, loss
 
-    donating, keeping = jax.jit(step, donate_argnums=(0, 1)), jax.jit(step)
+    donating = jax.jit(step, static_argnums=0, donate_argnums=(1, 2))
+    keeping = jax.jit(step, static_argnums=0)
 
     @functools.wraps(step)
     def call(trainable: Any, opt_state: Any, *args: Any) -> tuple[Any, Any, jax.Array]:
+        groups: dict[int, list[int]] = {}
+        for i, leaf in enumerate(jax.tree_util.tree_leaves(trainable)):
+            if isinstance(leaf, jax.Array):
+                groups.setdefault(id(leaf), []).append(i)
+        ties = tuple(tuple(group) for group in groups.values() if len(group) > 1)
         leaves = [leaf for leaf in jax.tree_util.tree_leaves((trainable, opt_state))
                   if isinstance(leaf, jax.Array)]
         shared = len({id(leaf) for leaf in leaves}) < len(leaves)
-        return (keeping if shared else donating)(trainable, opt_state, *args)
+        new, opt_state, loss = (keeping if shared else donating)(ties, trainable, opt_state, *args)
+        if ties:  # equal values at tied leaves; one array there again, as in the input
+            leaves, treedef = jax.tree_util.tree_flatten(new)
+            for group in ties:
+                for i in group[1:]:
+                    leaves[i] = leaves[group[0]]
+            new = jax.tree_util.tree_unflatten(treedef, leaves)
+        return new, opt_state, loss
 
     return call
 

@@ -258,7 +258,8 @@ def test_a_linear_probe_learns_to_read_a_site(models):
 
 
 def test_train_step_fine_tunes_tied_parameters_and_donates_the_rest(models):
-    """GPT-2's tied embedding is one array at two leaves, which XLA cannot donate twice."""
+    """GPT-2's tied embedding is one array at two leaves, which XLA cannot donate twice,
+    and one parameter: it gets the sum of both uses' gradients and stays tied, as in torch."""
     _, lm = models["gpt2"]
     ids = jnp.asarray(np.arange(6)[None] + 3)
 
@@ -272,12 +273,15 @@ def test_train_step_fine_tunes_tied_parameters_and_donates_the_rest(models):
     leaves = jax.tree_util.tree_leaves(params)
     assert len({id(x) for x in leaves}) == len(leaves) - 1  # lm_head.weight is wte.weight
     state = optimizer.init(params)
-    grads = jax.grad(loss_fn)(params, ids)
-    expected = jax.tree_util.tree_map(lambda p, g: p - 0.1 * g, params, grads)
+    grads = jax.grad(loss_fn)(params, ids)["params"]
+    tied = grads["transformer"]["wte"]["weight"] + grads["lm_head"]["weight"]
+    grads["transformer"]["wte"]["weight"] = grads["lm_head"]["weight"] = tied
+    expected = jax.tree_util.tree_map(lambda p, g: p - 0.1 * g, params, {"params": grads})
     new, _, loss = jnnsight.train_step(loss_fn, optimizer)(params, state, ids)
     assert float(loss) == pytest.approx(float(loss_fn(params, ids)), rel=1e-6)
     for got, want in zip(jax.tree_util.tree_leaves(new), jax.tree_util.tree_leaves(expected), strict=True):
         np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
+    assert new["params"]["lm_head"]["weight"] is new["params"]["transformer"]["wte"]["weight"]
     assert not any(x.is_deleted() for x in jax.tree_util.tree_leaves(params))  # kept: tied
     # untied trainables are donated, as documented
     steer = SteeringVector(jnp.arange(8.0))
