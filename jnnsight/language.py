@@ -519,8 +519,10 @@ class LanguageModel(NNsight):
 
     def _collate(self, inputs: list[tuple[tuple, dict] | None], lines: list) -> Batch:
         """Tokenize every invoke's input and left-pad all rows into one batch."""
-        pad_id = getattr(self.tokenizer, "pad_token_id", None)
-        pad = pad_id if pad_id is not None else 0  # padded positions are masked anyway
+        # Padded positions are masked, but their ids show in a generation's result: without
+        # a pad token, the end token, as nnsight sets it (then 0).
+        pad = next((i for i in (getattr(self.tokenizer, "pad_token_id", None),
+                                getattr(self.tokenizer, "eos_token_id", None)) if i is not None), 0)
         parts: list[tuple[Any, Any]] = []
         spans: list[tuple[int, int] | None] = []
         total = 0

@@ -272,6 +272,13 @@ def test_a_tokenizer_without_pad_or_eos_token_still_batches(smollm2):
         solo = smollm2.lm_head.output.save()
     n = solo.shape[1]
     assert float(jnp.abs(short[0, -n:] - solo[0]).max()) <= 1e-4
+    # Without a pad token the end token pads, as nnsight sets it: it shows in a result.
+    tokenizer.eos_token = smollm2.tokenizer.eos_token
+    lm = LanguageModel(module=smollm2.module, variables=smollm2.variables, tokenizer=tokenizer)
+    with lm.generate(["Paris is", PROMPT], max_new_tokens=1, eos_token_id=None) as tracer:
+        tokens = tracer.result.save()
+    pads = tokens.shape[1] - 1 - len(tokenizer("Paris is")["input_ids"])
+    assert np.asarray(tokens[0, :pads]).tolist() == [tokenizer.eos_token_id] * pads
 
 
 MODELS = Path(__file__).resolve().parents[1] / "models"
