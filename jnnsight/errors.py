@@ -110,6 +110,37 @@ def warn_at_user_line(message: str, category: type[Warning] = UserWarning) -> No
         warnings.warn_explicit(message, category, line.filename, line.lineno)
 
 
+# What a block's body most often gets wrong, coming from torch and nnsight: the error
+# JAX or Python raises, recognized by its message, and the jnnsight way to write it.
+_BODY_ADVICE = (
+    (("JAX arrays are immutable", "does not support item assignment"),
+     "jnnsight: a value read in a block is a JAX array. Write an edit back to its site: "
+     "`envoy.output = envoy.output.at[:, -1].set(v)` (rebinding a name, `h = h.at[...]"
+     ".set(v)`, changes nothing in the model)."),
+    (("TracerBoolConversionError", "ConcretizationTypeError", "TracerArrayConversionError",
+      "TracerIntegerConversionError"),
+     "jnnsight: a block's body runs once, on abstract values, before the forward: Python "
+     "`if`, `while`, `int()`, `float()` and numpy cannot look at a value's numbers. Use "
+     "`jnp.where(cond, a, b)` or `jax.lax.cond`, or save the value and use numpy after the "
+     "block; shapes (`h.shape`) are known and can be branched on."),
+    (("'Tensor'",),
+     "jnnsight: torch tensors do not mix with JAX values. Convert them first: "
+     "`jnp.asarray(t.detach().cpu().numpy())`."),
+    (("has no attribute 'save'", "save() was called outside"),
+     "jnnsight: `.save()` exists on values read from the model; save any other value or "
+     "pytree (a list, a dict, a dataclass) with `jnnsight.save(value)`."),
+)
+
+
+def advise(err: BaseException) -> None:
+    """Add a note on the jnnsight way to an error a block's body raised, where one fits."""
+    text = f"{type(err).__name__}: {err}"
+    for needles, advice in _BODY_ADVICE:
+        if any(n in text for n in needles) and advice not in getattr(err, "__notes__", ()):
+            err.add_note(advice)
+            return
+
+
 def close_names(name: str, candidates: list[str]) -> str:
     """A hint sentence listing the candidates that look like ``name``."""
     close = difflib.get_close_matches(name, candidates, n=3, cutoff=0.5)

@@ -47,6 +47,9 @@ Exceptions in the body
   * ``1/0``, a jnp shape error, a broadcast error (an error with a cause),
     ``if tracer > 0``, ``np.asarray(tracer)``
                                  -> the original type, the body line last in the traceback
+  * ``h[:, -1] = 0`` in place, ``h + torch_tensor``, ``[h].save()``,
+    ``if tracer > 0``, ``np.asarray(tracer)``  -> the original error, with a note on the
+                                                  jnnsight way to write it
 """
 
 from __future__ import annotations
@@ -590,6 +593,7 @@ def test_python_branch_on_traced_value(small):
             if model.h[0].output[0].sum() > 0:  # L:bool
                 pass
     _check_body_traceback(info.value, "bool_with", "bool")
+    assert "jnp.where" in info.value.__notes__[-1]
 
 
 def test_numpy_conversion_of_traced_value(small):
@@ -598,6 +602,30 @@ def test_numpy_conversion_of_traced_value(small):
         with model.trace(tokens):  # L:np_with
             a = np.asarray(model.h[0].output[0])  # L:np
     _check_body_traceback(info.value, "np_with", "np")
+    assert "save the value and use numpy after" in info.value.__notes__[-1]
+
+
+def test_torch_and_nnsight_habits_in_a_body_get_a_note_on_the_jnnsight_way(small):
+    """The error stays JAX's or Python's; a note says how jnnsight spells it."""
+    torch = pytest.importorskip("torch")
+    model, tokens = small
+
+    def in_place():
+        model.h[0].output[0][:, -1] = 0
+
+    def with_torch():
+        return model.h[0].output[0] + torch.ones(1)
+
+    def list_save():
+        return [model.h[0].output[0]].save()
+
+    for body, error, note in ((in_place, TypeError, "envoy.output = envoy.output.at"),
+                              (with_torch, TypeError, "jnp.asarray(t.detach()"),
+                              (list_save, AttributeError, "jnnsight.save(value)")):
+        with pytest.raises(error) as info:
+            with model.trace(tokens):
+                body()
+        assert note in info.value.__notes__[-1], body.__name__
 
 
 def test_model_cannot_take_the_input(small):

@@ -35,6 +35,7 @@ from ..errors import (
     CaptureError,
     JnnsightError,
     UserLine,
+    advise,
     at_line,
     at_user_line,
     close_names,
@@ -212,6 +213,8 @@ class Tracer:
             self._run()
         except BaseException as err:
             _forget_skip(err)
+            if not isinstance(err, JnnsightError):
+                advise(err)
             raise err.with_traceback(_trimmed(err)) from err.__cause__
         finally:
             del self._capture  # the caller's frame, and through it its locals
