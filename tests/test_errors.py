@@ -47,6 +47,8 @@ Exceptions in the body
   * ``1/0``, a jnp shape error, a broadcast error (an error with a cause),
     ``if tracer > 0``, ``np.asarray(tracer)``
                                  -> the original type, the body line last in the traceback
+  * ``output[:, -1]``, ``output.shape``, ``output * 2`` on a block's tuple output
+                                                -> TypeError / AttributeError, "take an element"
   * ``h[:, -1] = 0`` in place, ``h + torch_tensor``, ``[h].save()``,
     ``if tracer > 0``, ``np.asarray(tracer)``  -> the original error, with a note on the
                                                   jnnsight way to write it
@@ -603,6 +605,21 @@ def test_numpy_conversion_of_traced_value(small):
             a = np.asarray(model.h[0].output[0])  # L:np
     _check_body_traceback(info.value, "np_with", "np")
     assert "save the value and use numpy after" in info.value.__notes__[-1]
+
+
+def test_array_habits_on_a_tuple_output_say_to_take_an_element(small):
+    """transformers 5 blocks return a tensor; ours (and transformers 4's) a tuple."""
+    model, tokens = small
+    for use in (lambda o: o[:, -1], lambda o: o[..., 0], lambda o: o.shape, lambda o: o * 2,
+                lambda o: 2 * o, lambda o: o.sum()):
+        with pytest.raises((TypeError, AttributeError), match="take an element first") as info:
+            with model.trace(tokens):
+                use(model.h[0].output)
+        assert THIS in str(info.value).splitlines()[0]
+    with model.trace(tokens):
+        first = model.h[0].output[0][:, -1].save()
+        whole = jnnsight.save(model.h[0].output[0:1])
+    np.testing.assert_array_equal(first, whole[0][:, -1])
 
 
 def test_torch_and_nnsight_habits_in_a_body_get_a_note_on_the_jnnsight_way(small):

@@ -598,9 +598,36 @@ class _SiteContainer:
 
 
 class SiteTuple(_SiteContainer, tuple):
-    """A tuple site value: ``site.output[0] = v`` writes one element."""
+    """A tuple site value: ``site.output[0] = v`` writes one element.
+
+    Array habits on it (``output[:, -1]``, ``output.shape``, ``output * 2``), which
+    transformers 5's tensor block outputs allow, are errors that say to take an
+    element first, not tuple indexing or repetition.
+    """
 
     __setitem__ = _SiteContainer._set
+
+    def _not_an_array(self, what: str) -> str:
+        return at_user_line(
+            f"{what} is for arrays, and this value is a tuple of {len(self)} (a transformer "
+            "block returns `(hidden, ...)`, as in transformers 4 and the nnsight README): "
+            "take an element first, e.g. `.output[0][:, -1]`."
+        )
+
+    def __getitem__(self, index: Any) -> Any:
+        if isinstance(index, tuple) or index is Ellipsis:  # h[:, -1], as on a tensor
+            raise TypeError(self._not_an_array("indexing with several axes"))
+        return tuple.__getitem__(self, index)
+
+    def __getattr__(self, name: str) -> Any:
+        if name.startswith("_"):
+            raise AttributeError(name)
+        raise AttributeError(self._not_an_array(f"`.{name}`"))
+
+    def __mul__(self, other: Any) -> Any:
+        raise TypeError(self._not_an_array("`*`"))
+
+    __rmul__ = __mul__
 
 
 class SiteList(_SiteContainer, list):
