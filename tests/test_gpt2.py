@@ -246,3 +246,21 @@ def test_trace_with_left_padding_mask_equals_torch(gpt2):
     real = mask.astype(bool)
     assert max_diff(np.asarray(block)[real], seen[0][real]) <= TOL
     assert max_diff(np.asarray(logits)[real], theirs[real]) <= TOL
+
+
+def test_mlp_neurons_at_act_equal_a_torch_hook(gpt2):
+    """`mlp.act` is a module, as in transformers: its output (the neurons) is a site."""
+    model, ids = gpt2["model"], gpt2["ids"]
+    with model.trace(ids):
+        neurons = model.transformer.h[1].mlp.act.output.save()
+        model.transformer.h[0].mlp.act.output = model.transformer.h[0].mlp.act.output * 0
+        logits = model.output.logits.save()
+        also = model.output["logits"].save()
+    seen = []
+    hooks = [(gpt2["torch_model"].transformer.h[1].mlp.act, lambda m, a, o: seen.append(o)),
+             (gpt2["torch_model"].transformer.h[0].mlp.act, lambda m, a, o: o * 0)]
+    theirs, _ = torch_forward(gpt2, ids, hooks=hooks)
+    assert max_diff(neurons, seen[0].numpy()) <= TOL
+    assert max_diff(logits, theirs) <= TOL
+    assert max_diff(theirs, torch_forward(gpt2, ids)[0]) > 1e-2  # the edit matters
+    np.testing.assert_array_equal(also, logits)  # output["logits"], as transformers' ModelOutput

@@ -259,3 +259,32 @@ def test_saved_layer_outputs_equal_output_hidden_states(tmp_root):
         handle.remove()
     last = seen[0][0] if isinstance(seen[0], tuple) else seen[0]
     assert max_diff(layers[1], last.numpy()) <= TOL
+
+
+def test_mlp_neurons_at_act_fn_equal_a_torch_hook_and_ablating_them_too(tmp_root):
+    """`mlp.act_fn` is a module, as in transformers: its output (the neurons) is a site."""
+    tm, _, module, variables = case("llama", tmp_root)
+    model = NNsight(module, variables)
+    ids = ids_of(6)
+    with model.trace(jnp.asarray(ids)):
+        neurons = model.model.layers[0].mlp.act_fn.output.save()
+        act = model.model.layers[1].mlp.act_fn
+        act.output = act.output.at[..., :8].set(0)
+        logits = model.lm_head.output.save()
+    seen = []
+
+    def ablate(m, a, out):
+        out = out.clone()
+        out[..., :8] = 0
+        return out
+
+    handles = [tm.model.layers[0].mlp.act_fn.register_forward_hook(lambda m, a, o: seen.append(o)),
+               tm.model.layers[1].mlp.act_fn.register_forward_hook(ablate)]
+    try:
+        theirs = torch_logits(tm, ids)
+    finally:
+        for handle in handles:
+            handle.remove()
+    assert max_diff(neurons, seen[0].numpy()) <= TOL
+    assert max_diff(logits, theirs) <= TOL
+    assert max_diff(theirs, torch_logits(tm, ids)) > 1e-2  # the ablation changed something

@@ -42,6 +42,31 @@ class CausalLMOutput:
         builder = current()
         return self if builder is None else builder.save(self)
 
+    def __getitem__(self, key: str | int | slice) -> Any:
+        """``output["logits"]`` or ``output[0]``, as transformers' ``ModelOutput``
+        (numbers index the fields that are not None)."""
+        if isinstance(key, str):
+            if key not in ("logits", "past_key_values"):
+                raise KeyError(f"{key!r}: a causal LM output has 'logits' and 'past_key_values'.")
+            return getattr(self, key)
+        return tuple(v for v in (self.logits, self.past_key_values) if v is not None)[key]
+
+
+class Activation(nn.Module):
+    """An elementwise activation as a module of its own, so that its output is a site:
+    transformers' ``mlp.act_fn`` (Llama) and ``mlp.act`` (GPT-2), the MLP's neurons.
+
+    Example::
+
+        >>> with lm.trace(ids):
+        ...     neurons = lm.model.layers[3].mlp.act_fn.output.save()
+    """
+
+    function: Callable[[jax.Array], jax.Array]
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        return self.function(x)
+
 
 def path_of(key: str) -> tuple[str, ...]:
     """A checkpoint key as a linen path: ``layers.0`` becomes ``layers_0``."""

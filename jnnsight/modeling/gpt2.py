@@ -46,7 +46,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from .common import (CausalLMOutput, Embedding, LayerNorm, Linear, cache_mask, causal_mask,
+from .common import (Activation, CausalLMOutput, Embedding, LayerNorm, Linear, cache_mask, causal_mask,
                      contract, param, project, torch_init, write_cache)
 
 # -- configuration --------------------------------------------------------------------
@@ -295,7 +295,8 @@ class GPT2Attention(nn.Module):
 
 
 class GPT2MLP(nn.Module):
-    """``c_proj(act(c_fc(x)))``; returns the array.
+    """``c_proj(act(c_fc(x)))``; returns the array. ``act`` is a module (its output,
+    the MLP's neurons, is a site).
 
     Example::
 
@@ -312,10 +313,10 @@ class GPT2MLP(nn.Module):
         c = self.config
         self.c_fc = Conv1D(c.inner_dim, dtype=self.dtype)
         self.c_proj = Conv1D(c.n_embd, dtype=self.dtype)
+        self.act = Activation(ACT2FN[c.activation_function])
 
     def __call__(self, hidden_states: jax.Array) -> jax.Array:
-        act = ACT2FN[self.config.activation_function]
-        return self.c_proj(act(self.c_fc(hidden_states)))
+        return self.c_proj(self.act(self.c_fc(hidden_states)))
 
 
 class GPT2Block(nn.Module):

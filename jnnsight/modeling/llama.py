@@ -61,7 +61,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from .common import (CausalLMOutput, Embedding, Linear, RMSNorm, cache_mask, causal_mask,
+from .common import (Activation, CausalLMOutput, Embedding, Linear, RMSNorm, cache_mask, causal_mask,
                      contract, write_cache)
 
 # ----------------------------------------------------------------------------------------
@@ -447,7 +447,7 @@ class LlamaAttention(nn.Module):
 
 
 class LlamaMLP(nn.Module):
-    """``down_proj(act(gate_proj(x)) * up_proj(x))``."""
+    """``down_proj(act_fn(gate_proj(x)) * up_proj(x))``."""
 
     config: LlamaConfig
     dtype: Any = jnp.float32
@@ -457,10 +457,10 @@ class LlamaMLP(nn.Module):
         self.gate_proj = Linear(c.intermediate_size, c.mlp_bias, self.dtype)
         self.up_proj = Linear(c.intermediate_size, c.mlp_bias, self.dtype)
         self.down_proj = Linear(c.hidden_size, c.mlp_bias, self.dtype)
+        self.act_fn = Activation(ACTIVATIONS[c.hidden_act])
 
     def __call__(self, x: jax.Array) -> jax.Array:
-        act = ACTIVATIONS[self.config.hidden_act]
-        return self.down_proj(act(self.gate_proj(x)) * self.up_proj(x))
+        return self.down_proj(self.act_fn(self.gate_proj(x)) * self.up_proj(x))
 
 
 class LlamaDecoderLayer(nn.Module):
