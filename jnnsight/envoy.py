@@ -37,6 +37,18 @@ def _builder(envoy: "Envoy", what: str) -> _program.Builder:
     return builder
 
 
+# nnsight API that jnnsight spells another way or does not have, and what to write.
+_NNSIGHT_ONLY = {
+    "session": "jnnsight has no session: run traces one after another (a saved value is a "
+               "jax.Array the next block can use), or batch inputs with `tracer.invoke`.",
+    "edit": "jnnsight has no persistent edits: put the edit in a function that opens "
+            "`model.trace(...)` and call it, or use `model.intervene(body)`.",
+    "source": "jnnsight addresses module inputs and outputs only, not lines of a forward.",
+    "all": "in a generate block, `with tracer.all():` addresses every step.",
+    "iter": "in a generate block, `for step in tracer.iter[1:4]:` addresses steps.",
+}
+
+
 class Envoy:
     """The stand-in of one module of the model: its sites, children and parameters."""
 
@@ -66,6 +78,8 @@ class Envoy:
             if builder is None:
                 return model._leaves[index]
             return builder.param(index)
+        if name in _NNSIGHT_ONLY:
+            raise AttributeError(at_user_line(f"`.{name}` is nnsight's; {_NNSIGHT_ONLY[name]}"))
         names = sorted(children) + sorted(numbered) + model._param_names(self._path)
         raise AttributeError(at_user_line(
             f"{self._name} has no submodule or parameter {name!r}. "

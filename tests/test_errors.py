@@ -4,6 +4,8 @@ Bad inputs tried
 ----------------
 Module tree
   * unknown attribute ``model.h[0].mlpp`` (outside and inside a block)  -> AttributeError, "mlp"
+  * nnsight's ``model.session``, ``.edit``, ``.source``, ``envoy.all``, ``.iter``
+                                                   -> AttributeError, the jnnsight way
   * index out of range ``model.h[7]`` / ``model.h[-3]``                 -> IndexError
   * ``model.h = 3`` / ``model.h[0] = 3``                                -> AttributeError / TypeError
   * ``model.h[0].output`` / ``.next()`` outside any block               -> SiteError
@@ -605,6 +607,16 @@ def test_numpy_conversion_of_traced_value(small):
             a = np.asarray(model.h[0].output[0])  # L:np
     _check_body_traceback(info.value, "np_with", "np")
     assert "save the value and use numpy after" in info.value.__notes__[-1]
+
+
+def test_nnsight_api_jnnsight_spells_otherwise_names_the_jnnsight_way(small):
+    model, _ = small
+    for name, advice in (("session", "one after another"), ("edit", "model.intervene"),
+                         ("source", "inputs and outputs only"), ("all", "tracer.all()"),
+                         ("iter", "tracer.iter")):
+        with pytest.raises(AttributeError, match=rf"`.{name}` is nnsight's; .*{re.escape(advice)}") as info:
+            getattr(model.h[0] if name in ("source", "all", "iter") else model, name)
+        assert THIS in str(info.value).splitlines()[0]
 
 
 def test_array_habits_on_a_tuple_output_say_to_take_an_element(small):
