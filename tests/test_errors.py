@@ -16,6 +16,7 @@ Writes
     the whole output tuple into its own element                         -> WriteError
   * tuple element out of range ``model.h[0].output[1] = ...``            -> IndexError
   * ``.input`` of the wrong shape                                       -> WriteError
+  * ``.skip(h)`` for a module whose output is a tuple                   -> WriteError, ".skip((h,))"
   * a write of the whole batch's shape inside a one-row invoke          -> WriteError
 Sites
   * ``.next()`` past the module's last call                             -> SiteError
@@ -617,6 +618,19 @@ def test_nnsight_api_jnnsight_spells_otherwise_names_the_jnnsight_way(small):
         with pytest.raises(AttributeError, match=rf"`.{name}` is nnsight's; .*{re.escape(advice)}") as info:
             getattr(model.h[0] if name in ("source", "all", "iter") else model, name)
         assert THIS in str(info.value).splitlines()[0]
+
+
+def test_skip_with_a_bare_array_for_a_tuple_output_says_to_give_the_whole_output(small):
+    model, tokens = small
+    with pytest.raises(WriteError, match=r"\.skip\(\(h,\)\)") as info:
+        with model.trace(tokens):
+            model.h[1].skip(model.h[0].output[0])
+    assert THIS in str(info.value).splitlines()[0]
+    with model.trace(tokens):
+        model.h[1].skip((model.h[0].output[0],))
+        out = model.h[1].output[0].save()
+        before = model.h[0].output[0].save()
+    np.testing.assert_array_equal(out, before)
 
 
 def test_array_habits_on_a_tuple_output_say_to_take_an_element(small):

@@ -349,19 +349,22 @@ class Builder:
                 "module computes no output, so that value would silently be the skip value. "
                 "Skip first, or read the module's input instead."
             ))
-        new = self._checked(output, rows, value, describe)
+        new = self._checked(output, rows, value, describe, skip=True)
         self.skipped[module_input.key] = new
         self.replaced.add(output.key)
         self.write_lines[module_input.order] = user_line(2)
         self.current[output.key] = list(new)
 
-    def _checked(self, site: Site, rows: Rows, value: Any, describe: Callable[[], str]) -> list[Any]:
+    def _checked(self, site: Site, rows: Rows, value: Any, describe: Callable[[], str],
+                 skip: bool = False) -> list[Any]:
         leaves, treedef = jax.tree_util.tree_flatten(plain(value))
         if treedef != site.treedef:
+            fix = ("give `.skip()` the whole output, e.g. `.skip((h,))` for a block's tuple"
+                   if skip else "for one element of a tuple: `site.output[0] = v`")
             raise WriteError(at_user_line(
                 f"{describe()} holds a value of structure {site.treedef}, and the "
                 f"value written has structure {treedef}. Write a value of the same "
-                "structure (for one element of a tuple: `site.output[0] = v`)."
+                f"structure ({fix})."
             ))
         out = []
         for leaf, want, batched in zip(leaves, site.leaves, self._batched(site)):
