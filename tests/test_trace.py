@@ -286,9 +286,20 @@ def test_cache_holds_every_output_after_edits(toy):
     for (path, call), value in seen.items():
         assert_close(cache[".".join(path), call], value)
     assert cache[model.h[0].mlp] is cache["h_0.mlp"] is cache["h.0.mlp"] is cache["h[0].mlp"]
+    assert cache["model.h.0.mlp"] is cache["h_0.mlp"] and cache["model"] is cache[""]  # nnsight's
     assert "h.1" in cache and ("h.1", 1) not in cache
     with pytest.raises(KeyError, match="no output of that module call. Did you mean 'h_0.mlp'"):
         cache["h.0.mpl"]
+
+    # modules=, as nnsight's: only those outputs are kept
+    with model.trace(tokens) as tracer:
+        model.h[0].mlp.output = model.h[0].mlp.output * 0
+        some = tracer.cache(modules=[model.h[0].mlp, "h.1"])
+    assert set(some) == {("h_0.mlp", 0), ("h_1", 0)}
+    assert_close(some["h.0.mlp"], cache["h.0.mlp"])
+    with pytest.raises(jnnsight.SiteError, match="no module 'h_0.mpl'.*Did you mean 'h_0.mlp'"):
+        with model.trace(tokens) as tracer:
+            tracer.cache(modules=["h.0.mpl"])
 
 
 class Shared(nn.Module):

@@ -34,6 +34,7 @@ from jax import core
 from ..errors import (
     CaptureError,
     JnnsightError,
+    SiteError,
     UserLine,
     advise,
     at_line,
@@ -156,8 +157,9 @@ class Tracer:
         builder.stopped = True
         raise StopTrace
 
-    def cache(self) -> "Cache":
-        """Every module's output (after edits), keyed by path or envoy, after the block.
+    def cache(self, modules: list[Any] | None = None) -> "Cache":
+        """Every module's output (after edits), keyed by path or envoy, after the block;
+        with ``modules`` (envoys or paths), only theirs, as nnsight's ``modules=``.
 
         Example::
 
@@ -172,6 +174,16 @@ class Tracer:
                 "trace has invokes)."
             ))
         cache = Cache()
+        wanted = None
+        if modules is not None:
+            known = {".".join(path) for path in builder.table.modules}
+            wanted = {Cache.path_in(m, known) for m in modules}
+            unknown = sorted(wanted - known)
+            if unknown:
+                raise SiteError(at_user_line(
+                    f"tracer.cache(modules=...): no module {unknown[0]!r} runs in this forward. "
+                    + close_names(unknown[0], sorted(known))
+                ))
 
         def fill() -> None:
             table = builder.table
@@ -180,6 +192,7 @@ class Tracer:
             for site in table.sites:
                 path, call, kind = site.key
                 if (kind == "output" and not site.lifted
+                        and (wanted is None or ".".join(path) in wanted)
                         and not any(a < site.order < b for a, b in skipped)):
                     leaves = builder._leaves(site)
                     dict.__setitem__(
@@ -317,8 +330,9 @@ class Cache(dict):
     """Module outputs of a trace, keyed ``(path, call)``; ``cache["block_1"]`` is call 0.
 
     A path may be written as the module tree has it (``"model.layers_0.mlp"``), as
-    PyTorch names it (``"model.layers.0.mlp"``) or as envoys index it
-    (``"model.layers[0].mlp"``).
+    PyTorch names it (``"model.layers.0.mlp"``), as envoys index it
+    (``"model.layers[0].mlp"``), or as nnsight's cache keys it, from the root
+    (``"model.model.layers.0.mlp"``).
 
     Example::
 
@@ -327,27 +341,36 @@ class Cache(dict):
     """
 
     def __getitem__(self, key: Any) -> Any:
-        normal = self._normal(key)
-        if not dict.__contains__(self, normal):
-            paths = sorted({path for path, _ in self.keys()})
+        called = isinstance(key, tuple) and len(key) == 2 and isinstance(key[1], int)
+        module, call = key if called else (key, 0)
+        path = self.path_in(module, {p for p, _ in self.keys()})
+        if not dict.__contains__(self, (path, call)):
+            paths = sorted({p for p, _ in self.keys()})
             raise KeyError(f"{key!r}: the cache holds no output of that module call. "
-                           + close_names(normal[0], paths))
-        return dict.__getitem__(self, normal)
+                           + close_names(path, paths))
+        return dict.__getitem__(self, (path, call))
 
     def __contains__(self, key: Any) -> bool:
-        return dict.__contains__(self, self._normal(key))
+        try:
+            self[key]
+        except KeyError:
+            return False
+        return True
 
     @staticmethod
-    def _normal(key: Any) -> tuple[str, int]:
-        call = 0
-        if isinstance(key, tuple) and len(key) == 2 and isinstance(key[1], int):
-            key, call = key
+    def path_in(key: Any, paths: set[str]) -> str:
+        """The module-tree path (``"model.layers_0.mlp"``) a user's key stands for."""
         path = getattr(key, "_path", None)
         if path is not None:
-            key = ".".join(path)
-        elif isinstance(key, str):  # layers.0 and layers[0] are the module tree's layers_0
-            key = re.sub(r"\.(\d+)(?=\.|$)", r"_\1", re.sub(r"\[(\d+)\]", r"_\1", key))
-        return (key, call)
+            return ".".join(path)
+        if not isinstance(key, str):
+            return str(key)
+        # layers.0 and layers[0] are the module tree's layers_0
+        key = re.sub(r"\.(\d+)(?=\.|$)", r"_\1", re.sub(r"\[(\d+)\]", r"_\1", key))
+        if key in paths:
+            return key
+        rooted = "" if key == "model" else key.removeprefix("model.")  # nnsight's root
+        return rooted if rooted in paths else key
 
 
 def _forget_skip(err: BaseException) -> None:
