@@ -14,6 +14,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+import jnnsight
 from jnnsight import NNsight
 
 from conftest import assert_close, reference
@@ -379,3 +380,28 @@ def test_sites_inside_flax_lifted_transforms_are_refused_and_the_rest_works():
     head = model.variables["params"]["head"]
     assert_close(out, (h @ head["kernel"] + head["bias"]) * 2)
     assert set(cache) == {("", 0), ("head", 0)}
+
+
+class _Normed(nn.Module):
+    @nn.compact
+    def __call__(self, x, train: bool = False):
+        return nn.BatchNorm(use_running_average=not train, name="bn")(nn.Dense(4, name="fc")(x))
+
+
+def test_collections_a_forward_updates_are_the_tracers_updates():
+    """flax's mutable= (BatchNorm in training): the updated statistics follow the edits."""
+    module = _Normed()
+    x = jax.random.normal(jax.random.key(0), (8, 3))
+    model = NNsight(module, module.init(jax.random.key(1), x))
+    with model.trace(x, True, mutable=["batch_stats"]) as tracer:
+        model.fc.output = model.fc.output * 2
+        out = model.output.save()
+    (expected, updates), _ = reference(model, x, True, mutable=["batch_stats"],
+                                       edit=lambda p, c, o: o * 2 if p == ("fc",) else o)
+    assert_close(out, expected)
+    assert_close(tracer.updates, updates)
+    with model.trace(x) as tracer:
+        model.output.save()
+    with pytest.raises(jnnsight.JnnsightError, match="mutable=") as caught:
+        tracer.updates
+    assert "test_edges.py" in str(caught.value).splitlines()[0]

@@ -206,8 +206,29 @@ class Tracer:
 
     def _execute(self, batch: Batch, bodies: Callable[[], None]) -> tuple[dict[int, Any], "Builder"]:
         """Steps 3 to 6: saved values by tracer id, and the builder of the abstract pass."""
-        _, values, builder = self.model._run(self.model.variables, batch, bodies, scan=self._scan)
+        output, values, builder = self.model._run(self.model.variables, batch, bodies, scan=self._scan)
+        if batch.kwargs.get("mutable") and output is not None:  # flax's (output, updates)
+            self._updates = output[1]
         return values, builder
+
+    @property
+    def updates(self) -> Any:
+        """The variable collections the forward updated, after a block whose forward
+        flax was asked for them (``mutable=``), as ``module.apply`` returns them.
+
+        Example::
+
+            >>> with model.trace(x, True, mutable=["batch_stats"]) as tracer:
+            ...     h = model.bn.output.save()
+            >>> variables = {**model.variables, **tracer.updates}
+        """
+        if "_updates" not in self.__dict__:  # (an AttributeError would go to __getattr__)
+            raise JnnsightError(at_user_line(
+                "`tracer.updates` holds what a forward given `mutable=[...]` updated "
+                "(`model.trace(x, mutable=['batch_stats'])`), after its block; this block's "
+                "forward had no mutable collections, or was stopped early."
+            ))
+        return self._updates
 
     def __enter__(self) -> "Tracer":
         if _program.current() is not None or _collecting() is not None:
