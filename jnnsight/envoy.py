@@ -26,6 +26,7 @@ from .tracing.discover import NUMBERED, is_int, module_name, site_name
 if TYPE_CHECKING:
     from .nnsight import NNsight
 
+
 def _builder(envoy: "Envoy", what: str) -> _program.Builder:
     builder = _program.current()
     if builder is None:

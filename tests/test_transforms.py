@@ -8,8 +8,10 @@ import threading
 import jax
 import jax.numpy as jnp
 import numpy as np
+import pytest
 
 from conftest import assert_close, reference
+from jnnsight import JnnsightError
 
 
 def _steered(model, tokens, vec, variables=None):
@@ -160,3 +162,26 @@ def test_repeating_a_block_with_new_values_of_the_same_shapes_does_not_compile(t
     assert after_first > compiled
     other(vec * 5)
     assert len(compile_counter) == after_first
+
+
+def test_jax_export_with_a_symbolic_length_and_a_clear_error_for_a_symbolic_batch(toy):
+    model, tokens = toy
+    steer = jnp.linspace(-1.0, 1.0, 16)
+
+    def steered(vec, ids):
+        with model.trace(ids):
+            model.h[0].output[0] = model.h[0].output[0] + vec
+            out = model.output.save()
+        return out
+
+    length, = jax.export.symbolic_shape("length")
+    exported = jax.export.export(jax.jit(steered))(
+        steer, jax.ShapeDtypeStruct((tokens.shape[0], length), tokens.dtype))
+    edit = lambda p, c, o: (o[0] + steer, *o[1:]) if p == ("h_0",) else o  # noqa: E731
+    for ids in (tokens, tokens[:, :3]):
+        assert_close(exported.call(steer, ids), reference(model, ids, edit=edit)[0])
+    batch, = jax.export.symbolic_shape("batch")
+    with pytest.raises(JnnsightError, match="batch size is the symbol batch") as caught:
+        jax.export.export(jax.jit(steered))(
+            steer, jax.ShapeDtypeStruct((batch, tokens.shape[1]), tokens.dtype))
+    assert "test_transforms.py" in str(caught.value).splitlines()[0]

@@ -39,7 +39,14 @@ class Batch:
 def _rows_of(args: tuple, kwargs: dict, line: UserLine | None) -> int:
     for leaf in jax.tree_util.tree_leaves((args, kwargs)):
         if is_array(leaf) and np.ndim(leaf) >= 1:
-            return int(np.shape(leaf)[0])
+            rows = np.shape(leaf)[0]
+            if jax.export.is_symbolic_dim(rows):
+                raise JnnsightError(at_line(line,
+                    f"the batch size is the symbol {rows} (jax.export with a symbolic shape): "
+                    "jnnsight splits a batch into invokes' rows, so it needs the number. Export "
+                    "one program per batch size, or make only other dimensions symbolic."
+                ))
+            return int(rows)
     raise JnnsightError(at_line(line,
         "an invoke's input has no array with a batch axis: jnnsight batches "
         "invokes along axis 0 of their arrays. Give inputs of shape (batch, ...)."
