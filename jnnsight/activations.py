@@ -38,6 +38,11 @@ _CHUNK_BYTES = 8 << 20  # rows per zarr chunk: about 8 MiB of them
 _COMMITTED = ".rows.json"  # rows per name on disk as of the last flush (no array's name)
 
 
+# The store of each folder this process has open: a newer one retires the older (a cell
+# run again in a notebook), whose appends would otherwise write over the newer's rows.
+_OPEN: dict[Path, "weakref.ref[ActivationStore]"] = {}
+
+
 def _flush_at_exit(store: "weakref.ref[ActivationStore]") -> None:
     alive = store()
     if alive is not None:
@@ -66,6 +71,7 @@ class StoredArray:
     @property
     def _array(self) -> Any:
         """The store's current handle: rows appended later are seen."""
+        self._store._check_open()
         self._store.flush()
         return self._store._arrays[self._name]
 
@@ -118,7 +124,9 @@ class ActivationStore:
     it, so a run can resume. Each name keeps the row shape and dtype of its first
     batch; later batches must match (a clear error says how when they do not).
     Only the process that appends writes: in a multi-host run, gather a value
-    first (``.save(gather=True)``) and append on one process.
+    first (``.save(gather=True)``) and append on one process. In one process, a
+    new store of a folder flushes and retires the one open before (using it is
+    then an error): two would write over each other's rows.
 
     Example::
 
@@ -133,6 +141,11 @@ class ActivationStore:
         self.path.mkdir(parents=True, exist_ok=True)
         self._arrays: dict[str, Any] = {}
         self._pending: list[Any] = []
+        self._retired = False
+        previous = _OPEN.get(self.path)
+        if previous is not None and previous() is not None:
+            previous()._retire()
+        _OPEN[self.path] = weakref.ref(self)
         ts = _tensorstore()
         committed = self._committed()
         for folder in sorted(p for p in self.path.iterdir() if (p / "zarr.json").exists()):
@@ -170,6 +183,7 @@ class ActivationStore:
         The rows are copied before this returns; writing them to disk goes on in
         the background until :meth:`flush` (or a read) waits for it.
         """
+        self._check_open()
         batch = {**(values or {}), **named}
         rows = {name: self._host(name, value) for name, value in batch.items()}
         counts = {name: value.shape[0] for name, value in rows.items()}
@@ -204,10 +218,25 @@ class ActivationStore:
         pending, self._pending = self._pending, []
         for commit in pending:
             commit.result()
+        if self._retired:  # the newer store keeps the record
+            return
         counts = {name: int(array.shape[0]) for name, array in self._arrays.items()}
         temporary = self.path / f"{_COMMITTED}.tmp"
         temporary.write_text(json.dumps(counts))
         os.replace(temporary, self.path / _COMMITTED)
+
+    def _retire(self) -> None:
+        if self._pending:  # (with none, its record may be older than the folder's)
+            self.flush()
+        self._retired = True
+
+    def _check_open(self) -> None:
+        if self._retired:
+            raise JnnsightError(at_user_line(
+                f"this ActivationStore of {self.path} was retired when a newer one opened the "
+                "folder in this process: use the newer one (two would write over each other's "
+                "rows)."
+            ))
 
     def __del__(self) -> None:
         if getattr(self, "_pending", None):  # dropped without flush (a temporary, a local)

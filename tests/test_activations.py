@@ -121,3 +121,21 @@ def test_a_store_reopened_after_its_process_died_keeps_only_rows_known_to_be_on_
         ActivationStore({str(folder)!r}).append(x=np.full((1, 3), 4, np.float32))
     """)                                # a normal exit flushes
     assert len(ActivationStore(folder)["x"]) == 4 + 2 + 1
+
+
+def test_a_second_store_of_a_folder_retires_the_first(tmp_path):
+    """A notebook cell run again opens the folder anew: the older store's appends would
+    write over the newer's rows, so the older one flushes and refuses further use."""
+    first = ActivationStore(tmp_path / "acts")
+    first.append(x=np.zeros((2, 3), np.float32))          # not flushed yet
+    second = ActivationStore(tmp_path / "acts")
+    assert len(second["x"]) == 2                           # the first's rows, flushed
+    second.append(x=np.ones((1, 3), np.float32))
+    for use in (lambda: first.append(x=np.ones((1, 3), np.float32)), lambda: first["x"][:]):
+        with pytest.raises(JnnsightError, match="retired") as caught:
+            use()
+        assert "test_activations.py" in str(caught.value).splitlines()[0]
+    del first                                              # its flush must not undo the record
+    second.flush()
+    np.testing.assert_array_equal(ActivationStore(tmp_path / "acts")["x"][:],
+                                  [[0, 0, 0], [0, 0, 0], [1, 1, 1]])
