@@ -6,12 +6,17 @@ compiled step serves any checkpoint of the same shapes.
 
 Example::
 
-    >>> forward = lm.intervene(lambda steer: ...)            # a pure function of variables
+    >>> def body(steer):
+    ...     lm.model.layers[10].output[0] = steer(lm.model.layers[10].output[0])
+    ...     return lm.lm_head.output
+    >>> forward = lm.intervene(body)                  # a pure function of variables
     >>> def loss_fn(steer, variables, ids, target):
     ...     _, logits = forward(variables, ids, steer)
     ...     return -jax.nn.log_softmax(logits[:, -1])[:, target].mean()
-    >>> step = train_step(loss_fn, optax.adam(1e-2))
-    >>> steer, opt_state = SteeringVector.zeros(576), optax.adam(1e-2).init(...)
+    >>> optimizer = optax.adam(1e-2)
+    >>> steer = SteeringVector.zeros(576)
+    >>> opt_state = optimizer.init(steer)
+    >>> step = train_step(loss_fn, optimizer)
     >>> steer, opt_state, loss = step(steer, opt_state, lm.variables, ids, target)
     >>> save_checkpoint("/tmp/run/step_100", {"steer": steer, "opt_state": opt_state})
 """

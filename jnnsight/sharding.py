@@ -14,7 +14,7 @@ Example::
     >>> mesh = jax.make_mesh((2, 4), ("data", "model"))
     >>> lm = LanguageModel("path/to/model", mesh=mesh)      # parameters sharded as they load
     >>> lm.variables["params"]["lm_head"]["weight"].sharding.spec
-    PartitionSpec('model', None)
+    P('model', None)
 """
 
 from __future__ import annotations
@@ -61,7 +61,7 @@ def spec_for(axes: Sequence[str | None], shape: Sequence[int], mesh: Mesh,
     Example::
 
         >>> spec_for(("vocab", "embed"), (49152, 576), jax.make_mesh((8,), ("model",)))
-        PartitionSpec('model', None)
+        P('model', None)
     """
     if len(axes) != len(shape):
         return PartitionSpec()

@@ -539,3 +539,24 @@ def test_the_progress_bar_is_off_by_default_when_not_interactive_and_on_when_ask
         shown = tracer.result.save()
     assert "generate" in capsys.readouterr().err
     np.testing.assert_array_equal(quiet, shown)
+
+
+def test_a_name_bound_at_every_step_gives_no_lost_save_warning(models):
+    """nnsight's pattern: the name holds the last step; earlier steps' saves are not lost
+    values the user forgot (an unassigned save still warns)."""
+    import warnings
+
+    _, lm = models["gpt2"]
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        with lm.generate(PROMPTS[1], max_new_tokens=3, eos_token_id=None) as tracer:
+            with tracer.all():
+                h = lm.transformer.h[0].output[0].save()
+            for step in tracer.iter[:]:
+                last = lm.transformer.h[1].output[0].save()
+    assert not [w for w in caught if "ended up in no variable" in str(w.message)]
+    assert h.shape == last.shape == (1, 1, 32)
+    with pytest.warns(UserWarning, match="1 saved value.*ended up in no variable"):
+        with lm.generate(PROMPTS[1], max_new_tokens=3, eos_token_id=None) as tracer:
+            lm.transformer.h[0].output[0].save()
+            kept = tracer.result.save()

@@ -326,7 +326,10 @@ class Tracer:
 
         changed = resolve_namespace(namespace, names, before, swap)
         write_frame(self._capture.frame, namespace, changed)
-        lost = [i for i in builder.saved if i not in found and i not in builder.internal]
+        # A name a generation's step loop binds keeps the last step's value, by design.
+        kept = {place[0] for i in found for place in builder.save_slots.get(i, ()) if place}
+        lost = [i for i in builder.saved if i not in found and i not in builder.internal
+                and not any(place and place[0] in kept for place in builder.save_slots.get(i, ()))]
         if lost:
             warn_at_user_line(
                 f"{builder.save_lines[lost[0]]}\n{len(lost)} saved value(s) of this block "
