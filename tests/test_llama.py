@@ -48,6 +48,9 @@ CASES = {
     "llama_linear": ("Llama", dict(rope_theta=5000.0,
                                    rope_scaling={"rope_type": "linear", "factor": 2.5})),
     "mistral_window": ("Mistral", dict(rope_theta=5000.0, sliding_window=4)),
+    # layer 0 full, layer 1 sliding, by layer_types (Ministral-8B's config)
+    "ministral_layer_types": ("Ministral", dict(rope_theta=5000.0, sliding_window=4,
+                                                layer_types=["full_attention", "sliding_attention"])),
     # layer 0 full, layer 1 sliding (max_window_layers=1); q/k/v biases, tied
     "qwen2_window_tied": ("Qwen2", dict(rope_theta=5000.0, use_sliding_window=True,
                                         sliding_window=4, max_window_layers=1,
@@ -159,6 +162,18 @@ def test_rope_scaling_added_to_a_new_config_wins_as_in_transformers(tmp_root):
     assert ours.rope_type == "linear"
     np.testing.assert_allclose(rope_inv_freq(ours), theirs.model.rotary_emb.inv_freq.numpy(),
                                rtol=1e-6, atol=0)
+
+
+def test_a_mistral_config_with_layer_types_windows_only_those_layers_as_transformers(tmp_root):
+    """transformers reads it as Ministral: a window on the "sliding_attention" layers only
+    (jnnsight windowed every layer, 10 apart in logits past the window)."""
+    tm, config_json, _, variables = case("ministral_layer_types", tmp_root)
+    as_mistral = dict(config_json, model_type="mistral")
+    config = LlamaConfig.from_hf(as_mistral)
+    assert (config.window_of(0), config.window_of(1)) == (None, 4)
+    ids = ids_of(8)
+    logits = LlamaForCausalLM(config).apply(variables, jnp.asarray(ids)).logits
+    assert max_diff(logits, torch_logits(tm, ids)) <= TOL
 
 
 def test_family_switches_from_config_json(tmp_root):

@@ -24,6 +24,7 @@ FAMILIES: dict[str, tuple[str, str, str]] = {
     "gpt2": ("gpt2", "GPT2Config", "GPT2LMHeadModel"),
     "llama": ("llama", "LlamaConfig", "LlamaForCausalLM"),
     "mistral": ("llama", "LlamaConfig", "LlamaForCausalLM"),
+    "ministral": ("llama", "LlamaConfig", "LlamaForCausalLM"),
     "qwen2": ("llama", "LlamaConfig", "LlamaForCausalLM"),
     "qwen3": ("llama", "LlamaConfig", "LlamaForCausalLM"),
 }

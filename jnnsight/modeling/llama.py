@@ -31,7 +31,9 @@ each key/value head over consecutive query heads.
 Family differences, all read from ``config.json`` by :meth:`LlamaConfig.from_hf`:
 
 - Llama: ``attention_bias`` (q, k, v and o) and ``mlp_bias``.
-- Mistral: no biases; ``sliding_window`` on every layer when it is not null.
+- Mistral: no biases; ``sliding_window`` on every layer when it is not null, or on the
+  ``sliding_attention`` layers of ``layer_types`` where the config lists them (as
+  transformers reads it: Ministral).
 - Qwen2: q, k, v biases always, no o bias; a sliding window only where
   ``use_sliding_window`` is true and only on the ``sliding_attention`` layers.
 - Qwen3: ``attention_bias`` (q, k, v and o), RMSNorm over ``head_dim`` on q and k
@@ -68,7 +70,7 @@ from .common import (Activation, CausalLMOutput, Embedding, Linear, RMSNorm, cac
 # Config
 # ----------------------------------------------------------------------------------------
 
-FAMILIES = ("llama", "mistral", "qwen2", "qwen3")
+FAMILIES = ("llama", "mistral", "ministral", "qwen2", "qwen3")
 
 ACTIVATIONS: dict[str, Callable[[jax.Array], jax.Array]] = {
     "silu": jax.nn.silu,
@@ -257,12 +259,16 @@ class LlamaConfig:
         layer_types: tuple[str, ...] | None = None
         if model_type == "llama":
             pass  # transformers' Llama has no sliding window
-        elif model_type == "mistral":
+        elif model_type in ("mistral", "ministral"):
             if attention_bias or mlp_bias:
                 warnings.warn("transformers' Mistral has no biases; attention_bias/mlp_bias ignored.",
                               stacklevel=2)
             attention_bias = attention_out_bias = mlp_bias = False
             sliding_window = config.get("sliding_window", 4096)  # MistralConfig's default
+            # transformers reads a mistral config with layer_types as Ministral's: the
+            # window applies to the "sliding_attention" layers only
+            if config.get("layer_types") is not None:
+                layer_types = tuple(config["layer_types"])
         else:  # qwen2, qwen3
             if model_type == "qwen2":
                 attention_bias, attention_out_bias = True, False
@@ -283,9 +289,9 @@ class LlamaConfig:
                     else "full_attention"
                     for i in range(layers)
                 )
-            if len(layer_types) != layers:
-                raise ValueError(f"layer_types has {len(layer_types)} entries for {layers} layers.")
 
+        if layer_types is not None and len(layer_types) != layers:
+            raise ValueError(f"layer_types has {len(layer_types)} entries for {layers} layers.")
         return cls(
             model_type=model_type,
             vocab_size=int(config.get("vocab_size", 32000)),
