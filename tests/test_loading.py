@@ -10,6 +10,7 @@ from __future__ import annotations
 import importlib.util
 import subprocess
 import sys
+import warnings
 from pathlib import Path
 
 import jax.numpy as jnp
@@ -17,6 +18,7 @@ import ml_dtypes
 import numpy as np
 import pytest
 
+from jnnsight import LanguageModel
 from jnnsight.errors import JnnsightError
 from jnnsight.loading import (
     CheckpointNotFoundError,
@@ -30,6 +32,7 @@ from jnnsight.loading import (
     unpermute_qk,
 )
 from jnnsight.loading import checkpoint as checkpoint_module
+from jnnsight.loading.checkpoint import CheckpointError, lazy_safetensors
 
 from conftest import run_script
 
@@ -130,6 +133,28 @@ def test_safetensors_tied_embeddings_have_no_lm_head(tmp_path):
     assert set(tensors) == set(_state(model)) - {"lm_head.weight"}
 
 
+def test_a_tied_checkpoint_that_stores_only_the_head_loads_as_transformers_loads_it(tmp_path):
+    """safetensors' own `save_model` keeps one name of a shared tensor: lm_head.weight."""
+    torch = pytest.importorskip("torch")
+    from safetensors.torch import save_model
+
+    model = _tiny_llama(tie=True)
+    model.save_pretrained(tmp_path)
+    save_model(model, str(tmp_path / "model.safetensors"), metadata={"format": "pt"})
+    assert set(k for k in load_safetensors(tmp_path) if "embed" in k or "lm_head" in k) == {"lm_head.weight"}
+    ids = np.array([[1, 5, 9, 33, 2]])
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # no tokenizer files
+        lm = LanguageModel(tmp_path)
+    with lm.trace(ids):
+        logits = lm.lm_head.output.save()
+    with torch.no_grad():
+        theirs = model(torch.as_tensor(ids)).logits.numpy()
+    assert float(np.abs(np.asarray(logits) - theirs).max()) <= 1e-4
+    params = lm.variables["params"]
+    assert params["lm_head"]["weight"] is params["model"]["embed_tokens"]["weight"]
+
+
 @pytest.mark.parametrize("dtype", [jnp.bfloat16, "bfloat16", ml_dtypes.bfloat16])
 def test_safetensors_cast_to_bfloat16(tmp_path, tiny_llama, dtype):
     torch = pytest.importorskip("torch")
@@ -184,7 +209,6 @@ def test_load_checkpoint_folder(tmp_path, tiny_llama):
 
 
 def test_safetensors_clear_errors(tmp_path):
-    from jnnsight.loading.checkpoint import CheckpointError
 
     (tmp_path / "config.json").write_text("{}")
     with pytest.raises(CheckpointNotFoundError, match="No safetensors weights"):
@@ -197,6 +221,15 @@ def test_safetensors_clear_errors(tmp_path):
             load_config(tmp_path)
     with pytest.raises(JnnsightError, match="floating-point"):
         load_safetensors(tmp_path, dtype=np.int32)
+    # a cut file (a download that stopped) names itself and says to download again
+    _tiny_llama(tie=False).save_pretrained(tmp_path / "cut")
+    weights = tmp_path / "cut" / "model.safetensors"
+    for size in (weights.stat().st_size // 2, 0):
+        with open(weights, "r+b") as f:
+            f.truncate(size)
+        for load in (load_safetensors, lazy_safetensors):
+            with pytest.raises(CheckpointError, match="model.safetensors is not a readable.*download it again"):
+                load(tmp_path / "cut")
 
 
 # --------------------------------------------------------------------------- GGUF
@@ -302,6 +335,16 @@ def test_gguf_tiny_round_trip(tmp_path, tiny_llama):
         np.testing.assert_array_equal(tensors[key], value, err_msg=key)
     with pytest.warns(UserWarning):
         assert load_gguf(path, dtype=jnp.bfloat16)[1]["lm_head.weight"].dtype == jnp.bfloat16
+    # a file without tokenizer metadata loads, takes ids, and says so (it crashed)
+    with pytest.warns(UserWarning, match="holds no tokenizer.*pass tokenizer="):
+        assert LanguageModel(path).tokenizer is None
+    # a cut file, or another kind of file, names itself and says to download again
+    cut = tmp_path / "cut.gguf"
+    for data in (path.read_bytes()[: path.stat().st_size * 6 // 10], path.read_bytes()[:300],
+                 b"not a gguf file at all"):
+        cut.write_bytes(data)
+        with pytest.raises(CheckpointError, match="cut.gguf is not a readable GGUF file.*download it again"):
+            load_gguf(cut)
 
 
 def test_gguf_clear_errors():

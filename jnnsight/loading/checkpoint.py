@@ -28,6 +28,7 @@ import json
 import os
 import struct
 import sys
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterable, Iterator
@@ -348,6 +349,22 @@ def safetensors_files(path: str | os.PathLike) -> list[Path]:
     )
 
 
+@contextmanager
+def _opened(file: Path) -> Iterator[Any]:
+    """``safe_open`` of one file, numpy arrays; a cut or foreign file is a CheckpointError."""
+    from safetensors import SafetensorError, safe_open
+
+    try:
+        handle = safe_open(file, framework="numpy")
+    except SafetensorError as err:
+        raise CheckpointError(
+            f"{file} is not a readable safetensors file ({err}). A download that stopped "
+            "early leaves such a file: download it again."
+        ) from err
+    with handle as f:
+        yield f
+
+
 def load_safetensors(
     path: str | os.PathLike,
     dtype: Any = None,
@@ -363,15 +380,13 @@ def load_safetensors(
     (bf16 as ``ml_dtypes.bfloat16``). ``progress``: ``None`` shows a bar for
     checkpoints over 256 MiB when stderr is a terminal (or in a notebook).
     """
-    from safetensors import safe_open
-
     target = _float_dtype(dtype)
     files = safetensors_files(path)
     total = sum(f.stat().st_size for f in files)
     tensors: dict[str, np.ndarray] = {}
     with _progress_bar(total, "Loading safetensors", progress) as bar:
         for file in files:
-            with safe_open(file, framework="numpy") as f:
+            with _opened(file) as f:
                 for key in f.keys():
                     try:
                         array = f.get_tensor(key)
@@ -405,11 +420,9 @@ class LazyTensor:
 
 def lazy_safetensors(path: str | os.PathLike) -> dict[str, LazyTensor]:
     """Every tensor of a safetensors checkpoint, unread: keys, files and shapes only."""
-    from safetensors import safe_open
-
     tensors: dict[str, LazyTensor] = {}
     for file in safetensors_files(path):
-        with safe_open(file, framework="numpy") as f:
+        with _opened(file) as f:
             for key in f.keys():
                 tensors[key] = LazyTensor(file, key, tuple(f.get_slice(key).get_shape()))
     return tensors

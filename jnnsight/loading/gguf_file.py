@@ -91,7 +91,13 @@ def _reader(path: str | os.PathLike) -> Any:
     path = Path(path)
     if not path.is_file():
         raise CheckpointNotFoundError(f"No such GGUF file: {path}.")
-    reader = gguf.GGUFReader(path)
+    try:
+        reader = gguf.GGUFReader(path)
+    except Exception as err:  # gguf raises numpy's and its own errors on a cut or foreign file
+        raise CheckpointError(
+            f"{path} is not a readable GGUF file ({type(err).__name__}: {err}). A download "
+            "that stopped early leaves such a file: download it again."
+        ) from err
     split = reader.fields.get("split.count")
     if split is not None and int(split.contents()) > 1:
         raise CheckpointError(

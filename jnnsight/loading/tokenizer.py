@@ -83,6 +83,11 @@ def gguf_tokenizer(path: str | os.PathLike, **kwargs: Any) -> Any:
 
     reader = _reader(path)
     metadata = {key: _field(reader, key) for key in reader.fields if key.startswith("tokenizer.")}
+    if "tokenizer.ggml.model" not in metadata:
+        raise CheckpointNotFoundError(
+            f"{path.name} holds no tokenizer (no tokenizer.* metadata): pass tokenizer= to "
+            "LanguageModel, or give token ids."
+        )
     grouped = {
         group: {name: metadata[f"tokenizer.{key}"] for key, name in renames.items()
                 if f"tokenizer.{key}" in metadata}

@@ -61,11 +61,18 @@ def build(config: dict[str, Any], dtype: Any = jnp.float32) -> tuple[nn.Module, 
 
 
 def tie_embeddings(tensors: dict[str, Any], config: dict[str, Any]) -> dict[str, Any]:
-    """``tensors`` with ``lm_head.weight`` set to the embedding where the checkpoint ties them.
+    """``tensors`` with ``lm_head.weight`` set to the embedding where the checkpoint ties
+    them, or the embedding set to the head where only the head was stored (safetensors'
+    ``save_model`` keeps one name of a shared tensor), as transformers loads both.
 
     The same array object stands at both keys: no copy in memory.
     """
     family = FAMILIES[config.get("model_type", "")][0]
-    if "lm_head.weight" in tensors or not config.get("tie_word_embeddings", TIED_BY_DEFAULT[family]):
+    embedding = EMBEDDINGS[family]
+    if not config.get("tie_word_embeddings", TIED_BY_DEFAULT[family]):
         return tensors
-    return {**tensors, "lm_head.weight": tensors[EMBEDDINGS[family]]}
+    if "lm_head.weight" not in tensors and embedding in tensors:
+        return {**tensors, "lm_head.weight": tensors[embedding]}
+    if "lm_head.weight" in tensors and embedding not in tensors:
+        return {**tensors, embedding: tensors["lm_head.weight"]}
+    return tensors
