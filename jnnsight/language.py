@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import functools
 import secrets
+import weakref
 from collections.abc import Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable
@@ -32,13 +33,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from jax import core
-from jax.sharding import Mesh, NamedSharding
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from .errors import JnnsightError, UserLine, at_line, at_user_line, warn_at_user_line
 from .nnsight import NNsight
 from .tracing.collate import Batch
 from .tracing.discover import is_int
-from .sharding import DEFAULT_RULES, Rules, automatic, param_shardings, place, shard_inputs
+from .sharding import DEFAULT_RULES, LOGICAL_AXES, Rules, automatic, param_shardings, place, shard_inputs
 from .tracing.lru import LruCache
 from .tracing.program import Rows
 
@@ -86,15 +87,20 @@ def _rows_of_input(value: Any, tokenizer: Any, line: UserLine | None) -> tuple[l
 
 
 def _onto(value: Any, mesh: Mesh) -> Any:
-    """``value`` on ``mesh`` where it lies on the same devices under the same axis names."""
-    sharding = getattr(value, "sharding", None)
-    if isinstance(value, core.Tracer) or not isinstance(sharding, NamedSharding):
+    """``value`` on ``mesh``: a concrete array placed elsewhere (on the user's own mesh,
+    whose axes ``jax.make_mesh`` makes explicit, or on one device) moved there, with its
+    partition spec where ``mesh`` has the spec's axes, else replicated."""
+    if isinstance(value, core.Tracer) or not isinstance(value, jax.Array) \
+            or not value.is_fully_addressable:
         return value
-    other = sharding.mesh
-    if other == mesh or other.axis_names != mesh.axis_names or other.devices.shape != mesh.devices.shape \
-            or not (other.devices == mesh.devices).all():
+    sharding = value.sharding
+    if isinstance(sharding, NamedSharding) and sharding.mesh == mesh:
         return value
-    return jax.device_put(value, NamedSharding(mesh, sharding.spec))
+    spec = sharding.spec if isinstance(sharding, NamedSharding) else PartitionSpec()
+    names = {n for part in spec if part is not None for n in ((part,) if isinstance(part, str) else part)}
+    if not names <= set(mesh.axis_names):
+        spec = PartitionSpec()
+    return jax.device_put(value, NamedSharding(mesh, spec))
 
 
 def _on_host(value: Any) -> bool:
@@ -118,6 +124,19 @@ def _checked_mesh(mesh: Any, rules: Any) -> Mesh:
             f"jnnsight.sharding.DEFAULT_RULES; got {rules!r}."
         ))
     used = {a for _, axes in rules for a in ((axes,) if isinstance(axes, str) else axes or ())}
+    if rules is not DEFAULT_RULES:  # a typo would leave the dimension replicated, quietly
+        logical = sorted({name for name, _ in rules} - LOGICAL_AXES)
+        absent = sorted(used - set(mesh.axis_names))
+        if logical or absent:
+            warn_at_user_line(
+                "rules= names "
+                + (f"logical axes no model family has: {logical} (they are "
+                   f"{sorted(LOGICAL_AXES)})" if logical else "")
+                + ("; and " if logical and absent else "")
+                + (f"mesh axes this mesh lacks: {absent} (it has {list(mesh.axis_names)})"
+                   if absent else "")
+                + ". Those rules shard nothing."
+            )
     if not used & set(mesh.axis_names):
         warn_at_user_line(
             f"no sharding rule names an axis of this mesh {tuple(mesh.axis_names)} (the rules "
@@ -273,6 +292,8 @@ class LanguageModel(NNsight):
         super().__init__(module, variables)
         object.__setattr__(self, "mesh", mesh)
         object.__setattr__(self, "rules", rules)
+        # arrays moved onto the mesh, by id of the original: (weak reference, copy)
+        object.__setattr__(self, "_moved", {})
         if tokenizer is not None:
             tokenizer = tokenizer if isinstance(tokenizer, Tokenizer) else Tokenizer(tokenizer)
         object.__setattr__(self, "tokenizer", tokenizer)
@@ -459,10 +480,40 @@ class LanguageModel(NNsight):
         return GenerateTracer(self, inputs, config, key, progress, tokenizer)
 
     def _outside(self, consts: list[Any]) -> list[Any]:
-        """Arrays the block closed over; those the user placed on the mesh they passed,
-        which has explicit axes where ``jax.make_mesh`` made it, moved onto ``lm.mesh``
-        (its ``AxisType.Auto`` copy): JAX runs one program on one mesh."""
-        return consts if self.mesh is None else [_onto(value, self.mesh) for value in consts]
+        """Arrays from outside the model (a block's, bound variables, an envoy call's
+        arguments); those placed elsewhere than ``lm.mesh`` (the user's own mesh, which
+        has explicit axes where ``jax.make_mesh`` made it, or one device) moved onto it,
+        its ``AxisType.Auto`` copy: JAX runs one program on one mesh."""
+        return consts if self.mesh is None else [self._on_mesh(value) for value in consts]
+
+    def _on_mesh(self, value: Any) -> Any:
+        """``value`` on ``lm.mesh``; the same copy each time for the same array, so that a
+        program keyed by its outside arrays is found again."""
+        known = self._moved.get(id(value))
+        if known is not None and known[0]() is value:
+            return known[1]
+        with jax.ensure_compile_time_eval():  # a copy, also while a trace runs
+            moved = _onto(value, self.mesh)
+        if moved is not value:
+            self._moved[id(value)] = (weakref.ref(value), moved)
+            weakref.finalize(value, self._moved.pop, id(value), None)
+        return moved
+
+    def _move_names(self, namespace: dict[str, Any], names: frozenset[str]) -> dict[str, tuple[Any, Any]]:
+        """Put the ``lm.mesh`` copy of each array a block's names hold into ``namespace``
+        while its body runs: traced together with the model's values, an array on the
+        user's explicit-axes mesh would fail in most operations. ``{name: (array, copy)}``."""
+        if self.mesh is None:
+            return {}
+        moved = {}
+        for name in names:
+            value = namespace.get(name)
+            if isinstance(value, jax.Array):
+                copy = self._on_mesh(value)
+                if copy is not value:
+                    moved[name] = (value, copy)
+                    namespace[name] = copy
+        return moved
 
     def _check_ids(self, input_ids: Any, attention_mask: Any, line: UserLine | None) -> None:
         """Refuse ids outside the vocabulary, and rows longer than learned position embeddings.

@@ -326,8 +326,18 @@ class NNsight(Envoy):
         return output, dict(zip(saved, saves)), builder
 
     def _outside(self, consts: list[Any]) -> list[Any]:
-        """The arrays a block closed over, as the compiled program takes them."""
+        """Arrays from outside the model (a block's, bound variables, an envoy call's
+        arguments), as the compiled program takes them."""
         return consts
+
+    def _move_names(self, namespace: dict[str, Any], names: frozenset[str]) -> dict[str, tuple[Any, Any]]:
+        """Arrays a block's names hold, replaced in ``namespace`` by the copies the model
+        computes with while the body runs: ``{name: (array, copy)}`` (none here)."""
+        return {}
+
+    def _outside_tree(self, tree: Any) -> Any:
+        leaves, treedef = jax.tree_util.tree_flatten(tree)
+        return jax.tree_util.tree_unflatten(treedef, self._outside(leaves))
 
     def _apply_submodule(self, path: tuple[str, ...], args: tuple, kwargs: dict) -> Any:
         info = None
@@ -349,6 +359,8 @@ class NNsight(Envoy):
                 for part in module_path[len(path):]:
                     node = node.setdefault(part, {})
                 node[name] = builder.param(index) if builder is not None else leaves[index]
+        if builder is None:
+            args, kwargs = self._outside_tree((args, kwargs))
         return info.module.apply(sub, *args, **kwargs)
 
     # public ---------------------------------------------------------------------------
@@ -408,6 +420,7 @@ class NNsight(Envoy):
                 "bind() takes variables of the model's own structure (as `model.variables`); "
                 f"got {structure}."
             ))
+        variables = self._outside_tree(variables)
         bound = object.__new__(type(self))
         bound.__dict__.update(self.__dict__)
         object.__setattr__(bound, "variables", variables)

@@ -114,7 +114,9 @@ def restore_checkpoint(path: str | Path, like: Any = None) -> Any:
     With ``like`` (a pytree of the same structure: arrays, or
     ``jax.ShapeDtypeStruct``s), the result has its structure, types and
     shardings (an intervention, an optax state; arrays placed as ``like``'s are,
-    whatever the devices of the run that saved them); without, nested dicts of arrays.
+    whatever the devices of the run that saved them), and one array wherever
+    ``like`` has one array at several leaves (tied embeddings stay tied); without,
+    nested dicts of arrays.
 
     Example::
 
@@ -125,7 +127,15 @@ def restore_checkpoint(path: str | Path, like: Any = None) -> Any:
         raise FileNotFoundError(f"no checkpoint at {path}.")
     target = None if like is None else jax.tree_util.tree_map(
         lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=_sharding_of(x)), like)
-    return _checkpointer().restore(path, target)
+    restored = _checkpointer().restore(path, target)
+    if like is None:
+        return restored
+    first: dict[int, int] = {}  # id of a like leaf -> its first position
+    leaves, treedef = jax.tree_util.tree_flatten(restored)
+    for i, leaf in enumerate(jax.tree_util.tree_leaves(like)):
+        if isinstance(leaf, jax.Array):
+            leaves[i] = leaves[first.setdefault(id(leaf), i)]
+    return jax.tree_util.tree_unflatten(treedef, leaves)
 
 
 def _sharding_of(x: Any) -> Any:

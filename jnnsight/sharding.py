@@ -37,6 +37,7 @@ DEFAULT_RULES: Rules = (
     ("embed", None),
     ("length", None),
 )
+LOGICAL_AXES = frozenset(name for name, _ in DEFAULT_RULES)  # every name the families use
 
 
 def automatic(mesh: Mesh) -> Mesh:
@@ -134,6 +135,6 @@ def shard_inputs(tree: Any, mesh: Mesh, rules: Rules = DEFAULT_RULES) -> Any:
 
 
 __all__ = [
-    "DEFAULT_RULES", "Rules", "automatic", "spec_for", "param_sharding", "param_shardings", "place",
+    "DEFAULT_RULES", "LOGICAL_AXES", "Rules", "automatic", "spec_for", "param_sharding", "param_shardings", "place",
     "batch_sharding", "shard_inputs",
 ]

@@ -95,8 +95,27 @@ def run(lm: LanguageModel, mesh: Mesh | None = None) -> dict:
 
     steer_grad = jax.jit(jax.grad(loss_fn))(jnp.linspace(-1.0, 1.0, 64), lm.variables)
     assert isinstance(gathered, np.ndarray)  # gathered to the host on request
+
+    # Arrays on the user's mesh or on one device, in operations beyond `+` and in invokes;
+    # parameters and an envoy call's argument on the user's mesh.
+    one = jax.device_put(jnp.linspace(1.0, -1.0, 64), jax.devices()[-1])
+    with lm.trace() as tracer:
+        with tracer.invoke(ids[:4]):
+            h = lm.model.layers[1].output[0]
+            lm.model.layers[1].output[0] = jnp.where(h > 0, steer, h)
+        with tracer.invoke(ids[4:]):
+            h = lm.model.layers[1].output[0]
+            lm.model.layers[1].output[0] = jax.lax.dynamic_update_slice_in_dim(h, h[:, -1:] + one, 5, 1)
+        with tracer.invoke():
+            invoked = lm.lm_head.output.save()
+    theirs = lm.variables if mesh is None else jax.tree_util.tree_map(
+        lambda x: jax.device_put(x, NamedSharding(mesh, x.sharding.spec)), lm.variables)
+    with lm.bind(theirs).trace(ids):
+        bound = lm.lm_head.output.save()
+    placed = hidden if mesh is None else jax.device_put(hidden, NamedSharding(mesh, PartitionSpec()))
+    lens = lm.lm_head(lm.model.norm(placed))
     return {"hidden": hidden, "gathered": gathered, "logits": logits, "grad": grad, "tokens": tokens,
-            "steer_grad": steer_grad}
+            "steer_grad": steer_grad, "invoked": invoked, "bound": bound, "lens": lens}
 
 
 def main() -> None:

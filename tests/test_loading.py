@@ -541,7 +541,6 @@ def test_language_model_loads_gguf_without_torch(smollm, smollm_torch_logits, tm
 
 
 def test_generation_config_is_read_as_transformers_reads_it(tmp_path):
-    from jnnsight.loading.checkpoint import CheckpointError
     from jnnsight.loading.pretrained import load_generation_config
 
     (tmp_path / "config.json").write_text('{"eos_token_id": 2, "pad_token_id": 0}')
@@ -562,7 +561,6 @@ def test_an_untied_family_without_its_head_is_refused_not_tied(tmp_path, tiny_ll
     import json
 
     from jnnsight import LanguageModel
-    from jnnsight.loading.checkpoint import CheckpointError
     from safetensors.numpy import load_file, save_file
 
     tiny_llama.save_pretrained(tmp_path)

@@ -257,7 +257,7 @@ def test_a_linear_probe_learns_to_read_a_site(models):
     assert accuracy >= 0.9
 
 
-def test_train_step_fine_tunes_tied_parameters_and_donates_the_rest(models):
+def test_train_step_fine_tunes_tied_parameters_and_donates_the_rest(models, tmp_path):
     """GPT-2's tied embedding is one array at two leaves, which XLA cannot donate twice,
     and one parameter: it gets the sum of both uses' gradients and stays tied, as in torch."""
     _, lm = models["gpt2"]
@@ -283,6 +283,11 @@ def test_train_step_fine_tunes_tied_parameters_and_donates_the_rest(models):
         np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
     assert new["params"]["lm_head"]["weight"] is new["params"]["transformer"]["wte"]["weight"]
     assert not any(x.is_deleted() for x in jax.tree_util.tree_leaves(params))  # kept: tied
+    # a run resumed from a checkpoint stays tied (it would train the two leaves apart)
+    path = jnnsight.save_checkpoint(tmp_path / "tied", new)
+    resumed = jnnsight.restore_checkpoint(path, like=new)["params"]
+    assert resumed["lm_head"]["weight"] is resumed["transformer"]["wte"]["weight"]
+    np.testing.assert_array_equal(resumed["lm_head"]["weight"], new["params"]["lm_head"]["weight"])
     # untied trainables are donated, as documented
     steer = SteeringVector(jnp.arange(8.0))
     optimizer = optax.adam(0.1)

@@ -87,3 +87,10 @@ def test_bad_mesh_and_rules_arguments_are_clear():
     with pytest.warns(UserWarning, match=r"no sharding rule names an axis of this mesh \('tp',\)") as caught:
         LanguageModel(folder, mesh=jax.make_mesh((1,), ("tp",)))
     assert caught[0].filename == __file__
+    # a typo in a rule would replicate that dimension quietly
+    two = jax.make_mesh((1, 1), ("data", "model"))
+    for rules, match in (((("batch", "data"), ("mlps", "model")), r"logical axes no model family has: \['mlps'\]"),
+                         ((("batch", "data"), ("mlp", "modle")), r"mesh axes this mesh lacks: \['modle'\]")):
+        with pytest.warns(UserWarning, match=match) as caught:
+            LanguageModel(folder, mesh=two, rules=rules)
+        assert caught[0].filename == __file__

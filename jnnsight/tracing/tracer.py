@@ -287,6 +287,7 @@ class Tracer:
                     for name, value in invoke.restore.items():
                         if name not in from_bodies:
                             namespace[name] = value
+                    moved = self.model._move_names(namespace, names)
                     bound = {n: namespace.get(n) for n in names}
                     try:
                         exec(invoke.code, namespace)
@@ -294,6 +295,9 @@ class Tracer:
                         return
                     finally:
                         from_bodies.update(n for n in names if namespace.get(n) is not bound[n])
+                        for name, (array, copy) in moved.items():
+                            if namespace.get(name) is copy:  # not bound anew by the body
+                                namespace[name] = array
             finally:
                 # Names only the trace's own body set keep their value from its end.
                 for name in collected.keys() - from_bodies:
