@@ -215,7 +215,9 @@ class LanguageModel(NNsight):
     Args:
       name_or_path: a Hugging Face hub id (read from the local cache, or
         downloaded where online), a folder with ``config.json`` and
-        safetensors, or a ``.gguf`` file.
+        safetensors (or with one ``.gguf`` file), or a ``.gguf`` file.
+      gguf_file: the ``.gguf`` file to load from a folder or hub repository
+        that holds several, as in transformers.
       dtype: the parameters' and activations' dtype (``jnp.float32`` or
         ``jnp.bfloat16``).
       pad_to_multiple_of: round padded lengths up to a multiple of this, so
@@ -248,6 +250,7 @@ class LanguageModel(NNsight):
         variables: Any = None,
         tokenizer: Any = None,
         revision: str | None = None,
+        gguf_file: str | None = None,
         mesh: Mesh | None = None,
         rules: Rules = DEFAULT_RULES,
     ):
@@ -274,7 +277,8 @@ class LanguageModel(NNsight):
             from .loading.pretrained import load_pretrained
 
             module, variables, loaded_tokenizer, generation_config = load_pretrained(
-                str(name_or_path), dtype, revision, mesh, rules, with_tokenizer=tokenizer is None)
+                str(name_or_path), dtype, revision, mesh, rules, with_tokenizer=tokenizer is None,
+                gguf_file=gguf_file)
             tokenizer = tokenizer if tokenizer is not None else loaded_tokenizer
         elif module is None or variables is None:
             raise TypeError("LanguageModel needs a checkpoint (name or path), or module= and variables=.")

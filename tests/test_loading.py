@@ -13,6 +13,7 @@ import sys
 import warnings
 from pathlib import Path
 
+import jax
 import jax.numpy as jnp
 import ml_dtypes
 import numpy as np
@@ -165,6 +166,21 @@ def test_safetensors_cast_to_bfloat16(tmp_path, tiny_llama, dtype):
         bits = value.detach().to(torch.bfloat16).view(torch.int16).numpy()
         np.testing.assert_array_equal(tensors[key].view(np.int16), bits, err_msg=key)  # same rounding as torch
     assert jnp.asarray(tensors["model.norm.weight"]).dtype == jnp.bfloat16
+
+
+def test_a_torch_dtype_is_taken_as_its_jax_name(tmp_path, tiny_llama):
+    """nnsight users write dtype=torch.bfloat16."""
+    torch = pytest.importorskip("torch")
+    tiny_llama.save_pretrained(tmp_path)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # no tokenizer files
+        lm = LanguageModel(tmp_path, dtype=torch.bfloat16)
+    assert all(x.dtype == jnp.bfloat16 for x in jax.tree_util.tree_leaves(lm.variables))
+    with lm.trace([[1, 2, 3]]):
+        logits = lm.lm_head.output.save()
+    assert logits.dtype == jnp.bfloat16
+    with pytest.raises(CheckpointError, match="floating-point type"):
+        load_safetensors(tmp_path, dtype=torch.int32)
 
 
 def test_safetensors_bfloat16_checkpoint(tmp_path):
@@ -337,7 +353,13 @@ def test_gguf_tiny_round_trip(tmp_path, tiny_llama):
         assert load_gguf(path, dtype=jnp.bfloat16)[1]["lm_head.weight"].dtype == jnp.bfloat16
     # a file without tokenizer metadata loads, takes ids, and says so (it crashed)
     with pytest.warns(UserWarning, match="holds no tokenizer.*pass tokenizer="):
-        assert LanguageModel(path).tokenizer is None
+        lm = LanguageModel(path)
+    assert lm.tokenizer is None
+    with pytest.warns(UserWarning, match="holds no tokenizer"):  # its folder, or by name in it
+        for other in (LanguageModel(tmp_path), LanguageModel(tmp_path, gguf_file="tiny.gguf")):
+            for a, b in zip(jax.tree_util.tree_leaves(other.variables),
+                            jax.tree_util.tree_leaves(lm.variables), strict=True):
+                np.testing.assert_array_equal(a, b)
     # a cut file, or another kind of file, names itself and says to download again
     cut = tmp_path / "cut.gguf"
     for data in (path.read_bytes()[: path.stat().st_size * 6 // 10], path.read_bytes()[:300],
@@ -632,6 +654,13 @@ def test_resolve_local_folder_and_gguf(tmp_path):
         resolve(tmp_path / "absent")
     with pytest.raises(CheckpointNotFoundError, match="No such file or folder"):
         resolve("absent-model.gguf")
+    # a folder of one GGUF file and no config.json is that file; of several, an error
+    assert resolve(tmp_path) == gguf
+    (tmp_path / "model.Q8.gguf").write_bytes(b"GGUF")
+    with pytest.raises(CheckpointNotFoundError, match="several GGUF files.*gguf_file="):
+        resolve(tmp_path)
+    (tmp_path / "config.json").write_text("{}")
+    assert resolve(tmp_path) == tmp_path  # a safetensors folder may hold GGUF files too
 
 
 def test_resolve_offline_absent_hub_id_is_a_clear_error(tmp_path, monkeypatch):

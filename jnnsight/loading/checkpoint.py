@@ -110,7 +110,7 @@ def resolve(
     path = Path(text).expanduser()
     if path.is_dir():
         if gguf_file is None:
-            return path.absolute()
+            return _gguf_alone(path) or path.absolute()
         file = path / gguf_file
         if not file.is_file():
             raise CheckpointNotFoundError(
@@ -132,6 +132,19 @@ def resolve(
             "'HuggingFaceTB/SmolLM2-135M'."
         )
     return _resolve_hub(text, revision, gguf_file=gguf_file, cache_dir=cache_dir, token=token)
+
+
+def _gguf_alone(folder: Path) -> Path | None:
+    """A folder's only ``.gguf`` file where it has no ``config.json``; None where it has one."""
+    if (folder / "config.json").is_file():
+        return None
+    ggufs = sorted(folder.glob("*.gguf"))
+    if len(ggufs) > 1:
+        raise CheckpointNotFoundError(
+            f"{folder} has no config.json and several GGUF files ({_names(ggufs)}): pass "
+            "one's path, or gguf_file='<name>'."
+        )
+    return ggufs[0].absolute() if ggufs else None
 
 
 def _looks_like_path(text: str) -> bool:
@@ -467,9 +480,17 @@ def _read_raw(file: Path, key: str, rows: slice = slice(None),
 
 
 def _float_dtype(dtype: Any) -> np.dtype | None:
+    """``dtype`` as numpy's (``jnp.bfloat16``, ``"bfloat16"``, and torch's ``torch.bfloat16``,
+    an nnsight habit), checked to be floating-point; None stays None."""
     if dtype is None:
         return None
-    target = np.dtype(dtype)
+    if type(dtype).__module__ == "torch":  # torch.bfloat16 -> "bfloat16", without torch
+        dtype = str(dtype).removeprefix("torch.")
+    try:
+        target = np.dtype(dtype)
+    except TypeError:
+        raise CheckpointError(f"dtype must be a floating-point type (jnp.float32, jnp.bfloat16, "
+                              f"...), not {dtype!r}.") from None
     if not _is_float(target):
         raise CheckpointError(f"dtype must be a floating-point type (float32, bfloat16, ...), not {target}.")
     return target

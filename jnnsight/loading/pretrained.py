@@ -25,6 +25,7 @@ from .checkpoint import (
     CheckpointError,
     CheckpointNotFoundError,
     _cast,
+    _float_dtype,
     _progress_bar,
     json_object,
     lazy_safetensors,
@@ -37,7 +38,7 @@ from .tokenizer import load_tokenizer
 
 def load_model(
     name_or_path: str, dtype: Any = jnp.float32, revision: str | None = None,
-    mesh: Mesh | None = None, rules: Rules = DEFAULT_RULES,
+    mesh: Mesh | None = None, rules: Rules = DEFAULT_RULES, gguf_file: str | None = None,
 ) -> tuple[nn.Module, dict[str, Any], Path]:
     """``(module, {"params": ...}, local path)`` of a hub id, folder or ``.gguf`` file.
 
@@ -46,7 +47,8 @@ def load_model(
     and each device copies its slice of it: the host holds one tensor, never the
     whole model. Each process reads only the rows and columns its own devices hold.
     """
-    path = resolve(name_or_path, revision)
+    dtype = _float_dtype(dtype)
+    path = resolve(name_or_path, revision, gguf_file=gguf_file)
     if mesh is not None and not (path.is_file() and path.suffix.lower() == ".gguf"):
         return (*_load_sharded(path, dtype, mesh, rules), path)
     config, tensors = load_checkpoint(path, dtype=dtype)
@@ -186,11 +188,12 @@ def load_generation_config(path: Path) -> dict[str, Any]:
 def load_pretrained(
     name_or_path: str, dtype: Any = jnp.float32, revision: str | None = None,
     mesh: Mesh | None = None, rules: Rules = DEFAULT_RULES, with_tokenizer: bool = True,
+    gguf_file: str | None = None,
 ) -> tuple[nn.Module, dict[str, Any], Any, dict[str, Any]]:
     """``(module, variables, tokenizer, generation config)``; the tokenizer is None (with
     a warning) where the checkpoint has none: such a model takes token ids. None, quietly,
     without ``with_tokenizer`` (the caller has its own)."""
-    module, variables, path = load_model(name_or_path, dtype, revision, mesh, rules)
+    module, variables, path = load_model(name_or_path, dtype, revision, mesh, rules, gguf_file)
     tokenizer = None
     try:
         if with_tokenizer:
