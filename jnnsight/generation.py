@@ -57,7 +57,8 @@ if TYPE_CHECKING:
 class GenerationConfig:
     """How tokens are chosen and when generation ends (static: part of the program key).
 
-    Greedy by default. First, as transformers' logits processors do, the logits
+    Greedy by default; sampling keeps the ``top_k`` (50) largest logits unless told
+    otherwise, as transformers does. First, as transformers' logits processors do, the logits
     of every token already in a row (its left padding excepted) are divided by
     ``repetition_penalty`` (multiplied, where negative), and ``eos_token_id`` is
     ruled out until ``min_new_tokens`` tokens exist. With ``do_sample``, logits
@@ -74,7 +75,7 @@ class GenerationConfig:
     max_new_tokens: int = 20
     do_sample: bool = False
     temperature: float = 1.0
-    top_k: int | None = None
+    top_k: int | None = 50
     top_p: float | None = None
     eos_token_id: int | tuple[int, ...] | None = None
     pad_token_id: int = 0

@@ -368,7 +368,8 @@ class LanguageModel(NNsight):
             transformers' defaults (``top_k=50``; ``top_k=None`` keeps every token).
           seed, key: the sampling's randomness (a PRNG key wins over a seed). With
             neither, each call draws a fresh seed, as torch's global generator would:
-            pass one to reproduce a sample.
+            pass one to reproduce a sample. Under ``jax.jit`` the seed is drawn once,
+            when the function is traced: pass ``key=`` as an argument for new samples.
           eos_token_id, pad_token_id: the token that ends a row, or a list of
             such tokens (None: always run ``max_new_tokens`` steps), and the token
             rows get after they ended; generation stops when all have. By default
@@ -447,8 +448,8 @@ class LanguageModel(NNsight):
         temperature, top_k, top_p = (v.item() if isinstance(v, np.generic) else v
                                      for v in (temperature, top_k, top_p))
         ignored = [f"{name}={value!r}" for name, value, neutral in (
-            ("temperature", temperature, 1.0), ("top_k", top_k, 50), ("top_p", top_p, None))
-            if value != neutral]
+            ("temperature", temperature, (1.0,)), ("top_k", top_k, (50, None)),
+            ("top_p", top_p, (None, 1.0))) if value not in neutral]
         if ignored and not do_sample:
             warn_at_user_line(f"{', '.join(ignored)} only apply when sampling: decoding is "
                               "greedy. Pass do_sample=True to sample.")

@@ -28,6 +28,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 import jax
+import jax.numpy as jnp
 import optax
 
 
@@ -38,9 +39,10 @@ def train_step(loss_fn: Callable[..., jax.Array], optimizer: optax.GradientTrans
     ``loss_fn(trainable, *args)`` returns a scalar; only ``trainable`` (any
     pytree: an intervention, a dict of them, a model's parameters) is
     differentiated and updated. One array at several leaves of ``trainable``, as
-    tied embeddings are, is one parameter, as in torch: each of those leaves gets
-    the sum of their gradients, and the new ``trainable`` has one new array there
-    again. The old ``trainable`` and ``opt_state`` buffers are donated to the new
+    tied embeddings are, is one parameter, as in torch: the first of those leaves
+    gets the sum of their gradients (so an optimizer that looks across leaves, such
+    as a global-norm clip, counts it once), and the new ``trainable`` has the first
+    leaf's new array at all of them. The old ``trainable`` and ``opt_state`` buffers are donated to the new
     ones (so ``lm.variables`` passed here can no longer be used by ``lm``: trace
     with ``lm.bind(new_params)``), except where arrays are shared: XLA cannot
     donate a buffer twice.
@@ -49,12 +51,13 @@ def train_step(loss_fn: Callable[..., jax.Array], optimizer: optax.GradientTrans
     def step(ties: tuple[tuple[int, ...], ...], trainable: Any, opt_state: Any,
              *args: Any) -> tuple[Any, Any, jax.Array]:
         loss, grads = jax.value_and_grad(loss_fn)(trainable, *args)
-        if ties:
+        if ties:  # the whole gradient at the first leaf, as one parameter's (a global
+            # norm counts it once); the others follow the first after the update
             leaves, treedef = jax.tree_util.tree_flatten(grads)
             for group in ties:
                 total = sum(leaves[i] for i in group)
                 for i in group:
-                    leaves[i] = total
+                    leaves[i] = total if i == group[0] else jnp.zeros_like(total)
             grads = jax.tree_util.tree_unflatten(treedef, leaves)
         updates, opt_state = optimizer.update(grads, opt_state, trainable)
         return optax.apply_updates(trainable, updates), opt_state, loss

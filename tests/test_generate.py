@@ -254,6 +254,8 @@ def test_eos_ends_rows_and_generation_as_transformers_does(models):
             each = []
             for step in tracer.iter[:]:
                 each.append(lm.model.layers[1].output[0].save())
+                normed = lm.model.norm.output.save(gather=True)     # numpy, of the last step run
+                normed_each = lm.model.norm.output.save()
     assert caught[0].filename == __file__  # the warning names the user's block
     theirs = hf_greedy(tm, PROMPTS[0], eos_token_id=eos, pad_token_id=7)
     ours = list(np.asarray(tokens[0]))
@@ -268,6 +270,8 @@ def test_eos_ends_rows_and_generation_as_transformers_does(models):
     # which produced eos); a list it appends to has that step's value at index 2.
     np.testing.assert_array_equal(last, each[2])
     assert not np.array_equal(each[1], each[2])
+    assert isinstance(normed, np.ndarray) and normed.shape == normed_each.shape == (1, 1, 64)
+    np.testing.assert_array_equal(normed, normed_each)
 
 
 @pytest.mark.parametrize("name", ["gpt2", "llama"])

@@ -256,6 +256,7 @@ def test_mlp_neurons_at_act_equal_a_torch_hook(gpt2):
         model.transformer.h[0].mlp.act.output = model.transformer.h[0].mlp.act.output * 0
         logits = model.output.logits.save()
         also = model.output["logits"].save()
+        whole = model.output.save()
     seen = []
     hooks = [(gpt2["torch_model"].transformer.h[1].mlp.act, lambda m, a, o: seen.append(o)),
              (gpt2["torch_model"].transformer.h[0].mlp.act, lambda m, a, o: o * 0)]
@@ -264,3 +265,5 @@ def test_mlp_neurons_at_act_equal_a_torch_hook(gpt2):
     assert max_diff(logits, theirs) <= TOL
     assert max_diff(theirs, torch_forward(gpt2, ids)[0]) > 1e-2  # the edit matters
     np.testing.assert_array_equal(also, logits)  # output["logits"], as transformers' ModelOutput
+    assert "logits" in whole and list(whole) == ["logits"] and whole[0] is whole["logits"]
+    assert dict(whole.items()).keys() == {"logits"} and "past_key_values" not in whole

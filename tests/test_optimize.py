@@ -288,6 +288,17 @@ def test_train_step_fine_tunes_tied_parameters_and_donates_the_rest(models, tmp_
     resumed = jnnsight.restore_checkpoint(path, like=new)["params"]
     assert resumed["lm_head"]["weight"] is resumed["transformer"]["wte"]["weight"]
     np.testing.assert_array_equal(resumed["lm_head"]["weight"], new["params"]["lm_head"]["weight"])
+    # one parameter for an optimizer that looks across leaves: a global-norm clip counts it once
+    tied = jnp.asarray([3.0, -4.0])
+    clipped = optax.chain(optax.clip_by_global_norm(1.0), optax.sgd(1.0))
+    two = {"a": tied, "b": tied}
+    new_two, _, _ = jnnsight.train_step(lambda p: jnp.sum(p["a"] * p["b"]), clipped)(
+        two, clipped.init(two))
+    one = {"w": jnp.asarray([3.0, -4.0])}
+    new_one, _, _ = jnnsight.train_step(lambda p: jnp.sum(p["w"] * p["w"]), clipped)(
+        one, clipped.init(one))
+    np.testing.assert_allclose(new_two["a"], new_one["w"], rtol=1e-6)
+    assert new_two["b"] is new_two["a"]
     # untied trainables are donated, as documented
     steer = SteeringVector(jnp.arange(8.0))
     optimizer = optax.adam(0.1)

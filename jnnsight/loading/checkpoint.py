@@ -95,7 +95,8 @@ def resolve(
 ) -> Path:
     """The local folder (or ``.gguf`` file) that holds a checkpoint.
 
-    - An existing folder is returned as is (with ``gguf_file``: that file in it).
+    - An existing folder is returned as is (with ``gguf_file``: that file in it; a
+      folder with no ``config.json`` and one ``.gguf`` file: that file).
     - An existing ``.gguf`` file is returned as is.
     - Anything else is a Hugging Face hub id. The hub cache is searched first
       (``local_files_only``); when the snapshot is absent it is downloaded,

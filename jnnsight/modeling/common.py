@@ -15,7 +15,7 @@ Example::
 from __future__ import annotations
 
 import functools
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 import flax.errors
 import flax.linen as nn
@@ -42,14 +42,33 @@ class CausalLMOutput:
         builder = current()
         return self if builder is None else builder.save(self)
 
+    # transformers' ModelOutput is a dict of the fields that are set; so is this, read-only.
+
+    def keys(self) -> tuple[str, ...]:
+        return tuple(k for k in ("logits", "past_key_values") if getattr(self, k) is not None)
+
+    def values(self) -> tuple[Any, ...]:
+        return tuple(getattr(self, k) for k in self.keys())
+
+    def items(self) -> tuple[tuple[str, Any], ...]:
+        return tuple(zip(self.keys(), self.values()))
+
+    def to_tuple(self) -> tuple[Any, ...]:
+        return self.values()
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self.keys())
+
+    def __contains__(self, key: object) -> bool:
+        return key in self.keys()
+
     def __getitem__(self, key: str | int | slice) -> Any:
-        """``output["logits"]`` or ``output[0]``, as transformers' ``ModelOutput``
-        (numbers index the fields that are not None)."""
+        """``output["logits"]`` or ``output[0]`` (numbers index the fields that are set)."""
         if isinstance(key, str):
-            if key not in ("logits", "past_key_values"):
-                raise KeyError(f"{key!r}: a causal LM output has 'logits' and 'past_key_values'.")
+            if key not in self.keys():
+                raise KeyError(f"{key!r}: this output has {list(self.keys())}.")
             return getattr(self, key)
-        return tuple(v for v in (self.logits, self.past_key_values) if v is not None)[key]
+        return self.values()[key]
 
 
 class Activation(nn.Module):

@@ -312,20 +312,22 @@ class Tracer:
                 return value
             if builder.saved.get(id(value)) is value:
                 found.add(id(value))
+                result = values[id(value)]
+                if hasattr(type(result), "as_name"):  # a generation step that never ran
+                    if "[" not in name:  # a name a step loop rebinds: its last step that ran
+                        result = result.as_name()
+                    if hasattr(type(result), "as_name"):
+                        return result  # still the marker (lists keep one per missing step)
                 if id(value) in builder.gathered:
-                    if isinstance(values[id(value)], core.Tracer):
+                    if isinstance(result, core.Tracer):
                         raise JnnsightError(at_line(
                             builder.save_lines.get(id(value)),
                             "`.save(gather=True)` brings a value to the host, which a block "
                             "inside `jax.jit`/`vmap`/`grad` cannot do: save it without gather, "
                             "return it, and gather the result outside."
                         ))
-                    return gather(values[id(value)])
-                # A name rebound by a generation's step loop: the last step that ran
-                # (lists the loop appends to keep a marker per missing step).
-                if "[" not in name and hasattr(type(values[id(value)]), "as_name"):
-                    return values[id(value)].as_name()
-                return values[id(value)]
+                    return gather(result)
+                return result
             return Unsaved(name, line) if builder.is_ours(value) else value
 
         changed = resolve_namespace(namespace, names, before, swap)
