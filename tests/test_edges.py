@@ -353,14 +353,12 @@ class _Lifted(nn.Module):
 def test_sites_inside_flax_lifted_transforms_are_refused_and_the_rest_works():
     """nn.scan and nn.remat bodies run in their own trace: a write there was dropped and a
     read leaked a tracer. They are refused at the user's line; sites outside still work."""
-    from jnnsight.errors import SiteError
-
     module = _Lifted()
     x = jax.random.normal(jax.random.key(0), (2, 8))
     model = NNsight(module, module.init(jax.random.key(1), x))
     for site in ("layers.fc", "layers", "block", "block.fc"):
         for use in ("read", "write"):
-            with pytest.raises(SiteError, match="inside a flax lifted transform.*model.output") as caught:
+            with pytest.raises(jnnsight.SiteError, match="inside a flax lifted transform.*model.output") as caught:
                 with model.trace(x):
                     envoy = model
                     for name in site.split("."):
