@@ -298,8 +298,9 @@ class ActivationStore:
             raise JnnsightError(at_user_line(
                 f"{name!r} holds rows of shape {list(row)}; this batch's rows are "
                 f"{list(value.shape[1:])}. Rows of one name share a shape: save a fixed "
-                "position (`output[0][:, -1]`), or pad every batch to one length "
-                "(`pad_to_multiple_of`), or append under another name."
+                "position (`output[0][:, -1]`), or pad every batch to one length (a "
+                "`pad_to_multiple_of` at least the dataset's longest prompt), or append "
+                "under another name."
             ))
         if value.dtype != dtype:
             raise JnnsightError(at_user_line(

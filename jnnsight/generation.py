@@ -643,13 +643,12 @@ def generate(lm: "LanguageModel", batch: Batch, bodies: Callable[[], None],
             values[i] = atom_value(outside, atom)
     saved = list(builder.saved)
     missing = [i for i in range(len(saved)) if i not in values]
-    late = [s for s in plans[ran:] if s.stages or s.saves]
-    if late or missing:
+    if missing:  # (edits of steps that did not run need no word: as in nnsight)
         lines = [builder.save_lines.get(saved[i]) for i in missing]
         warn_at_user_line(
             f"generation ended after step {ran - 1} (every row had produced "
-            f"{config.ended()}); the block's reads, writes and saves at later steps "
-            f"did not run{f', first at {lines[0]}' if lines and lines[0] else ''}."
+            f"{config.ended()}); the block's saves at later steps did not run"
+            f"{f', first at {lines[0]}' if lines[0] else ''}."
         )
         # Per place in a step loop's body, its save at the last step that ran: what a
         # name the loop binds holds. Not for a value also saved outside the loops.
