@@ -26,7 +26,6 @@ Example::
 
 from __future__ import annotations
 
-import itertools
 import sys
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Callable, Iterator
@@ -286,22 +285,27 @@ class _Steps:
         return _at_steps([int(s) % steps for s in chosen])
 
 
-_LOOPS = itertools.count()  # numbers the step loops a block runs
+_UNBOUND = object()
 
 
-def _at_steps(chosen: list[int]) -> Iterator[int]:
+def _at_steps(chosen: list[int], namespace: dict[str, Any] | None = None) -> Iterator[int]:
+    """Address each chosen step in turn; after each, record the names the iteration bound
+    (in ``namespace``, else in the frame running the loop) for :meth:`Builder.bind_names`."""
     builder = _require_builder("tracer.iter[...]")
-    step, calls, iteration = builder.step, dict(builder.calls), builder.iteration
-    loop = next(_LOOPS)
+    step, calls = builder.step, dict(builder.calls)
+
+    def names() -> dict[str, Any]:
+        return dict(namespace if namespace is not None else sys._getframe(2).f_locals)
+
     try:
-        for i, s in enumerate(chosen):
+        for s in chosen:
             builder.step = s
-            builder.iteration = (loop, i)
             builder.calls.clear()
+            before = names()
             yield s
+            builder.bind_names(s, {n: v for n, v in names().items() if before.get(n, _UNBOUND) is not v})
     finally:
         builder.step = step
-        builder.iteration = iteration
         builder.calls.clear()
         builder.calls.update(calls)
 
@@ -333,7 +337,7 @@ class _AllSteps:
         if not capture.exit(exc_type):
             return False
         namespace = capture.namespace()
-        for _ in _at_steps(list(range(self._steps))):
+        for _ in _at_steps(list(range(self._steps)), namespace):
             exec(capture.body.code, namespace)
         return True
 
@@ -375,6 +379,21 @@ class GenerateTracer(Tracer):
         return generate(self.model, batch, bodies, self.config, self._key, self._progress,
                         self._tokenizer)
 
+    def _rebind(self, namespace: dict[str, Any], names: frozenset[str], values: dict[int, Any],
+                builder: Builder) -> None:
+        """A name whose value holds saves of steps that never ran, bound in a step loop,
+        gets what it held after the last iteration that ran (nnsight's loop ends there)."""
+        for name in names:
+            held = builder.saves_in(namespace.get(name))
+            stopped = [values[id(v)].stopped for v in held if getattr(values[id(v)], "never_ran", False)]
+            if not stopped:
+                continue
+            for step, bound in reversed(builder.loop_bindings):
+                if step <= stopped[0] and name in bound:
+                    if bound[name] is not namespace[name]:  # a list appended to stays
+                        namespace[name] = bound[name]
+                    break
+
 
 # -- the loop -------------------------------------------------------------------------
 
@@ -383,12 +402,15 @@ class Unreached:
     """A saved value of a step that generation did not reach: any use is an error.
 
     A name the body of ``tracer.iter[...]`` or ``tracer.all()`` binds again at each
-    step holds, as in nnsight, its value from the last step that ran (``last``);
-    a list the body appends to keeps this marker for the steps that did not run.
+    step holds, as in nnsight, its value from the last step that ran instead
+    (:meth:`GenerateTracer._rebind`); a list the body appends to keeps this marker
+    for the steps that did not run.
     """
 
-    def __init__(self, line: UserLine | None, stopped: int, ended: str, last: Any = None):
-        self._last = last
+    never_ran = True
+
+    def __init__(self, line: UserLine | None, stopped: int, ended: str):
+        self.stopped = stopped
         self._message = (
             f"{line}\nthis value belongs to a generation step that never ran: every row "
             f"had produced {ended} at step {stopped}. Save values of earlier steps, or pass "
@@ -396,14 +418,9 @@ class Unreached:
         )
 
     def __getattr__(self, name: str) -> Any:
-        if name.startswith("__") or name in ("_message", "_last"):
+        if name.startswith("__") or name in ("_message", "stopped"):
             raise AttributeError(name)
         raise JnnsightError(self._message)
-
-    def as_name(self) -> Any:
-        """What a variable bound to this save holds: the value of the last step that
-        ran, where the loop's body saved one, else this marker."""
-        return self if self._last is None else self._last
 
     def _refuse(self, *args: Any, **kwargs: Any) -> Any:
         raise JnnsightError(self._message)
@@ -650,17 +667,8 @@ def generate(lm: "LanguageModel", batch: Batch, bodies: Callable[[], None],
             f"{config.ended()}); the block's saves at later steps did not run"
             f"{f', first at {lines[0]}' if lines[0] else ''}."
         )
-        # Per place in a step loop's body, its save at the last step that ran: what a
-        # name the loop binds holds. Not for a value also saved outside the loops.
-        reached: dict[Any, tuple[int, Any]] = {}
-        for i, tracer_id in enumerate(saved):
-            for place in builder.save_slots.get(tracer_id, ()) if i in values else ():
-                if place is not None and place[1] >= reached.get(place[0], (-1, None))[0]:
-                    reached[place[0]] = (place[1], values[i])
         for i in missing:
-            places = builder.save_slots.get(saved[i], [None])
-            last = None if None in places else reached.get(places[0][0], (0, None))[1]
-            values[i] = Unreached(builder.save_lines.get(saved[i]), ran - 1, config.ended(), last)
+            values[i] = Unreached(builder.save_lines.get(saved[i]), ran - 1, config.ended())
     return {saved[i]: values[i] for i in range(len(saved))}, builder
 
 

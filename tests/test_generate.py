@@ -257,6 +257,9 @@ def test_eos_ends_rows_and_generation_as_transformers_does(models):
                 each.append(lm.model.layers[1].output[0].save())
                 normed = lm.model.norm.output.save(gather=True)     # numpy, of the last step run
                 normed_each = lm.model.norm.output.save()
+                pair = (lm.model.norm.output.save(), lm.lm_head.output.save())  # a new tuple
+                odd = lm.model.layers[0].output[0] if step % 2 else lm.lm_head.output
+                alternating = odd.save()                            # one name, two lines
     assert caught[0].filename == __file__  # the warning names the user's block
     theirs = hf_greedy(tm, PROMPTS[0], eos_token_id=eos, pad_token_id=7)
     ours = list(np.asarray(tokens[0]))
@@ -273,6 +276,11 @@ def test_eos_ends_rows_and_generation_as_transformers_does(models):
     assert not np.array_equal(each[1], each[2])
     assert isinstance(normed, np.ndarray) and normed.shape == normed_each.shape == (1, 1, 64)
     np.testing.assert_array_equal(normed, normed_each)
+    # what the names held after step 2, the last that ran: a tuple built anew, and a name
+    # bound by different lines at odd and even steps
+    np.testing.assert_array_equal(pair[0], normed_each)
+    np.testing.assert_array_equal(alternating, pair[1])
+    assert pair[1].shape[-1] == tm.config.vocab_size
 
 
 @pytest.mark.parametrize("name", ["gpt2", "llama"])

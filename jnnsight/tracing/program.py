@@ -254,12 +254,9 @@ class Builder:
         self.params: dict[int, Any] = {}
         self.calls: dict[tuple[str, ...], int] = {}  # envoy path -> .next() count
         self.step = 0  # the generation step the body addresses (tracer.iter, tracer.all)
-        # (loop, iteration) of the tracer.iter / tracer.all body running, and where each
-        # save sits in such loops: save id -> [((loop, line, n-th save of that line),
-        # iteration)], None for a save outside them (one value may be saved in several)
-        self.iteration: tuple[int, int] | None = None
-        self.save_slots: dict[int, list[tuple[tuple[int, UserLine | None, int], int] | None]] = {}
-        self.slot_counts: dict[tuple[int, UserLine | None, int], int] = {}
+        # the names each tracer.iter / tracer.all iteration bound to values holding saves:
+        # (generation step, {name: value}), in order
+        self.loop_bindings: list[tuple[int, dict[str, Any]]] = []
         self.rows = Rows(0, 0, 0)  # the rows of the invoke whose body is running
         self.stopped = False
         self.finalizers: list[Callable[[], None]] = []
@@ -496,13 +493,6 @@ class Builder:
         line = None if internal else user_line(2)
         for leaf in jax.tree_util.tree_leaves(value):
             if self.is_ours(leaf):
-                slot = None
-                if self.iteration is not None:
-                    loop, iteration = self.iteration
-                    n = self.slot_counts.get((loop, line, iteration), 0)
-                    self.slot_counts[(loop, line, iteration)] = n + 1
-                    slot = ((loop, line, n), iteration)
-                self.save_slots.setdefault(id(leaf), []).append(slot)
                 self.saved[id(leaf)] = leaf
                 self.save_lines.setdefault(id(leaf), line)
                 if internal:
@@ -510,6 +500,17 @@ class Builder:
                 if gather:
                     self.gathered.add(id(leaf))
         return value
+
+    def saves_in(self, value: Any) -> list[Any]:
+        """The saved tracers ``value`` is or holds directly (in a tuple, list or dict)."""
+        items = value.values() if isinstance(value, dict) else (
+            value if isinstance(value, (tuple, list)) else (value,))
+        return [v for v in items if isinstance(v, core.Tracer) and self.saved.get(id(v)) is v]
+
+    def bind_names(self, step: int, namespace: Mapping[str, Any]) -> None:
+        """Record the names a step loop's iteration at generation ``step`` bound."""
+        self.loop_bindings.append(
+            (step, {n: v for n, v in namespace.items() if not n.startswith("__") and self.saves_in(v)}))
 
     # the pass ---------------------------------------------------------------------
 

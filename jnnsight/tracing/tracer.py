@@ -211,6 +211,11 @@ class Tracer:
             self._updates = output[1]
         return values, builder
 
+    def _rebind(self, namespace: dict[str, Any], names: frozenset[str], values: dict[int, Any],
+                builder: "Builder") -> None:
+        """Names to bind anew before the saved values replace the block's tracers (a
+        generation's step loops; nothing in a trace)."""
+
     @property
     def updates(self) -> Any:
         """The variable collections the forward updated, after a block whose forward
@@ -313,11 +318,8 @@ class Tracer:
             if builder.saved.get(id(value)) is value:
                 found.add(id(value))
                 result = values[id(value)]
-                if hasattr(type(result), "as_name"):  # a generation step that never ran
-                    if "[" not in name:  # a name a step loop rebinds: its last step that ran
-                        result = result.as_name()
-                    if hasattr(type(result), "as_name"):
-                        return result  # still the marker (lists keep one per missing step)
+                if getattr(result, "never_ran", False):
+                    return result  # a generation step that never ran: nothing to gather
                 if id(value) in builder.gathered:
                     if isinstance(result, core.Tracer):
                         raise JnnsightError(at_line(
@@ -330,12 +332,14 @@ class Tracer:
                 return result
             return Unsaved(name, line) if builder.is_ours(value) else value
 
+        self._rebind(namespace, names, values, builder)
         changed = resolve_namespace(namespace, names, before, swap)
         write_frame(self._capture.frame, namespace, changed)
-        # A name a generation's step loop binds keeps the last step's value, by design.
-        kept = {place[0] for i in found for place in builder.save_slots.get(i, ()) if place}
+        # What a name held at a step loop's iteration is not lost: the loop rebinds it.
+        looped = {id(v) for _, bound in builder.loop_bindings
+                  for value in bound.values() for v in builder.saves_in(value)}
         lost = [i for i in builder.saved if i not in found and i not in builder.internal
-                and not any(place and place[0] in kept for place in builder.save_slots.get(i, ()))]
+                and i not in looped]
         if lost:
             warn_at_user_line(
                 f"{builder.save_lines[lost[0]]}\n{len(lost)} saved value(s) of this block "
