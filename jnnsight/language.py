@@ -89,9 +89,11 @@ def _rows_of_input(value: Any, tokenizer: Any, line: UserLine | None) -> tuple[l
 def _onto(value: Any, mesh: Mesh) -> Any:
     """``value`` on ``mesh``: a concrete array placed elsewhere (on the user's own mesh,
     whose axes ``jax.make_mesh`` makes explicit, or on one device) moved there, with its
-    partition spec where ``mesh`` has the spec's axes, else replicated."""
+    partition spec where ``mesh`` has the spec's axes, else replicated. An array never
+    placed (uncommitted) stays: JAX moves it where a program needs it, without a copy
+    that outlives the call."""
     if isinstance(value, core.Tracer) or not isinstance(value, jax.Array) \
-            or not value.is_fully_addressable:
+            or not value.is_fully_addressable or not value.committed:
         return value
     sharding = value.sharding
     if isinstance(sharding, NamedSharding) and sharding.mesh == mesh:
