@@ -409,11 +409,11 @@ class Unreached:
 
     never_ran = True
 
-    def __init__(self, line: UserLine | None, stopped: int, ended: str):
+    def __init__(self, line: UserLine | None, stopped: int, why: str):
         self.stopped = stopped
         self._message = (
-            f"{line}\nthis value belongs to a generation step that never ran: every row "
-            f"had produced {ended} at step {stopped}. Save values of earlier steps, or pass "
+            f"{line}\nthis value belongs to a generation step that never ran: generation "
+            f"ended after step {stopped} ({why}). Save values of earlier steps, or pass "
             "eos_token_id=None (and no stop_strings) to always run max_new_tokens steps."
         )
 
@@ -541,7 +541,9 @@ def generate(lm: "LanguageModel", batch: Batch, bodies: Callable[[], None],
             "does), or pass the prompts as text."
         ))
     steps = config.max_new_tokens
-    lm._check_generation(mask, steps, config.pad_token_id)
+    traced = isinstance(mask, jax.core.Tracer)
+    fit = lm._check_generation(mask, steps, config.pad_token_id,
+                               can_end=config.ends_rows and not traced)
     slots = prompt + steps
     state = {
         "tokens": jnp.concatenate([ids, jnp.full((rows, steps), config.pad_token_id, jnp.int32)], 1),
@@ -586,8 +588,8 @@ def generate(lm: "LanguageModel", batch: Batch, bodies: Callable[[], None],
     consts = lm._outside(list(program.jaxpr.consts))
     shapes = tuple(v.aval for v in plan.consts)
 
-    traced = any(isinstance(leaf, jax.core.Tracer)
-                 for leaf in jax.tree_util.tree_leaves((variables, state, consts, key)))
+    traced = traced or any(isinstance(leaf, jax.core.Tracer)
+                           for leaf in jax.tree_util.tree_leaves((variables, state, consts, key)))
     stops = None
     if config.stop_strings:
         if traced or jax.process_count() > 1:
@@ -598,6 +600,9 @@ def generate(lm: "LanguageModel", batch: Batch, bodies: Callable[[], None],
                 + ": use eos_token_id, or cut the text after generation."
             ))
         stops = StopStrings(config.stop_strings, tokenizer, ids, mask)
+
+    if fit is not None and traced:  # under jax.jit every step runs: all must fit
+        lm._check_generation(mask, steps, config.pad_token_id, can_end=False)
 
     def compiled(plan_for_step: StepPlan, first: bool) -> Callable[..., Any]:
         k = ("step", first, first_key if first else step_key, prompt, config, shapes,
@@ -618,6 +623,8 @@ def generate(lm: "LanguageModel", batch: Batch, bodies: Callable[[], None],
             )
         else:
             needed = 1 + max((i for i, p in enumerate(plans) if p.stages or p.saves), default=0)
+    if fit is not None:  # GPT-2's positions end before max_new_tokens: rows may end sooner
+        needed = min(needed, fit)
 
     values: dict[int, Any] = {}
     carried: dict[Any, Any] = {}
@@ -658,17 +665,22 @@ def generate(lm: "LanguageModel", batch: Batch, bodies: Callable[[], None],
     for i, atom in enumerate(plan.outvars):
         if i not in values and (isinstance(atom, Literal) or atom in outside):
             values[i] = atom_value(outside, atom)
+    why = f"every row had produced {config.ended()}"
+    if fit is not None and ran == fit and not bool(_replicated(state["finished"].all())):
+        why = (f"the longest row filled this model's {lm._config_value('n_positions')} position "
+               "embeddings (n_positions) before every row had ended")
+        warn_at_user_line(f"generation stopped after step {ran - 1}: {why}; the rows that had "
+                          "not ended end there.")
     saved = list(builder.saved)
     missing = [i for i in range(len(saved)) if i not in values]
     if missing:  # (edits of steps that did not run need no word: as in nnsight)
         lines = [builder.save_lines.get(saved[i]) for i in missing]
         warn_at_user_line(
-            f"generation ended after step {ran - 1} (every row had produced "
-            f"{config.ended()}); the block's saves at later steps did not run"
-            f"{f', first at {lines[0]}' if lines[0] else ''}."
+            f"generation ended after step {ran - 1} ({why}); the block's saves at later "
+            f"steps did not run{f', first at {lines[0]}' if lines[0] else ''}."
         )
         for i in missing:
-            values[i] = Unreached(builder.save_lines.get(saved[i]), ran - 1, config.ended())
+            values[i] = Unreached(builder.save_lines.get(saved[i]), ran - 1, why)
     return {saved[i]: values[i] for i in range(len(saved))}, builder
 
 

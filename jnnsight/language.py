@@ -545,9 +545,14 @@ class LanguageModel(NNsight):
                 ))
         self._check_positions(real, 0, where)
 
-    def _check_generation(self, attention_mask: Any, new_tokens: int, pad_token_id: int) -> None:
+    def _check_generation(self, attention_mask: Any, new_tokens: int, pad_token_id: int,
+                          can_end: bool) -> int | None:
         """What generation feeds the model beyond the checked prompt: ``new_tokens - 1``
-        generated tokens after the longest row and, in ended rows, ``pad_token_id``."""
+        generated tokens after the longest row and, in ended rows, ``pad_token_id``.
+
+        Where rows ``can_end`` (an end token, stop strings) before GPT-2's position
+        embeddings run out, as transformers lets them, the number of steps that fit
+        is returned instead of an error (None: all do)."""
         vocab = self._config_value("vocab_size")
         if vocab is not None and not 0 <= pad_token_id < vocab:
             raise JnnsightError(at_user_line(
@@ -556,8 +561,15 @@ class LanguageModel(NNsight):
                 "the generation config's pad or (first) end token; pass pad_token_id= an id "
                 "of this vocabulary (and eos_token_id=None if the end token is not one either)."
             ))
-        if _on_host(attention_mask):
-            self._check_positions(np.asarray(attention_mask) != 0, new_tokens, at_user_line)
+        # a traced mask (the user's jax.jit) is taken as all real: its width bounds the rows
+        real = (np.asarray(attention_mask) != 0 if _on_host(attention_mask)
+                else np.ones(np.shape(attention_mask), bool))
+        positions = self._config_value("n_positions")
+        fit = None if positions is None else positions - int(real.sum(axis=1).max()) + 1
+        if can_end and fit is not None and 1 <= fit < new_tokens:
+            return fit
+        self._check_positions(real, new_tokens, at_user_line)
+        return None
 
     def _check_positions(self, real: np.ndarray, new_tokens: int, where: Callable[[str], str]) -> None:
         """Rows (``real``: the attention mask as booleans) plus ``new_tokens - 1`` fed-back

@@ -367,3 +367,32 @@ def test_a_tokenizer_passed_for_a_folder_without_one_is_used_without_a_warning(s
     assert lm.tokenizer is smollm2.tokenizer
     with pytest.warns(UserWarning, match="No tokenizer files.*or pass tokenizer="):
         assert LanguageModel(MODELS / "tiny-gpt2").tokenizer is None
+
+
+def test_gpt2_generation_may_ask_past_its_positions_when_rows_can_end(tiny_gpt2):
+    """As transformers: with an end token, max_new_tokens may exceed what GPT-2's 32
+    positions hold; generation stops where they run out (with a warning) or at the end
+    token, whichever comes first. Without one, or under jax.jit, it is refused."""
+    prompt = [list(range(3, 32))]  # 29 tokens: 4 steps fit
+    with tiny_gpt2.generate(prompt, max_new_tokens=4, eos_token_id=None) as tracer:
+        fits = tracer.result.save()
+    fits = np.asarray(fits)[0, 29:].tolist()
+    unused = next(t for t in range(101) if t not in fits)
+    with pytest.warns(UserWarning, match="stopped after step 3: the longest row filled this "
+                                         "model's 32 position embeddings") as caught:
+        with tiny_gpt2.generate(prompt, max_new_tokens=10, eos_token_id=unused,
+                                pad_token_id=0) as tracer:
+            capped = tracer.result.save()
+    assert caught[0].filename == __file__
+    assert np.asarray(capped)[0, 29:].tolist() == fits + [0] * 6
+    with tiny_gpt2.generate(prompt, max_new_tokens=10, eos_token_id=fits[1], pad_token_id=0) as tracer:
+        ended = tracer.result.save()
+    assert np.asarray(ended)[0, 29:].tolist() == fits[:2] + [0] * 8
+
+    def jitted(ids):
+        with tiny_gpt2.generate(ids, max_new_tokens=10, eos_token_id=unused) as tracer:
+            out = tracer.result.save()
+        return out
+
+    with pytest.raises(JnnsightError, match="29 prompt tokens plus 9 generated ones"):
+        jax.jit(jitted)(jnp.asarray(prompt))
