@@ -42,10 +42,10 @@ def train_step(loss_fn: Callable[..., jax.Array], optimizer: optax.GradientTrans
     tied embeddings are, is one parameter, as in torch: the first of those leaves
     gets the sum of their gradients (so an optimizer that looks across leaves, such
     as a global-norm clip, counts it once), and the new ``trainable`` has the first
-    leaf's new array at all of them. The old ``trainable`` and ``opt_state`` buffers are donated to the new
-    ones (so ``lm.variables`` passed here can no longer be used by ``lm``: trace
-    with ``lm.bind(new_params)``), except where arrays are shared: XLA cannot
-    donate a buffer twice.
+    leaf's new array at all of them. The old ``trainable`` and ``opt_state``
+    buffers are donated to the new ones (so ``lm.variables`` passed here can no
+    longer be used by ``lm``: trace with ``lm.bind(new_params)``), except where
+    arrays are shared: XLA cannot donate a buffer twice.
     """
 
     def step(ties: tuple[tuple[int, ...], ...], trainable: Any, opt_state: Any,
@@ -67,24 +67,34 @@ def train_step(loss_fn: Callable[..., jax.Array], optimizer: optax.GradientTrans
 
     @functools.wraps(step)
     def call(trainable: Any, opt_state: Any, *args: Any) -> tuple[Any, Any, jax.Array]:
-        groups: dict[int, list[int]] = {}
-        for i, leaf in enumerate(jax.tree_util.tree_leaves(trainable)):
-            if isinstance(leaf, jax.Array):
-                groups.setdefault(id(leaf), []).append(i)
-        ties = tuple(tuple(group) for group in groups.values() if len(group) > 1)
+        ties = _ties(trainable)
         leaves = [leaf for leaf in jax.tree_util.tree_leaves((trainable, opt_state))
                   if isinstance(leaf, jax.Array)]
         shared = len({id(leaf) for leaf in leaves}) < len(leaves)
         new, opt_state, loss = (keeping if shared else donating)(ties, trainable, opt_state, *args)
-        if ties:  # equal values at tied leaves; one array there again, as in the input
-            leaves, treedef = jax.tree_util.tree_flatten(new)
-            for group in ties:
-                for i in group[1:]:
-                    leaves[i] = leaves[group[0]]
-            new = jax.tree_util.tree_unflatten(treedef, leaves)
-        return new, opt_state, loss
+        return _retied(new, ties), opt_state, loss  # one array at tied leaves, as given
 
     return call
+
+
+def _ties(tree: Any) -> tuple[tuple[int, ...], ...]:
+    """The leaf positions of each array that stands at several leaves of ``tree``."""
+    positions: dict[int, list[int]] = {}
+    for i, leaf in enumerate(jax.tree_util.tree_leaves(tree)):
+        if isinstance(leaf, jax.Array):
+            positions.setdefault(id(leaf), []).append(i)
+    return tuple(tuple(group) for group in positions.values() if len(group) > 1)
+
+
+def _retied(tree: Any, ties: tuple[tuple[int, ...], ...]) -> Any:
+    """``tree`` with the leaf at each group's first position at all of its positions."""
+    if not ties:
+        return tree
+    leaves, treedef = jax.tree_util.tree_flatten(tree)
+    for group in ties:
+        for i in group[1:]:
+            leaves[i] = leaves[group[0]]
+    return jax.tree_util.tree_unflatten(treedef, leaves)
 
 
 def _checkpointer() -> Any:
@@ -131,14 +141,7 @@ def restore_checkpoint(path: str | Path, like: Any = None) -> Any:
     target = None if like is None else jax.tree_util.tree_map(
         lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=_sharding_of(x)), like)
     restored = _checkpointer().restore(path, target)
-    if like is None:
-        return restored
-    first: dict[int, int] = {}  # id of a like leaf -> its first position
-    leaves, treedef = jax.tree_util.tree_flatten(restored)
-    for i, leaf in enumerate(jax.tree_util.tree_leaves(like)):
-        if isinstance(leaf, jax.Array):
-            leaves[i] = leaves[first.setdefault(id(leaf), i)]
-    return jax.tree_util.tree_unflatten(treedef, leaves)
+    return restored if like is None else _retied(restored, _ties(like))
 
 
 def _sharding_of(x: Any) -> Any:
