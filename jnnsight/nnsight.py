@@ -300,9 +300,11 @@ class NNsight(Envoy):
         return table
 
     def _run(
-        self, variables: Any, batch: Batch, bodies: Callable[[], None], scan: bool = False
+        self, variables: Any, batch: Batch, bodies: Callable[[], None], scan: bool = False,
+        keep_output: bool = True,
     ) -> tuple[Any, dict[int, Any], Builder]:
-        """Steps 3 to 6 for one batch: the output, saved values by tracer id, the builder."""
+        """Steps 3 to 6 for one batch: the output (``None`` unless ``keep_output``),
+        saved values by tracer id, the builder."""
         table_key, table, avals = self._site_table(variables, batch)
         builder = Builder(table, avals)
         program = builder.run(bodies)
@@ -322,6 +324,7 @@ class NNsight(Envoy):
         output, saves = self._executor(
             self.module, plan, program_key, variables,
             batch.args, batch.kwargs, self._outside(list(program.jaxpr.consts)), backward,
+            keep_output,
         )
         return output, dict(zip(saved, saves)), builder
 

@@ -58,8 +58,9 @@ jnnsight's linen Llama returns a tuple, element 0 the hidden state::
 
 The prompt goes into ``.trace`` as text, so tokenization is timed on both
 sides. A jnnsight call ends with ``jax.block_until_ready`` on the 30 saves
-(they come out of the same executable as the logits, so the forward is done);
-nnsight returns when its forward is done.
+(the trace's whole program: a block that reads no logits returns none, so XLA
+leaves out the final norm and the vocabulary projection, which nnsight's
+forward computes); nnsight returns when its forward is done.
 
 Plain forwards, tokenization included: torch ``model(**tokenizer(prompt,
 return_tensors="pt"))`` under ``no_grad``; jnnsight ``jax.jit`` of

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+from typing import Any
 from pathlib import Path
 
 import jax
@@ -396,3 +397,38 @@ def test_gpt2_generation_may_ask_past_its_positions_when_rows_can_end(tiny_gpt2)
 
     with pytest.raises(JnnsightError, match="29 prompt tokens plus 9 generated ones"):
         jax.jit(jitted)(jnp.asarray(prompt))
+
+
+def test_a_trace_that_reads_no_logits_runs_a_program_without_the_lm_head(tiny_gpt2, monkeypatch):
+    """A trace returns only its saves, so XLA drops the final norm and the vocabulary
+    projection when the block reads hidden states only (nnsight always computes them)."""
+    from jnnsight.tracing.execute import Executor
+
+    compiled: list[Any] = []
+    compile_program = Executor._compile
+
+    def recording(*args):
+        jitted = compile_program(*args)
+
+        def call(*inputs):
+            compiled.append(jitted.lower(*inputs).compile())
+            return jitted(*inputs)
+
+        return call
+
+    monkeypatch.setattr(Executor, "_compile", staticmethod(recording))
+    ids = [[5, 17, 33, 8, 2, 71]]
+    with tiny_gpt2.trace(ids):
+        hidden = tiny_gpt2.transformer.h[1].output[0].save()
+    with tiny_gpt2.trace(ids):
+        hidden_too = tiny_gpt2.transformer.h[1].output[0].save()
+        tiny_gpt2.lm_head.output.save()
+    np.testing.assert_array_equal(hidden, hidden_too)
+
+    def flops(program) -> float:
+        cost = program.cost_analysis()
+        return (cost[0] if isinstance(cost, list) else cost)["flops"]
+
+    lm_head = 2 * len(ids[0]) * 32 * 101  # positions x width x vocabulary, multiply-adds
+    assert len(compiled) == 2
+    assert flops(compiled[1]) - flops(compiled[0]) >= lm_head

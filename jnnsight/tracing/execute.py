@@ -202,19 +202,26 @@ class Executor:
         kwargs: dict,
         consts: list[Any],
         backward: Backward | None = None,
+        keep_output: bool = True,
     ) -> tuple[Any, list[Any]]:
-        """Run the forward with ``schedule`` woven in; compile only on a new key."""
+        """Run the forward with ``schedule`` woven in; compile only on a new key.
+
+        With ``keep_output=False`` the output is ``None`` and the program returns
+        only the saves, so XLA drops whatever only the output needed (a language
+        model's logits, when the block reads hidden states).
+        """
         leaves, treedef = jax.tree_util.tree_flatten((args, kwargs))
         arrays = [x for x in leaves if is_array(x)]
         static = tuple(None if is_array(x) else x for x in leaves)
-        key = (program_key, treedef, static)
+        key = (program_key, treedef, static, keep_output)
         jitted = self._entries.get(key)
         if jitted is None:
-            jitted = self._entries.put(key, self._compile(module, schedule, treedef, static, backward))
+            jitted = self._entries.put(
+                key, self._compile(module, schedule, treedef, static, backward, keep_output))
         return jitted(variables, arrays, consts)
 
     @staticmethod
-    def _compile(module, schedule, treedef, static, backward) -> Callable[..., Any]:
+    def _compile(module, schedule, treedef, static, backward, keep_output) -> Callable[..., Any]:
         stop_after = schedule.last if schedule.stop else None
         if backward is None:
             run = _forward(module, schedule, stop_after)
@@ -225,6 +232,7 @@ class Executor:
             it = iter(arrays)
             leaves = [next(it) if x is None else x for x in static]
             args, kwargs = jax.tree_util.tree_unflatten(treedef, leaves)
-            return run(variables, args, kwargs, consts)
+            out, saves = run(variables, args, kwargs, consts)
+            return (out if keep_output else None), saves
 
         return jax.jit(forward)

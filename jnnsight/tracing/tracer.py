@@ -206,8 +206,10 @@ class Tracer:
 
     def _execute(self, batch: Batch, bodies: Callable[[], None]) -> tuple[dict[int, Any], "Builder"]:
         """Steps 3 to 6: saved values by tracer id, and the builder of the abstract pass."""
-        output, values, builder = self.model._run(self.model.variables, batch, bodies, scan=self._scan)
-        if batch.kwargs.get("mutable") and output is not None:  # flax's (output, updates)
+        mutable = bool(batch.kwargs.get("mutable"))  # only then is the output read: flax's
+        output, values, builder = self.model._run(  # (output, updates)
+            self.model.variables, batch, bodies, scan=self._scan, keep_output=mutable)
+        if mutable and output is not None:
             self._updates = output[1]
         return values, builder
 
