@@ -174,3 +174,27 @@ def test_installed_transformers_still_gives_the_goldens(family):
     theirs = run("padded_ids", "padded_mask", "padded_positions")
     assert max_diff(theirs[real], g["padded_logits"][real]) <= rerun
     assert max_diff(apply(family)(jnp.asarray(g["ids"])), run("ids")) <= rerun
+
+
+@pytest.mark.filterwarnings("ignore:No tokenizer files")
+@pytest.mark.parametrize("family", FAMILIES)
+def test_print_shows_the_class_names_of_the_checkpoints_family(family):
+    """``print(lm)`` names the model, its body, a decoder layer, its attention and MLP
+    as transformers does for this checkpoint (a Qwen3 layer is ``Qwen3DecoderLayer``)."""
+    lm = jnnsight.LanguageModel(MODELS / f"tiny-{family}")
+    _, _, config, _ = golden(family)
+    body, layer, attention = (("transformer", "h", "attn") if family == "gpt2"
+                              else ("model", "layers", "self_attn"))
+    paths = ["", body, f"{body}.{layer}.0", f"{body}.{layer}.0.{attention}", f"{body}.{layer}.0.mlp"]
+
+    def shown(path: str) -> str:
+        envoy = lm
+        for part in filter(None, path.split(".")):
+            envoy = envoy[int(part)] if part.isdigit() else getattr(envoy, part)
+        return repr(envoy).split("(", 1)[0]
+
+    assert shown("") == config["architectures"][0]
+    transformers = pytest.importorskip("transformers")
+    theirs = transformers.AutoModelForCausalLM.from_config(
+        transformers.AutoConfig.from_pretrained(MODELS / f"tiny-{family}"))
+    assert [shown(p) for p in paths] == [type(theirs.get_submodule(p)).__name__ for p in paths]

@@ -356,7 +356,28 @@ def rope_inv_freq(config: LlamaConfig) -> np.ndarray:
     return inv_freq
 
 
-class LlamaRotaryEmbedding(nn.Module):
+# model_type -> transformers' class-name prefix (LlamaDecoderLayer is Qwen3DecoderLayer there)
+CLASS_PREFIXES = {"llama": "Llama", "mistral": "Mistral", "ministral": "Ministral",
+                  "qwen2": "Qwen2", "qwen3": "Qwen3"}
+
+
+class HFClassName:
+    """A Llama-family module printed under transformers' class name for its config's
+    family: ``print(lm)`` on a Qwen3 checkpoint shows ``Qwen3DecoderLayer``.
+
+    Example::
+
+        >>> LlamaMLP(LlamaConfig(model_type="qwen3")).hf_class_name
+        'Qwen3MLP'
+    """
+
+    @property
+    def hf_class_name(self) -> str:
+        prefix = CLASS_PREFIXES.get(self.config.model_type, "Llama")
+        return prefix + type(self).__name__.removeprefix("Llama")
+
+
+class LlamaRotaryEmbedding(HFClassName, nn.Module):
     """``(cos, sin)``, each ``[batch, length, head_dim]``, for the given position ids.
 
     Example::
@@ -393,7 +414,7 @@ def apply_rotary_pos_emb(
 # ----------------------------------------------------------------------------------------
 
 
-class LlamaAttention(nn.Module):
+class LlamaAttention(HFClassName, nn.Module):
     """Grouped-query self-attention; returns ``(output, probabilities [batch, heads, q, k])``.
 
     Given a ``past_key_value`` cache (generation), the new keys and values are
@@ -452,7 +473,7 @@ class LlamaAttention(nn.Module):
         return (out, probs) if present is None else (out, probs, present)
 
 
-class LlamaMLP(nn.Module):
+class LlamaMLP(HFClassName, nn.Module):
     """``down_proj(act_fn(gate_proj(x)) * up_proj(x))``."""
 
     config: LlamaConfig
@@ -469,7 +490,7 @@ class LlamaMLP(nn.Module):
         return self.down_proj(self.act_fn(self.gate_proj(x)) * self.up_proj(x))
 
 
-class LlamaDecoderLayer(nn.Module):
+class LlamaDecoderLayer(HFClassName, nn.Module):
     """Pre-norm attention and MLP with residuals; returns a tuple ``(hidden,)``.
 
     Element 0 is the hidden state, as in transformers 4.x and the nnsight README.
@@ -519,7 +540,7 @@ def positions_from_mask(attention_mask: jax.Array) -> jax.Array:
     return jnp.maximum(jnp.cumsum(attention_mask.astype(jnp.int32), axis=-1) - 1, 0)
 
 
-class LlamaModel(nn.Module):
+class LlamaModel(HFClassName, nn.Module):
     """Embeddings, decoder layers and the final norm; returns ``(last_hidden_state,)``.
 
     With ``past_key_values`` (one ``(keys, values)`` pair per layer, each
@@ -580,7 +601,7 @@ class LlamaModel(nn.Module):
         return (hidden_states,) if past_key_values is None else (hidden_states, tuple(presents))
 
 
-class LlamaForCausalLM(nn.Module):
+class LlamaForCausalLM(HFClassName, nn.Module):
     """Token ids ``[batch, length]`` to ``CausalLMOutput(logits=[batch, length, vocab])``.
 
     ``attention_mask`` ``[batch, length]`` is 1 on real tokens; left padding is
