@@ -17,6 +17,7 @@ from __future__ import annotations
 
 from typing import Any, TypeVar
 
+import jax.numpy as _jnp
 from jax import core as _core
 
 from . import compilation_cache as _compilation_cache
@@ -117,12 +118,21 @@ class _Backward:
         _program.current().backward = self._previous
 
 
-def _tracer_backward(self: Any, retain_graph: bool = False) -> _Backward:
+def _tracer_backward(self: Any, gradient: Any = None, retain_graph: bool = False) -> _Backward:
     """``with loss.backward():`` gradients of this scalar, read and edited with ``.grad``.
 
-    ``retain_graph`` is accepted for nnsight code and means nothing here: a block
-    may take several ``backward()`` of values of one forward.
+    ``gradient=g`` (torch's, for a value that is not a scalar) differentiates
+    ``(value * g).sum()``, as torch does. ``retain_graph`` is accepted for nnsight
+    code and means nothing here: a block may take several ``backward()`` of values
+    of one forward.
     """
+    if gradient is not None:
+        if _jnp.shape(gradient) != _jnp.shape(self):
+            raise WriteError(at_user_line(
+                f"`backward(gradient=g)` needs `g` of the value's shape {list(_jnp.shape(self))}; "
+                f"it has {list(_jnp.shape(gradient))}."
+            ))
+        self = (self * gradient).sum()
     backward = _Backward(self)
     builder = _program.current()
     if builder is not None:  # a bare `loss.backward()` would do nothing: the block refuses it

@@ -61,7 +61,7 @@ class Envoy:
 
     @property
     def _name(self) -> str:
-        return module_name(self._path)
+        return module_name(self._path, self._model._has_module)
 
     def __getattr__(self, name: str) -> Any:
         if name.startswith("__"):
@@ -106,7 +106,7 @@ class Envoy:
         return (self._path, builder.call_index(self._path), kind)
 
     def _describe(self, builder: _program.Builder, kind: str) -> str:
-        return f"`{site_name(self._key(builder, kind))}`"
+        return f"`{site_name(self._key(builder, kind), self._model._has_module)}`"
 
     def _read(self, kind: str) -> Any:
         builder = _builder(self, kind)

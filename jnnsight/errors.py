@@ -67,11 +67,12 @@ class UserLine:
 
 def is_library_frame(frame: types.FrameType) -> bool:
     """True for frames of jnnsight, JAX or flax, which a user does not write."""
-    return _is_library_file(frame.f_code.co_filename)
+    return is_library_file(frame.f_code.co_filename)
 
 
 @functools.lru_cache(maxsize=4096)
-def _is_library_file(filename: str) -> bool:
+def is_library_file(filename: str) -> bool:
+    """True for files of jnnsight, JAX or flax."""
     return (
         filename.startswith(_PACKAGE_DIR)
         or f"{os.sep}jax{os.sep}" in filename
@@ -107,7 +108,12 @@ def warn_at_user_line(message: str, category: type[Warning] = UserWarning) -> No
     if line is None:
         warnings.warn(message, category, stacklevel=2)
     else:
-        warnings.warn_explicit(message, category, line.filename, line.lineno)
+        warn_at(line, message, category)
+
+
+def warn_at(line: UserLine, message: str, category: type[Warning] = UserWarning) -> None:
+    """``warnings.warn`` attributed to ``line``."""
+    warnings.warn_explicit(message, category, line.filename, line.lineno)
 
 
 # What a block's body most often gets wrong, coming from torch and nnsight: the error
@@ -126,6 +132,9 @@ _BODY_ADVICE = (
     (("'Tensor'",),
      "jnnsight: torch tensors do not mix with JAX values. Convert them first: "
      "`jnp.asarray(t.detach().cpu().numpy())`."),
+    (("has no attribute 'grad'", "has no attribute 'backward'"),
+     "jnnsight: `.grad` and `.backward()` exist inside the block, on values read there: "
+     "`with loss.backward(): g = h.grad.save()`, then use `g` after the block."),
     (("has no attribute 'save'", "save() was called outside"),
      "jnnsight: `.save()` exists on values read from the model; save any other value or "
      "pytree (a list, a dict, a dataclass) with `jnnsight.save(value)`."),

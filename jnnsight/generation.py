@@ -44,7 +44,7 @@ from .tracing.discover import Site, abstract_leaves, is_int
 from .tracing.execute import run_stage, woven_apply
 from .tracing.gradients import split_backward
 from .tracing.program import Builder
-from .tracing.schedule import Schedule, atom_value, schedule
+from .tracing.schedule import Schedule, atom_value, schedule, warn_unused_updates
 from .tracing.steps import RESULT, StepPlan, StepTable, split
 from .tracing.tracer import Tracer
 
@@ -257,17 +257,23 @@ class _Steps:
     def __init__(self, steps: int):
         self._steps = steps
 
-    def __getitem__(self, selection: int | slice | list[int]) -> Iterator[int]:
+    def __getitem__(self, selection: int | slice | list[int]) -> "_StepLoop":
         steps = self._steps
         if isinstance(selection, slice):
             chosen = list(range(steps))[selection]
+            shown = f"tracer.iter[{selection.start}:{selection.stop}:{selection.step}]"
             if not chosen:
                 warn_at_user_line(
-                    f"tracer.iter[{selection.start}:{selection.stop}:{selection.step}] selects "
-                    f"no step of this generation's {steps} (0 to {steps - 1}): the loop's body "
-                    "does not run."
+                    f"{shown} selects no step of this generation's {steps} (0 to {steps - 1}): "
+                    "the loop's body does not run."
                 )
-            return _at_steps(chosen)
+            elif selection.stop is not None and selection.stop > steps and (selection.step or 1) > 0:
+                warn_at_user_line(
+                    f"{shown} reaches past this generation's {steps} steps (0 to {steps - 1}): "
+                    f"the loop runs steps {chosen[0]} to {chosen[-1]} only. Raise max_new_tokens "
+                    "for the later ones."
+                )
+            return _StepLoop(chosen)
         if isinstance(selection, (jax.Array, jax.core.Tracer)) or not (
                 is_int(selection) or isinstance(selection, (list, tuple, range))):
             raise TypeError(at_user_line(
@@ -282,7 +288,26 @@ class _Steps:
                 f"step {bad[0]!r} does not exist: this generation has {steps} step(s), "
                 f"0 to {steps - 1} (step 0 is the prompt). Raise max_new_tokens."
             ))
-        return _at_steps([int(s) % steps for s in chosen])
+        return _StepLoop([int(s) % steps for s in chosen])
+
+
+class _StepLoop:
+    """The steps ``tracer.iter[...]`` chose, to loop over with ``for``."""
+
+    def __init__(self, chosen: list[int]):
+        self._chosen = chosen
+
+    def __iter__(self) -> Iterator[int]:
+        return _at_steps(self._chosen)
+
+    def __enter__(self) -> None:
+        raise TypeError(at_user_line(
+            "`with tracer.iter[...]:` is nnsight's older spelling: loop over the steps "
+            "instead, `for step in tracer.iter[1:4]:` (or `with tracer.all():` for every step)."
+        ))
+
+    def __exit__(self, *exc: Any) -> None:
+        return None
 
 
 _UNBOUND = object()
@@ -352,6 +377,8 @@ class GenerateTracer(Tracer):
         ...         lm.lm_head.output = lm.lm_head.output.at[..., bad_token].set(-1e9)
         ...     tokens = tracer.result.save()
     """
+
+    _spelling = "lm.generate(max_new_tokens=...)"
 
     def __init__(self, model: "LanguageModel", args: tuple, config: GenerationConfig,
                  key: jax.Array, progress: bool, tokenizer: Any = None):
@@ -582,6 +609,7 @@ def generate(lm: "LanguageModel", batch: Batch, bodies: Callable[[], None],
     plan_key = ("plans", first_key, step_key, steps, program.fingerprint)
     cut = programs.get(plan_key)
     if cut is None:
+        warn_unused_updates(program)
         plan = schedule(program)
         cut = programs.put(plan_key, (plan, *split(plan, table)))
     plan, plans, final = cut

@@ -52,13 +52,22 @@ def _rows_of_input(value: Any, tokenizer: Any, line: UserLine | None) -> tuple[l
     if isinstance(value, str):
         value = [value]
     if isinstance(value, dict) or hasattr(value, "keys"):
-        ids = np.asarray(value["input_ids"])
-        if not np.issubdtype(ids.dtype, np.integer):
-            raise JnnsightError(at_line(line, f"token ids must be integers; got {ids.dtype} input_ids."))
-        ids = ids[None] if ids.ndim == 1 else ids
-        mask = np.asarray(value.get("attention_mask", np.ones_like(ids)))
-        mask = mask[None] if mask.ndim == 1 else mask
-        return [list(map(int, r)) for r in ids], [list(map(int, r)) for r in mask]
+        ids = value["input_ids"]
+        if isinstance(ids, (list, tuple)) and ids and all(isinstance(r, (list, tuple)) for r in ids):
+            rows = [np.asarray(r) for r in ids]  # a tokenizer's output without padding=True:
+        else:                                    # rows of their own lengths
+            rows = list(np.atleast_2d(np.asarray(ids)))
+        masks = value.get("attention_mask")
+        if masks is None:
+            masks = [np.ones_like(r) for r in rows]
+        elif isinstance(masks, (list, tuple)) and masks and all(isinstance(m, (list, tuple)) for m in masks):
+            masks = [np.asarray(m) for m in masks]
+        else:
+            masks = list(np.atleast_2d(np.asarray(masks)))
+        bad = next((r.dtype for r in rows if not np.issubdtype(r.dtype, np.integer)), None)
+        if bad is not None:
+            raise JnnsightError(at_line(line, f"token ids must be integers; got {bad} input_ids."))
+        return [list(map(int, r)) for r in rows], [list(map(int, m)) for m in masks]
     if isinstance(value, (list, tuple)) and value and all(isinstance(v, str) for v in value):
         if tokenizer is None:
             raise JnnsightError(at_line(line, "text was given, and this model has no tokenizer: pass token ids."))
@@ -302,6 +311,10 @@ class LanguageModel(NNsight):
         object.__setattr__(self, "_moved", {})
         if tokenizer is not None:
             tokenizer = tokenizer if isinstance(tokenizer, Tokenizer) else Tokenizer(tokenizer)
+            if getattr(tokenizer, "padding_side", "left") != "left":
+                # as nnsight sets it: a batch the user tokenizes with `lm.tokenizer(...,
+                # padding=True)` then ends every row at the last position
+                tokenizer.padding_side = "left"
         object.__setattr__(self, "tokenizer", tokenizer)
         object.__setattr__(self, "pad_to_multiple_of", pad_to_multiple_of)
         self.generation_config = generation_config

@@ -47,7 +47,7 @@ from .tracing.execute import Executor
 from .tracing.gradients import check_edits, split_backward
 from .tracing.lru import LruCache
 from .tracing.program import Builder
-from .tracing.schedule import schedule
+from .tracing.schedule import schedule, warn_unused_updates
 from .tracing.tracer import Tracer
 
 
@@ -179,6 +179,10 @@ class NNsight(Envoy):
                         walk(child, child_path, depth + 1)
 
         walk(bound, (), 0)
+
+    def _has_module(self, path: tuple[str, ...]) -> bool:
+        """Whether a module sits at ``path`` (``()`` is the model)."""
+        return not path or path[-1] in self._tree.get(path[:-1], ())
 
     def _children(self, path: tuple[str, ...]) -> list[str]:
         """Child names in the order the model defines (or first calls) them."""
@@ -317,10 +321,11 @@ class NNsight(Envoy):
         program_key = (table_key, program.fingerprint)
         entry = self._schedules.get(program_key)
         if entry is None:
+            warn_unused_updates(program)
             forward, backward = split_backward(program)
             plan = schedule(forward)
             if backward is not None:
-                check_edits(plan, backward, program.write_lines)
+                check_edits(plan, backward, program.grad_write_lines)
             entry = self._schedules.put(program_key, (plan, backward))
         plan, backward = entry
         saved = list(builder.saved)

@@ -88,7 +88,8 @@ def main() -> None:
     section("Every module's output: tracer.cache()")
     with model.trace(tokens) as tracer:
         cache = tracer.cache()
-    print(f"{len(cache)} outputs; cache[model.h[0].attn].shape = {cache[model.h[0].attn].shape}")
+    print(f"{len(cache)} modules; cache['model.h.0.attn'].output.shape = "
+          f"{cache['model.h.0.attn'].output.shape}, as cache.model.h[0].attn.output")
     print(f"\njnnsight {jnnsight.__version__}, jax {jax.__version__}, device {jax.devices()[0]}")
 
 

@@ -41,6 +41,9 @@ Capture
   * ``tracer.invoke`` in a trace that has its own input                 -> CaptureError
   * ``tracer.invoke`` after the block / inside another invoke           -> CaptureError
   * ``tracer.stop()`` after the block                                   -> CaptureError
+  * ``tracer.stop()`` in an invoke before the last                      -> JnnsightError
+  * ``tracer.iter`` in a trace                                          -> AttributeError, ".next()"
+  * ``h = h.at[...].set(0)`` never written back (JAX's in-place advice)  -> UserWarning
 Inputs
   * invokes whose inputs differ in shape, or in dtype                   -> JnnsightError
   * an invoke input with no batch axis                                  -> JnnsightError
@@ -50,7 +53,7 @@ Exceptions in the body
   * ``1/0``, a jnp shape error, a broadcast error (an error with a cause),
     ``if tracer > 0``, ``np.asarray(tracer)``
                                  -> the original type, the body line last in the traceback
-  * ``output[:, -1]``, ``output.shape``, ``output * 2`` on a block's tuple output
+  * ``output[:, -1]``, ``output.shape``, ``output * 2``, ``output + steer`` on a block's tuple output
                                                 -> TypeError / AttributeError, "take an element"
   * ``h[:, -1] = 0`` in place, ``h + torch_tensor``, ``[h].save()``,
     ``if tracer > 0``, ``np.asarray(tracer)``  -> the original error, with a note on the
@@ -62,6 +65,7 @@ from __future__ import annotations
 import os
 import re
 import traceback
+import warnings
 
 import flax.linen as nn
 import jax
@@ -637,7 +641,8 @@ def test_array_habits_on_a_tuple_output_say_to_take_an_element(small):
     """transformers 5 blocks return a tensor; ours (and transformers 4's) a tuple."""
     model, tokens = small
     for use in (lambda o: o[:, -1], lambda o: o[..., 0], lambda o: o.shape, lambda o: o * 2,
-                lambda o: 2 * o, lambda o: o.sum()):
+                lambda o: 2 * o, lambda o: o.sum(), lambda o: o + jnp.ones(16),
+                lambda o: jnp.ones(16) + o, lambda o: o - 1):  # `layer.output + steer`, nnsight 0.8's
         with pytest.raises((TypeError, AttributeError), match="take an element first") as info:
             with model.trace(tokens):
                 use(model.h[0].output)
@@ -753,6 +758,57 @@ def test_stop_after_block(small):
     with pytest.raises(CaptureError) as info:
         tracer.stop()  # L:stop_after
     names_line(info.value, "stop_after")
+
+
+def test_stop_in_an_invoke_before_the_last(small):
+    """The later invokes would never run (their names kept stale values, silently)."""
+    model, tokens = small
+    with pytest.raises(JnnsightError, match="invoke 1 of 2: the invokes after it would never run") as info:
+        with model.trace() as tracer:
+            with tracer.invoke(tokens):
+                a = model.h[0].output[0].save()
+                tracer.stop()  # L:stop_first
+            with tracer.invoke(tokens):
+                b = model.h[1].output[0].save()
+    names_line(info.value, "stop_first")
+    with model.trace() as tracer:  # in the last invoke it ends the block
+        with tracer.invoke(tokens):
+            a = model.h[1].output[0].save()
+        with tracer.invoke(tokens):
+            b = model.h[0].output[0].save()
+            tracer.stop()
+    assert a.shape == b.shape == (*tokens.shape, 16)
+
+
+def test_generation_step_loops_in_a_trace_point_to_next(small):
+    model, tokens = small
+    with pytest.raises(AttributeError, match=r"belongs to generation.*`module.next\(\)`") as info:
+        with model.trace(tokens) as tracer:
+            for step in tracer.iter[0:2]:  # L:iter_in_trace
+                pass
+    names_line(info.value, "iter_in_trace")
+
+
+def test_an_update_never_written_back_warns_at_its_line(small):
+    """``h = h.at[...].set(0)`` (the advice of JAX's in-place error) changes nothing in the
+    model; the block warns at that line. Used updates do not warn."""
+    model, tokens = small
+    with model.trace(tokens):
+        plain = model.output.save()
+    with pytest.warns(UserWarning, match="never written to the model or saved") as record:
+        with model.trace(tokens):
+            h = model.h[0].output[0]
+            h = h.at[:, -1].set(0)  # L:dead_update
+            logits = model.output.save()
+    assert [w.lineno for w in record if "never written" in str(w.message)] == [MARKS["dead_update"]]
+    np.testing.assert_array_equal(logits, plain)  # the model indeed did not see it
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        with model.trace(tokens):
+            model.h[0].output[0] = model.h[0].output[0].at[:, -1].set(0)
+            kept = jnnsight.save(model.h[1].output[0].at[:, 0].add(1.0))
+            logits = model.output.save()
+    assert not np.array_equal(logits, plain)
 
 
 # -- inputs of a trace -------------------------------------------------------------------------

@@ -513,6 +513,26 @@ def test_bad_generation_inputs_get_clear_errors(models):
         with lm.generate(PROMPTS[0], max_new_tokens=3) as tracer:
             for step in tracer.iter[5:8]:
                 lm.model.layers[0].output.save()
+    with pytest.warns(UserWarning, match=r"tracer.iter\[1:10:None\] reaches past .* 3 steps .* steps 1 to 2 only"):
+        with lm.generate(PROMPTS[0], max_new_tokens=3) as tracer:
+            seen = []
+            for step in tracer.iter[1:10]:
+                seen.append(lm.model.layers[0].output[0].save())
+    assert len(seen) == 2
+    with pytest.raises(TypeError, match=r"test_generate.py:\d+:[\s\S]*older spelling.*for step in tracer.iter"):
+        with lm.generate(PROMPTS[0], max_new_tokens=3) as tracer:
+            with tracer.iter[1:3]:
+                pass
+    with pytest.warns(UserWarning, match="never written to the model") as record:
+        with lm.generate(PROMPTS[0], max_new_tokens=3) as tracer:
+            with tracer.all():  # one line, run for every step: one warning
+                h = lm.model.layers[0].output[0]
+                h = h.at[:, -1].set(0)
+    assert sum("never written" in str(w.message) for w in record) == 1
+    with pytest.raises(Exception, match=r"Use `lm.generate\(max_new_tokens=...\)` with no input"):
+        with lm.generate(PROMPTS[0], max_new_tokens=3) as tracer:
+            with tracer.invoke(PROMPTS[1]):
+                pass
     with pytest.raises(ValueError, match="a number of calls >= 0, got -1"):
         with lm.generate(PROMPTS[0], max_new_tokens=3):
             lm.model.layers[0].next(-1).output.save()

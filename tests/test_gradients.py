@@ -183,12 +183,27 @@ def test_bad_gradient_code_gets_clear_errors(models):
                 h.grad = h.grad * 2
             with nll(logits, B).backward():
                 h.grad.save()
-    with pytest.raises(JnnsightError, match="runs after it"):
+    with pytest.raises(JnnsightError, match=r"test_gradients.py:\d+: `h.grad = h.grad \* later`\n"
+                       r"this gradient edit of model.model.layers\[0\].output uses "
+                       r"model.model.layers\[1\].output, which the forward computes later"):
         with lm.trace(IDS):
             h = lm.model.layers[0].output[0]
             later = lm.model.layers[1].output[0]
             with nll(lm.lm_head.output, A).backward():
                 h.grad = h.grad * later
+    with pytest.raises(SiteError, match=r"test_gradients.py:\d+:[\s\S]*`.grad` of a parameter.*jax.grad"):
+        with lm.trace(IDS):
+            with nll(lm.lm_head.output, A).backward():
+                lm.model.layers[0].mlp.up_proj.weight.grad.save()
+    with pytest.raises(WriteError, match=r"test_gradients.py:\d+:[\s\S]*`.grad = None`.*zeros_like"):
+        with lm.trace(IDS):
+            h = lm.model.layers[0].output[0]
+            with nll(lm.lm_head.output, A).backward():
+                h.grad = None
+    with pytest.raises(WriteError, match=r"test_gradients.py:\d+:[\s\S]*needs `g` of the value's shape \[1, 7, 101\]"):
+        with lm.trace(IDS):
+            with lm.lm_head.output.backward(gradient=jnp.ones(3)):
+                pass
     with pytest.raises(JnnsightError, match=r"test_gradients.py:\d+:[\s\S]*depends on no module value"):
         with lm.trace(IDS):
             with jnp.float32(1.0).backward():
@@ -226,6 +241,42 @@ def test_bad_gradient_code_gets_clear_errors(models):
             h = lm.model.layers[0].output[0]
             with nll(lm.lm_head.output, A).backward():
                 h.grad.save()
+
+
+def test_backward_with_a_gradient_argument_is_torchs_vector_jacobian_product(models):
+    """``out.backward(gradient=g)`` for a value that is not a scalar, as in torch."""
+    _, lm = models["llama"]
+    g = jax.random.normal(jax.random.key(2), (1, IDS.shape[1], 101))
+    with lm.trace(IDS):
+        h = lm.model.layers[0].output[0]
+        with lm.lm_head.output.backward(gradient=g):
+            spelled = h.grad.save()
+    with lm.trace(IDS):
+        h = lm.model.layers[0].output[0]
+        with (lm.lm_head.output * g).sum().backward():
+            by_hand = h.grad.save()
+    np.testing.assert_allclose(spelled, by_hand, rtol=1e-6, atol=1e-7)
+    assert float(jnp.abs(spelled).max()) > 0
+
+
+@pytest.mark.parametrize("name", ["gpt2", "llama"])
+def test_the_gradient_of_attention_weights_is_refused_not_partial(models, name):
+    """Attention returns its weights after using them: a gradient at the return point
+    would count only later uses (zeros here), where torch counts the internal use.
+    The attention output's own gradient, next to them, is unaffected."""
+    tm, lm = models[name]
+    attention = layers(lm)[0].attn if name == "gpt2" else layers(lm)[0].self_attn
+    with pytest.raises(JnnsightError, match=r"test_gradients.py:\d+: `weights = attention.output\[1\]`\n"
+                       r"`.grad` of .*would miss part of the gradient"):
+        with lm.trace(IDS):
+            weights = attention.output[1]
+            with nll(lm.lm_head.output, A).backward():
+                weights.grad.save()
+    with lm.trace(IDS):
+        out = attention.output[0]
+        with nll(lm.lm_head.output, A).backward():
+            g = out.grad.save()
+    assert float(jnp.abs(g).max()) > 0
 
 
 def test_the_blocks_own_uses_of_a_value_count_in_its_gradient(models):

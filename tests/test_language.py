@@ -181,6 +181,24 @@ def test_text_ids_and_tokenizer_outputs_are_the_same_input(smollm2):
         assert float(jnp.abs(r - results[0]).max()) == 0.0
 
 
+def test_a_users_tokenizer_pads_left_and_its_batches_are_inputs(smollm2):
+    """A tokenizer passed in is set to pad on the left, as nnsight sets it, so a batch the
+    user tokenizes (padded, or ragged without `padding=True`) ends each row at its last token."""
+    import copy
+
+    tokenizer = copy.deepcopy(smollm2.tokenizer._tokenizer)
+    tokenizer.padding_side = "right"
+    lm = LanguageModel(module=smollm2.module, variables=smollm2.variables, tokenizer=tokenizer)
+    assert tokenizer.padding_side == "left"
+    prompts = [PROMPT, "Paris is"]
+    last = []
+    for given in (prompts, lm.tokenizer(prompts, padding=True), lm.tokenizer(prompts)):
+        with lm.trace(given):
+            last.append(lm.lm_head.output[:, -1].save())
+    np.testing.assert_allclose(last[1], last[0], atol=1e-5)
+    np.testing.assert_allclose(last[2], last[0], atol=1e-5)
+
+
 def test_a_saved_gpt2_checkpoint_loads_and_matches_torch(tmp_path):
     torch = pytest.importorskip("torch")
     transformers = pytest.importorskip("transformers")
@@ -432,3 +450,15 @@ def test_a_trace_that_reads_no_logits_runs_a_program_without_the_lm_head(tiny_gp
     lm_head = 2 * len(ids[0]) * 32 * 101  # positions x width x vocabulary, multiply-adds
     assert len(compiled) == 2
     assert flops(compiled[1]) - flops(compiled[0]) >= lm_head
+
+
+def test_gpt2_ln_1_is_a_name_not_a_list_item(tiny_gpt2):
+    """GPT-2's `ln_1` / `ln_2` keep their names in cache keys and messages (nnsight's
+    `model.transformer.h.0.ln_1`), while `h_0` is item 0 of the list `h`."""
+    with tiny_gpt2.trace([[5, 17, 33]]) as tracer:
+        cache = tracer.cache(modules=[tiny_gpt2.transformer.h[0].ln_1, "transformer.h.1.ln_2"])
+        normed = tiny_gpt2.transformer.h[0].ln_1.output.save()
+    assert set(cache) == {"model.transformer.h.0.ln_1", "model.transformer.h.1.ln_2"}
+    np.testing.assert_array_equal(cache.transformer.h[0].ln_1.output, normed)
+    with pytest.raises(JnnsightError, match=r"model\.transformer\.h\[0\]\.ln_1\.output exists only inside"):
+        tiny_gpt2.transformer.h[0].ln_1.output

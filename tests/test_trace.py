@@ -59,6 +59,27 @@ def test_noise_edit_on_mlp_output_and_read_after_write(toy):
     assert_close(before, reference(model, tokens)[1][(("h_2", "mlp"), 0)])
 
 
+def test_a_concrete_array_written_to_a_site_reads_back_as_a_value_of_the_block(toy):
+    """Writing a value saved by an earlier trace (or ``jnp.zeros``) and reading the site
+    again: the read can be saved and computed with, as any site value."""
+    model, tokens = toy
+    with model.trace(tokens):
+        earlier = model.h[0].mlp.output.save()
+    for value in (earlier, jnp.zeros_like(earlier), np.ones(earlier.shape, np.float32)):
+        with model.trace(tokens):
+            model.h[1].mlp.output = value
+            again = model.h[1].mlp.output.save()
+            doubled = (model.h[1].mlp.output * 2).save()
+            logits = model.output.save()
+
+        def edit(path, call, out):
+            return jnp.asarray(value) if path == ("h_1", "mlp") else out
+
+        assert_close(again, value)
+        assert_close(doubled, 2 * np.asarray(value))
+        assert_close(logits, reference(model, tokens, edit=edit)[0])
+
+
 def test_input_read_and_write(toy):
     model, tokens = toy
     with model.trace(tokens):
@@ -272,32 +293,46 @@ def test_skip_replaces_the_module_call(toy):
     assert_close(skipped, seen[(("h_0",), 0)][0])
 
 
-def test_cache_holds_every_output_after_edits(toy):
+def test_cache_holds_every_output_after_edits_keyed_as_nnsight(toy):
     model, tokens = toy
     with model.trace(tokens) as tracer:
         model.h[0].mlp.output = model.h[0].mlp.output * 0
-        cache = tracer.cache()
+        cache = tracer.cache(include_inputs=True)
 
     def edit(path, call, out):
         return out * 0 if path == ("h_0", "mlp") else out
 
     _, seen = reference(model, tokens, edit=edit)
-    assert set(cache) == {(".".join(p), c) for p, c in seen}
+    nnsight_key = {p: ".".join(["model", *(q.replace("_", ".") if q.startswith("h_") else q for q in p)])
+                   for p, _ in seen}
+    assert set(cache) == set(nnsight_key.values())
     for (path, call), value in seen.items():
-        assert_close(cache[".".join(path), call], value)
-    assert cache[model.h[0].mlp] is cache["h_0.mlp"] is cache["h.0.mlp"] is cache["h[0].mlp"]
-    assert cache["model.h.0.mlp"] is cache["h_0.mlp"] and cache["model"] is cache[""]  # nnsight's
-    assert "h.1" in cache and ("h.1", 1) not in cache
-    with pytest.raises(KeyError, match="no output of that module call. Did you mean 'h_0.mlp'"):
+        assert_close(cache[nnsight_key[path]].output, value)
+    view = cache["model.h.0.mlp"]
+    for same in (cache[model.h[0].mlp], cache["h_0.mlp"], cache["h.0.mlp"], cache["h[0].mlp"],
+                 cache.model.h[0].mlp, cache.h[0].mlp, cache.model.h[-3].mlp):
+        assert same.output is view.output
+    assert len(cache.h) == 3 and [v.output for v in cache.h][1] is cache["h.1"].output
+    assert cache["model"].output is cache[""].output  # the root: the model's own output
+    args, kwargs = cache.h[1].inputs
+    assert_close(args[0], seen[(("h_0",), 0)][0])
+    assert cache.h[1].input is args[0]
+    assert "h.1" in cache and "h.7" not in cache and len(view) == 1
+    assert cache.h[0].keys() == [k for k in cache if k.startswith("model.h.0")]
+    with pytest.raises(KeyError, match="holds no module 'model.h.0.mpl'. Did you mean 'model.h.0.mlp'"):
         cache["h.0.mpl"]
 
-    # modules=, as nnsight's: only those outputs are kept
+    # modules=, as nnsight's: only those outputs are kept, inputs only where asked
     with model.trace(tokens) as tracer:
         model.h[0].mlp.output = model.h[0].mlp.output * 0
-        some = tracer.cache(modules=[model.h[0].mlp, "h.1"])
-    assert set(some) == {("h_0.mlp", 0), ("h_1", 0)}
-    assert_close(some["h.0.mlp"], cache["h.0.mlp"])
-    with pytest.raises(jnnsight.SiteError, match="no module 'h_0.mpl'.*Did you mean 'h_0.mlp'"):
+        some = tracer.cache(modules=[model.h[0].mlp, "h.1", "model.h.2"])
+    assert set(some) == {"model.h.0.mlp", "model.h.1", "model.h.2"}
+    assert_close(some["h.0.mlp"].output, cache["h.0.mlp"].output)
+    with pytest.raises(KeyError, match="include_inputs=True"):
+        some.h[1].inputs
+    with pytest.raises(KeyError, match="holds no module 'model.h.0.attn'"):
+        some.h[0].attn.output
+    with pytest.raises(jnnsight.SiteError, match="no module 'model.h.0.mpl'.*Did you mean 'model.h.0.mlp'"):
         with model.trace(tokens) as tracer:
             tracer.cache(modules=["h.0.mpl"])
 

@@ -124,7 +124,7 @@ class SiteTable:
         return (
             f"{name} runs inside a flax lifted transform (nn.scan, nn.remat, nn.vmap, ...): "
             "its values exist only inside that transform's own trace, so a block can neither "
-            f"read nor write them. Use `{site_name((outside, 0, 'output'))}`, the first module "
+            f"read nor write them. Use `{site_name((outside, 0, 'output'), self.modules.__contains__)}`, the first module "
             "outside it, or run the model without the transform (a Python loop over the layers for "
             "nn.scan, no nn.remat) to address them."
         )
@@ -146,17 +146,30 @@ class SiteTable:
 NUMBERED = re.compile(r"^(.*)_(\d+)$")  # h_1: the second of the list model.h
 
 
-def module_name(path: tuple[str, ...]) -> str:
+def list_items(path: tuple[str, ...], exists: Callable[[tuple[str, ...]], bool] | None = None
+               ) -> list[tuple[str, str | None]]:
+    """Each part of ``path`` as ``(name, index)``: ``("h", "1")`` for ``h_1``, an item of
+    the list ``h``, where ``h_0`` exists too (``exists`` says which paths do; without
+    it every ``name_<digits>`` is one); ``("ln_1", None)`` for GPT-2's ``ln_1``."""
+    parts = []
+    for i, part in enumerate(path):
+        m = NUMBERED.match(part)
+        listed = m is not None and (exists is None or exists(path[:i] + (f"{m[1]}_0",)))
+        parts.append((m[1], m[2]) if listed else (part, None))
+    return parts
+
+
+def module_name(path: tuple[str, ...], exists: Callable[[tuple[str, ...]], bool] | None = None) -> str:
     """How a user addresses a module: ``model.h[1].mlp`` for the path ``("h_1", "mlp")``
-    (numbered children are a list, as the envoys give them)."""
+    (numbered children are a list, as the envoys give them; see :func:`list_items`)."""
     return "model" + "".join(
-        f".{m[1]}[{m[2]}]" if (m := NUMBERED.match(p)) else f".{p}" for p in path)
+        f".{name}[{index}]" if index is not None else f".{name}" for name, index in list_items(path, exists))
 
 
-def site_name(key: SiteKey) -> str:
+def site_name(key: SiteKey, exists: Callable[[tuple[str, ...]], bool] | None = None) -> str:
     """How a user addresses a site: ``model.h[1].mlp.next().output``."""
     path, call, kind = key
-    return module_name(path) + ".next()" * call + f".{kind}"
+    return module_name(path, exists) + ".next()" * call + f".{kind}"
 
 
 def site_interceptor(

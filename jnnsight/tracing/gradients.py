@@ -30,7 +30,7 @@ Example::
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any, Callable, Mapping
 
 import jax
 import jax.numpy as jnp
@@ -38,7 +38,7 @@ import numpy as np
 from jax.extend.core import ClosedJaxpr, DebugInfo, Jaxpr, Var
 
 from ..errors import JnnsightError, SiteError, at_line
-from .discover import SiteKey
+from .discover import SiteKey, site_name
 from .program import (
     InterventionProgram,
     backward_target_p,
@@ -74,6 +74,7 @@ class Backward:
       rest: what the block computes from gradients, over forward variables and reads.
       outvars: the program's saves.
       keys: the site key of each site order in ``probes``.
+      lines: where the block read each site in ``probes`` (for errors).
     """
 
     losses: tuple[Var, ...]
@@ -83,6 +84,7 @@ class Backward:
     rest: Jaxpr
     outvars: tuple[Any, ...]
     keys: dict[int, SiteKey]
+    lines: dict[int, Any]
 
 
 def _jaxpr(inputs: list[Var], outputs: list[Any], eqns: list[Any], name: str) -> Jaxpr:
@@ -193,8 +195,10 @@ def split_backward(program: InterventionProgram) -> tuple[InterventionProgram, B
         program.target_lines,
     )
     keys = {site: program.table.sites[site].key for site, _ in probes}
+    lines = {site: program.read_lines.get(site) for site in keys}
     return forward_program, Backward(
-        tuple(losses[t] for t in sorted(losses)), probes, reads, edits, rest, tuple(jaxpr.outvars), keys
+        tuple(losses[t] for t in sorted(losses)), probes, reads, edits, rest, tuple(jaxpr.outvars),
+        keys, lines,
     )
 
 
@@ -216,8 +220,12 @@ def _check_not_skipped(program: InterventionProgram, grads: list[Any]) -> None:
             )
 
 
-def check_edits(plan: Schedule, backward: Backward, write_lines: dict[int, Any]) -> None:
-    """A gradient edit runs at its site: the forward values it uses must exist there."""
+def check_edits(plan: Schedule, backward: Backward,
+                edit_lines: Mapping[tuple[int, int, int], Any]) -> None:
+    """A gradient edit runs at its site: the forward values it uses must exist there.
+
+    ``edit_lines`` is the program's ``grad_write_lines``.
+    """
     stage_of: dict[Var, int] = {v: PRE for v in plan.consts}
     stage_of.update((v, PRE) for _, v in plan.params)
     if plan.pre.jaxpr is not None:
@@ -226,15 +234,18 @@ def check_edits(plan: Schedule, backward: Backward, write_lines: dict[int, Any])
         stage_of.update((v, stage.order) for _, v in stage.reads)
         if stage.jaxpr is not None:
             stage_of.update((v, stage.order) for v in stage.jaxpr.outvars)
-    for (site, _), edit in backward.edits.items():
+    names = {stage.order: site_name(key) for key, stage in plan.stages.items()}
+    names.update((order, site_name(key)) for order, key in backward.keys.items())
+    for (site, leaf), edit in backward.edits.items():
         late = [stage_of.get(v, PRE) for v in edit.residuals if stage_of.get(v, PRE) > site]
         if late:
-            raise JnnsightError(
-                f"{write_lines.get(site)}\nthis gradient edit uses a value of a site that runs "
-                f"after it (site #{max(late)} > #{site}): in the backward pass the edit "
-                "happens when the gradient reaches its own site, with what the forward had "
-                "computed by then."
-            )
+            line = next((l for (s, j, _), l in edit_lines.items() if (s, j) == (site, leaf)), None)
+            raise JnnsightError(at_line(line, (
+                f"this gradient edit of {names.get(site, f'site #{site}')} uses "
+                f"{names.get(max(late), f'site #{max(late)}')}, which the forward computes "
+                "later: in the backward pass the edit happens when the gradient reaches its "
+                "own site, with only what the forward had computed by then. Save the later "
+                "value in a first trace and use that array in the edit.")))
 
 
 def _edit_hook(edit: GradientEdit, residuals: list[Any]) -> Callable[[jax.Array], jax.Array]:
@@ -258,6 +269,34 @@ def _edit_hook(edit: GradientEdit, residuals: list[Any]) -> Callable[[jax.Array]
 
     hook.defvjp(forward, backward)
     return lambda x: hook(x, residuals)
+
+
+def _used_already(value: Any) -> bool:
+    """Whether the traced forward already computed something from ``value``: at a
+    module's output, a use inside the module (attention weights, which the module
+    multiplies with the values before returning them). False where JAX's tracing
+    state cannot be inspected."""
+    while hasattr(value, "primal"):  # jax.vjp's tracer around the jitted forward's
+        value = value.primal
+    frame = getattr(getattr(value, "_trace", None), "frame", None)
+    equations = getattr(frame, "tracing_eqns", None)
+    if equations is None:
+        return False
+    for eqn in equations:
+        eqn = eqn() if callable(eqn) else eqn  # (a weak reference in some JAX versions)
+        if eqn is not None and any(v is value for v in eqn.invars):
+            return True
+    return False
+
+
+def _used_inside_error(backward: Backward, site: int, leaf: int) -> JnnsightError:
+    name = site_name(backward.keys[site])
+    return JnnsightError(at_line(backward.lines.get(site), (
+        f"`.grad` of {name} (leaf {leaf}) would miss part of the gradient: the module "
+        "used this value itself before returning it (attention weights feed the "
+        "attention output), and a gradient taken where the module returns it counts only "
+        "the uses after that, where PyTorch counts every use. Take `.grad` of a value the "
+        "module computes from it (its `.output[0]`), or of a submodule's output.")))
 
 
 def with_gradients(
@@ -288,6 +327,8 @@ def with_gradients(
                 leaves = list(leaves)
                 for leaf in by_site[site]:
                     x = leaves[leaf]
+                    if backward.keys[site][2] == "output" and _used_already(x):
+                        raise _used_inside_error(backward, site, leaf)
                     edit = backward.edits.get((site, leaf))
                     if edit is not None:
                         known = env if all(v in env for v in edit.residuals) \

@@ -373,7 +373,7 @@ class Builder:
                     ))
                 out.append(leaf)
                 continue
-            leaf = jnp.asarray(leaf)
+            leaf = in_program(leaf)
             shape = rows.view_shape(want, batched)
             if tuple(leaf.shape) != shape or leaf.dtype != want.dtype:
                 got = f"{leaf.dtype}{list(leaf.shape)}"
@@ -428,6 +428,12 @@ class Builder:
                 "gradient of that loss."
             ))
         origin = self.origins.get(id(value))
+        if any(value is p for p in self.params.values()):
+            raise SiteError(at_user_line(
+                "`.grad` of a parameter: in jnnsight, gradients with respect to parameters "
+                "come from `jax.grad` of a function whose block runs on "
+                "`model.bind(params)`, with `params` the argument (README, Gradients)."
+            ))
         if origin is None or origin[0] is not value:
             raise SiteError(at_user_line(
                 "`.grad` belongs to a value read from a module (`envoy.output`, `.input`, "
@@ -465,7 +471,12 @@ class Builder:
         """Replace the gradient that flows on, upstream of ``value``'s site."""
         key, site, j, rows = self._grad_key(value)
         current = self.grad(value)
-        new = jnp.asarray(new)
+        if new is None:
+            raise WriteError(at_user_line(
+                "`.grad = None` does not stop a gradient here: write zeros "
+                "(`h.grad = jnp.zeros_like(h.grad)`)."
+            ))
+        new = in_program(new)
         if new.shape != current.shape or new.dtype != current.dtype:
             fix = (f"Index or reshape it to {list(current.shape)}." if new.shape != current.shape
                    else f"Cast it with `.astype(jnp.{current.dtype})`.")
@@ -552,6 +563,13 @@ class Builder:
         )
 
 
+def in_program(value: Any) -> Any:
+    """A written value as a value of the block's program, so a later read of its site
+    is one too (``.save()``, gradients): a concrete ``jax.Array`` (a value saved by an
+    earlier trace, ``jnp.zeros(...)``) is copied in, as ``jnp.asarray`` does numpy's."""
+    return value if isinstance(value, core.Tracer) else jnp.array(value)
+
+
 # -- the active builder -------------------------------------------------------------
 
 _local = threading.local()
@@ -630,6 +648,22 @@ class SiteTuple(_SiteContainer, tuple):
 
     def __mul__(self, other: Any) -> Any:
         raise TypeError(self._not_an_array("`*`"))
+
+    def __add__(self, other: Any) -> Any:
+        if isinstance(other, tuple) and not isinstance(other, SiteTuple):
+            return tuple.__add__(self, other)  # joining tuples stays a tuple's `+`
+        raise TypeError(self._not_an_array("`+`"))
+
+    def __radd__(self, other: Any) -> Any:
+        if isinstance(other, tuple):
+            return other + tuple(self)
+        raise TypeError(self._not_an_array("`+`"))
+
+    def __sub__(self, other: Any) -> Any:
+        raise TypeError(self._not_an_array("`-`"))
+
+    __rmul__ = __mul__
+    __rsub__ = __sub__
 
     __rmul__ = __mul__
 

@@ -20,11 +20,14 @@ import dataclasses
 from dataclasses import dataclass
 from typing import Any
 
+from jax._src import source_info_util
 from jax.extend.core import DebugInfo, Jaxpr, Literal, Var
 
-from ..errors import CausalityError, SiteError
+from ..errors import CausalityError, SiteError, UserLine, is_library_file, warn_at
 from .program import (
     InterventionProgram,
+    backward_target_p,
+    grad_write_p,
     param_read_p,
     site_read_p,
     site_skip_p,
@@ -79,7 +82,7 @@ class Schedule:
 
 
 def _site_name(program: InterventionProgram, order: int) -> str:
-    return site_name(program.table.sites[order].key)
+    return site_name(program.table.sites[order].key, program.table.modules.__contains__)
 
 
 def _causality_error(program: InterventionProgram, at: int, needs: int, skip: bool) -> CausalityError:
@@ -100,14 +103,14 @@ def _causality_error(program: InterventionProgram, at: int, needs: int, skip: bo
     )
 
 
-def _live_equations(program: InterventionProgram) -> list[Any]:
-    """The equations whose results are needed (dead code removed)."""
-    jaxpr = program.jaxpr.jaxpr
+def _live_equations(jaxpr: Jaxpr, sinks: tuple[Any, ...] = (site_write_p, site_skip_p)) -> list[Any]:
+    """The equations whose results are needed: by the outputs, by an equation of a
+    ``sinks`` primitive, or for their effects (dead code removed)."""
     needed = {v for v in jaxpr.outvars if isinstance(v, Var)}
     live = []
     for eqn in reversed(jaxpr.eqns):
         keep = (
-            eqn.primitive in (site_write_p, site_skip_p)
+            eqn.primitive in sinks
             or bool(eqn.effects)
             or any(v in needed for v in eqn.outvars)
         )
@@ -116,6 +119,44 @@ def _live_equations(program: InterventionProgram) -> list[Any]:
             needed.update(v for v in eqn.invars if isinstance(v, Var))
     live.reverse()
     return live
+
+
+# what `x.at[...].set/add/mul/min/max(v)` and `lax.dynamic_update_slice` lower to
+_UPDATES = frozenset({"scatter", "scatter-add", "scatter_add", "scatter-mul", "scatter_mul",
+                      "scatter-min", "scatter_min", "scatter-max", "scatter_max",
+                      "dynamic_update_slice"})
+
+
+def warn_unused_updates(program: InterventionProgram) -> None:
+    """Warn at each line of the block whose array update is never used.
+
+    ``h = h.at[:, -1].set(0)`` rebinds a name and changes nothing in the model (a
+    write does: ``envoy.output = ...``), where a torch user's ``h[:, -1] = 0``
+    edited the model's tensor. A body's only reason to compute an update is to use
+    it, so an unused one is that mistake.
+
+    Example::
+
+        >>> # with model.trace(x):
+        >>> #     h = model.block_1.output
+        >>> #     h = h.at[:, -1].set(0)      # UserWarning here: the model never sees it
+    """
+    jaxpr = program.jaxpr.jaxpr
+    live = {id(e) for e in _live_equations(
+        jaxpr, (site_write_p, site_skip_p, grad_write_p, backward_target_p))}
+    lines = []
+    for eqn in jaxpr.eqns:
+        if eqn.primitive.name not in _UPDATES or id(eqn) in live:
+            continue
+        frame = next(iter(source_info_util.user_frames(eqn.source_info.traceback)), None)
+        if frame is not None and not is_library_file(frame.file_name):  # the user's own
+            lines.append(UserLine(frame.file_name, frame.start_line))
+    for line in dict.fromkeys(lines):  # a line a step loop ran for each step: once
+        warn_at(line, (
+            "this update's result is never written to the model or saved, so the "
+            "forward does not see it: JAX arrays do not change in place, and rebinding "
+            "a name does not write its site. Write it back: "
+            "`envoy.output = envoy.output.at[:, -1].set(v)`."))
 
 
 def schedule(program: InterventionProgram) -> Schedule:
@@ -132,7 +173,7 @@ def schedule(program: InterventionProgram) -> Schedule:
     def stage(atoms) -> int:
         return max((stage_of[a] for a in atoms if isinstance(a, Var)), default=PRE)
 
-    for eqn in _live_equations(program):
+    for eqn in _live_equations(jaxpr):
         prim = eqn.primitive
         if prim is site_read_p:
             order = eqn.params["site"]

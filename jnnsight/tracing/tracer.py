@@ -21,7 +21,6 @@ Example::
 
 from __future__ import annotations
 
-import re
 import sys
 import threading
 import types
@@ -41,9 +40,11 @@ from ..errors import (
     at_user_line,
     close_names,
     is_library_frame,
+    user_line,
     warn_at_user_line,
 )
 from . import program as _program
+from .cache import Cache, Entry
 from .capture import Capture, SkipBody
 from .collate import Batch
 from .resolve import Unsaved, code_names, resolve_namespace, write_frame
@@ -55,6 +56,10 @@ if TYPE_CHECKING:
 
 class StopTrace(BaseException):
     """Raised by ``tracer.stop()``: the rest of the block's code does not run."""
+
+    def __init__(self, line: UserLine | None):
+        super().__init__()
+        self.line = line
 
 
 _local = threading.local()
@@ -120,6 +125,8 @@ class Tracer:
         ...     tracer.stop()                  # the forward stops after block_1
     """
 
+    _spelling = "model.trace()"  # how the user opened the block, for messages
+
     def __init__(self, model: "NNsight", args: tuple, kwargs: dict, scan: bool = False):
         self.model = model
         self._inputs = (args, kwargs) if (args or kwargs) else None
@@ -133,7 +140,7 @@ class Tracer:
         if self._inputs is not None:
             raise CaptureError(at_user_line(
                 "this trace has its own input, so its body is the only invoke. "
-                "Use `model.trace()` with no input to batch several `tracer.invoke(x)`."
+                f"Use `{self._spelling}` with no input to batch several `tracer.invoke(x)`."
             ))
         return Invoker(self, (args, kwargs) if (args or kwargs) else None)
 
@@ -141,7 +148,8 @@ class Tracer:
         if name in ("result", "iter", "all"):
             raise AttributeError(at_user_line(
                 f"`tracer.{name}` belongs to generation: it exists in `lm.generate(...)` "
-                "blocks, not in `model.trace(...)`."
+                "blocks, not in `model.trace(...)`. In a trace, `module.next()` addresses "
+                "a module's next call (`model.h[0].next().output` is its second)."
             ))
         raise AttributeError(f"{type(self).__name__!r} object has no attribute {name!r}")
 
@@ -155,17 +163,19 @@ class Tracer:
                 "trace has invokes)."
             ))
         builder.stopped = True
-        raise StopTrace
+        raise StopTrace(user_line())
 
-    def cache(self, modules: list[Any] | None = None) -> "Cache":
-        """Every module's output (after edits), keyed by path or envoy, after the block;
-        with ``modules`` (envoys or paths), only theirs, as nnsight's ``modules=``.
+    def cache(self, modules: list[Any] | None = None, include_output: bool = True,
+              include_inputs: bool = False) -> Cache:
+        """Every module call's output (after edits) and, with ``include_inputs``, its
+        inputs, after the block, keyed as nnsight keys them; with ``modules`` (envoys
+        or paths), only theirs. See :mod:`jnnsight.tracing.cache`.
 
         Example::
 
             >>> with model.trace(x) as tracer:
             ...     cache = tracer.cache()
-            >>> cache["block_1"], cache[model.block_1], cache["shared", 1]
+            >>> cache["model.block_1"].output, cache.model.block_1.output
         """
         builder = _program.current()
         if builder is None:
@@ -173,11 +183,11 @@ class Tracer:
                 "`tracer.cache()` belongs inside the block (inside an invoke's body when the "
                 "trace has invokes)."
             ))
-        cache = Cache()
+        cache = Cache(self.model)
         wanted = None
         if modules is not None:
-            known = {".".join(path) for path in builder.table.modules}
-            wanted = {Cache.path_in(m, known) for m in modules}
+            known = {cache.key_of(path) for path in builder.table.modules}
+            wanted = {cache.key(m, known) for m in modules}
             unknown = sorted(wanted - known)
             if unknown:
                 raise SiteError(at_user_line(
@@ -191,13 +201,18 @@ class Tracer:
                        for key in builder.skipped]
             for site in table.sites:
                 path, call, kind = site.key
-                if (kind == "output" and not site.lifted
-                        and (wanted is None or ".".join(path) in wanted)
-                        and not any(a < site.order < b for a, b in skipped)):
-                    leaves = builder._leaves(site)
-                    dict.__setitem__(
-                        cache, (".".join(path), call), builder.save(site.unflatten(leaves), internal=True)
-                    )
+                key = cache.key_of(path)
+                if (kind != "output" or site.lifted or (wanted is not None and key not in wanted)
+                        or any(a < site.order < b for a, b in skipped)):
+                    continue
+                inputs = table.get((path, call, "input")) if include_inputs else None
+                entry = Entry(
+                    builder.save(site.unflatten(builder._leaves(site)), internal=True)
+                    if include_output else None,
+                    builder.save(inputs.unflatten(builder._leaves(inputs)), internal=True)
+                    if inputs is not None else None,
+                )
+                dict.setdefault(cache, key, []).append(entry)
 
         builder.finalizers.append(fill)
         return cache
@@ -298,7 +313,13 @@ class Tracer:
                     bound = {n: namespace.get(n) for n in names}
                     try:
                         exec(invoke.code, namespace)
-                    except StopTrace:
+                    except StopTrace as stop:
+                        if invoke is not invokes[-1]:
+                            raise JnnsightError(at_line(stop.line, (
+                                f"`tracer.stop()` in invoke {invokes.index(invoke) + 1} of "
+                                f"{len(invokes)}: the invokes after it would never run. Call "
+                                "it in the last invoke (all invokes share one forward, so "
+                                "it stops that forward for every one).")))
                         return
                     finally:
                         from_bodies.update(n for n in names if namespace.get(n) is not bound[n])
@@ -360,53 +381,6 @@ def gather(value: Any) -> Any:
 
         return multihost_utils.process_allgather(value, tiled=True)
     return jax.device_get(value)
-
-
-class Cache(dict):
-    """Module outputs of a trace, keyed ``(path, call)``; ``cache["block_1"]`` is call 0.
-
-    A path may be written as the module tree has it (``"model.layers_0.mlp"``), as
-    PyTorch names it (``"model.layers.0.mlp"``), as envoys index it
-    (``"model.layers[0].mlp"``), or as nnsight's cache keys it, from the root
-    (``"model.model.layers.0.mlp"``).
-
-    Example::
-
-        >>> cache[model.block_1] is cache["block_1"] is cache["block_1", 0]
-        True
-    """
-
-    def __getitem__(self, key: Any) -> Any:
-        called = isinstance(key, tuple) and len(key) == 2 and isinstance(key[1], int)
-        module, call = key if called else (key, 0)
-        path = self.path_in(module, {p for p, _ in self.keys()})
-        if not dict.__contains__(self, (path, call)):
-            paths = sorted({p for p, _ in self.keys()})
-            raise KeyError(f"{key!r}: the cache holds no output of that module call. "
-                           + close_names(path, paths))
-        return dict.__getitem__(self, (path, call))
-
-    def __contains__(self, key: Any) -> bool:
-        try:
-            self[key]
-        except KeyError:
-            return False
-        return True
-
-    @staticmethod
-    def path_in(key: Any, paths: set[str]) -> str:
-        """The module-tree path (``"model.layers_0.mlp"``) a user's key stands for."""
-        path = getattr(key, "_path", None)
-        if path is not None:
-            return ".".join(path)
-        if not isinstance(key, str):
-            return str(key)
-        # layers.0 and layers[0] are the module tree's layers_0
-        key = re.sub(r"\.(\d+)(?=\.|$)", r"_\1", re.sub(r"\[(\d+)\]", r"_\1", key))
-        if key in paths:
-            return key
-        rooted = "" if key == "model" else key.removeprefix("model.")  # nnsight's root
-        return rooted if rooted in paths else key
 
 
 def _forget_skip(err: BaseException) -> None:
