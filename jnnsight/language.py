@@ -47,6 +47,16 @@ if TYPE_CHECKING:
     from .generation import GenerateTracer, GeneratorEnvoy
 
 
+# nnsight's trace options, and what a jnnsight user does instead
+_NNSIGHT_TRACE_OPTIONS = {
+    "remote": "there is no NDIF backend; run on a mesh of your own devices "
+              "(`LanguageModel(..., mesh=jax.make_mesh(...))`).",
+    "scan": "to get shapes without running, use `with lm.scan(x):`.",
+    "validate": "every block is checked before it runs (shapes, dtypes, causality).",
+    "backend": "blocks compile with JAX; there is no other backend.",
+}
+
+
 def _rows_of_input(value: Any, tokenizer: Any, line: UserLine | None) -> tuple[list[list[int]], list[list[int]]]:
     """One invoke's input as token-id rows and their attention masks."""
     if isinstance(value, str):
@@ -614,6 +624,11 @@ class LanguageModel(NNsight):
                 spans.append(None)
                 continue
             args, kwargs = given
+            nnsight_only = sorted(set(kwargs) & _NNSIGHT_TRACE_OPTIONS.keys())
+            if nnsight_only:
+                raise JnnsightError(at_line(line,
+                    f"`{nnsight_only[0]}=` is an nnsight option that jnnsight does not have: "
+                    + _NNSIGHT_TRACE_OPTIONS[nnsight_only[0]]))
             if len(args) != 1 or set(kwargs) - {"attention_mask"}:
                 raise JnnsightError(at_line(line,
                     "a language model's invoke takes one input: text, token ids or a tokenizer "

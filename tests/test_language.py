@@ -462,3 +462,12 @@ def test_gpt2_ln_1_is_a_name_not_a_list_item(tiny_gpt2):
     np.testing.assert_array_equal(cache.transformer.h[0].ln_1.output, normed)
     with pytest.raises(JnnsightError, match=r"model\.transformer\.h\[0\]\.ln_1\.output exists only inside"):
         tiny_gpt2.transformer.h[0].ln_1.output
+
+
+def test_nnsight_trace_options_say_what_to_do_instead(tiny_gpt2):
+    """Bad inputs tried: `remote=True`, `scan=False`, `validate=True` (nnsight's)."""
+    for option, advice in (("remote", "mesh="), ("scan", "lm.scan"), ("validate", "checked")):
+        with pytest.raises(JnnsightError, match=rf"`{option}=` is an nnsight option.*{advice}") as error:
+            with tiny_gpt2.trace([[5, 6]], **{option: True}):
+                tiny_gpt2.lm_head.output.save()
+        assert "test_language.py" in str(error.value).splitlines()[0]
