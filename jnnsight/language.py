@@ -57,23 +57,29 @@ _NNSIGHT_TRACE_OPTIONS = {
 }
 
 
+def _rows_of_arrays(value: Any) -> list[np.ndarray]:
+    """A tokenizer output's ``input_ids`` or ``attention_mask`` as rows: an array (2-D,
+    or 1-D for one row), or a list of rows of their own lengths (no ``padding=True``)."""
+    if isinstance(value, (list, tuple)) and value and all(np.ndim(r) == 1 for r in value):
+        return [np.asarray(r.tolist() if hasattr(r, "tolist") else r) for r in value]
+    return list(np.atleast_2d(np.asarray(value.tolist() if hasattr(value, "tolist") else value)))
+
+
 def _rows_of_input(value: Any, tokenizer: Any, line: UserLine | None) -> tuple[list[list[int]], list[list[int]]]:
     """One invoke's input as token-id rows and their attention masks."""
     if isinstance(value, str):
         value = [value]
     if isinstance(value, dict) or hasattr(value, "keys"):
-        ids = value["input_ids"]
-        if isinstance(ids, (list, tuple)) and ids and all(isinstance(r, (list, tuple)) for r in ids):
-            rows = [np.asarray(r) for r in ids]  # a tokenizer's output without padding=True:
-        else:                                    # rows of their own lengths
-            rows = list(np.atleast_2d(np.asarray(ids)))
+        rows = _rows_of_arrays(value["input_ids"])
         masks = value.get("attention_mask")
-        if masks is None:
-            masks = [np.ones_like(r) for r in rows]
-        elif isinstance(masks, (list, tuple)) and masks and all(isinstance(m, (list, tuple)) for m in masks):
-            masks = [np.asarray(m) for m in masks]
-        else:
-            masks = list(np.atleast_2d(np.asarray(masks)))
+        masks = [np.ones_like(r) for r in rows] if masks is None else _rows_of_arrays(masks)
+        if [len(m) for m in masks] != [len(r) for r in rows]:
+            raise JnnsightError(at_line(line,
+                f"the attention mask's rows (lengths {[len(m) for m in masks]}) do not match the "
+                f"ids' rows (lengths {[len(r) for r in rows]}): give one mask row per row of ids, "
+                "as the tokenizer returns them."))
+        if any(len(r) == 0 for r in rows):
+            raise JnnsightError(at_line(line, "an invoke's input has no tokens (an empty row)."))
         bad = next((r.dtype for r in rows if not np.issubdtype(r.dtype, np.integer)), None)
         if bad is not None:
             raise JnnsightError(at_line(line, f"token ids must be integers; got {bad} input_ids."))
@@ -189,6 +195,10 @@ def _invoke_arrays(value: Any, tokenizer: Any, line: UserLine | None, pad: int) 
             ))
         mask = value.get("attention_mask") if isinstance(value, dict) else None
         mask = jnp.ones_like(ids) if mask is None else jnp.asarray(mask)
+        if mask.shape != ids.shape:
+            raise JnnsightError(at_line(line,
+                f"the attention mask's shape {list(mask.shape)} is not the ids' shape "
+                f"{list(ids.shape)}: give one mask entry per token."))
         return (ids[None], mask[None]) if ids.ndim == 1 else (ids, mask)
     rows, masks = _rows_of_input(value, tokenizer, line)
     width = max(len(r) for r in rows)

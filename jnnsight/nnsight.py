@@ -36,6 +36,7 @@ from .tracing.collate import Batch, collate
 from .tracing.discover import (
     SiteTable,
     SymbolicInputs,
+    class_name,
     discover,
     instantiate,
     is_array,
@@ -85,12 +86,6 @@ def _same_sites(a: SiteTable, b: SiteTable) -> bool:
         [(s.key, s.treedef, s.leaves, s.batched) for s in b.sites]
 
 
-def _class_name(module: nn.Module) -> str:
-    """The name ``print(model)`` shows: the module's ``hf_class_name`` where it has one
-    (a Llama-family module of a Qwen3 config is ``Qwen3...``), else its class's."""
-    return getattr(module, "hf_class_name", None) or type(module).__name__
-
-
 class NNsight(Envoy):
     """A flax.linen module with its variables, ready to be traced.
 
@@ -124,7 +119,7 @@ class NNsight(Envoy):
             "_families": LruCache(64),  # site tables on symbolic sizes (see _discover)
             "_schedules": LruCache(256),
             "_executor": Executor(256),
-            "_types": {(): _class_name(module)},
+            "_types": {(): class_name(module)},
             "_tree": {},
             "_lock": threading.Lock(),
             "_variables_key": shape_key(variables),
@@ -175,7 +170,7 @@ class NNsight(Envoy):
                     if isinstance(child, nn.Module) and child.name and child.parent is module:
                         child_path = path + (child.name,)
                         self._add_path(child_path)
-                        self._types[child_path] = _class_name(child)
+                        self._types[child_path] = class_name(child)
                         walk(child, child_path, depth + 1)
 
         walk(bound, (), 0)
@@ -325,7 +320,7 @@ class NNsight(Envoy):
             forward, backward = split_backward(program)
             plan = schedule(forward)
             if backward is not None:
-                check_edits(plan, backward, program.grad_write_lines)
+                check_edits(plan, backward, program.grad_write_lines, program.table.modules.__contains__)
             entry = self._schedules.put(program_key, (plan, backward))
         plan, backward = entry
         saved = list(builder.saved)

@@ -403,3 +403,49 @@ def test_collections_a_forward_updates_are_the_tracers_updates():
     with pytest.raises(jnnsight.JnnsightError, match="mutable=") as caught:
         tracer.updates
     assert "test_edges.py" in str(caught.value).splitlines()[0]
+
+
+class _Gate(nn.Module):
+    @nn.compact
+    def __call__(self, x):
+        return jax.nn.sigmoid(nn.Dense(8, name="proj")(x))  # its derivative reads its output
+
+
+class _Gated(nn.Module):
+    @nn.compact
+    def __call__(self, x):
+        h = nn.Dense(8, name="inp")(x)
+        return nn.Dense(3, name="head")(_Gate(name="gate")(h) * h)
+
+
+def _grad_at(model, x, path, loss):
+    """d loss / d (the output of the module at ``path``), by ``jax.grad`` over an added zero."""
+    shape = reference(model, x)[1][(path, 0)].shape
+
+    def f(delta):
+        return loss(reference(model, x, edit=lambda p, c, o: o + delta if p == path else o)[0])
+
+    return jax.grad(f)(jnp.zeros(shape))
+
+
+def test_module_output_gradients_are_not_refused_for_later_or_derivative_uses(toy):
+    """Only an output that fed the module's other outputs is refused (attention weights,
+    tested on GPT-2 and Llama): the block's own use of a child's output (the same array
+    as its parent's) and JAX's derivative of a sigmoid reading its output are not."""
+    model, tokens = toy
+    with model.trace(tokens):
+        mlp = model.h[0].mlp.output
+        stat = model.h[0].mlp.c_proj.output.mean().save()  # the same array as mlp, used here
+        with model.output.sum().backward():
+            g = mlp.grad.save()
+    assert_close(g, _grad_at(model, tokens, ("h_0", "mlp"), jnp.sum))
+
+    x = jax.random.normal(jax.random.key(0), (2, 4))
+    gated = NNsight(_Gated(), _Gated().init(jax.random.key(1), x))
+    with gated.trace(x):
+        h = gated.inp.output
+        gate = gated.gate.output
+        with gated.output[:, 0].sum().backward():
+            h.grad.save()  # an upstream read: the forward runs under jax.vjp
+            g = gate.grad.save()
+    assert_close(g, _grad_at(gated, x, ("gate",), lambda out: out[:, 0].sum()))

@@ -194,6 +194,9 @@ def test_print_shows_the_class_names_of_the_checkpoints_family(family):
         return repr(envoy).split("(", 1)[0]
 
     assert shown("") == config["architectures"][0]
+    with lm.trace([[1, 2, 3]]):  # a trace's discovery keeps the names
+        pass
+    assert shown("") == config["architectures"][0]
     transformers = pytest.importorskip("transformers")
     theirs = transformers.AutoModelForCausalLM.from_config(
         transformers.AutoConfig.from_pretrained(MODELS / f"tiny-{family}"))

@@ -349,6 +349,27 @@ def test_ids_outside_the_vocabulary_or_the_positions_are_refused(tiny_gpt2):
     np.testing.assert_allclose(padded[:, 8:], at_limit, atol=1e-5)
 
 
+def test_tokenizer_dicts_whose_mask_does_not_fit_the_ids_are_refused(tiny_gpt2):
+    """Bad inputs tried: ragged ids with a rectangular (right-padded) mask, two rows of ids
+    with one mask row, a mask row longer or shorter than its ids, an empty row among ragged
+    ids, JAX ids with a mask of another shape. Ragged rows of numpy arrays are an input."""
+    fit = "do not match the ids' rows"
+    for given, match in (
+            ({"input_ids": [[3, 5, 7], [4, 5]], "attention_mask": [[1, 1, 1], [1, 1, 0]]}, fit),
+            ({"input_ids": [[3, 5, 7], [3, 5, 7]], "attention_mask": [1, 1, 1]}, fit),
+            ({"input_ids": [[3, 5, 7]], "attention_mask": [[1, 1, 1, 1]]}, fit),
+            ({"input_ids": [[3, 5, 7]], "attention_mask": [[1, 1]]}, fit),
+            ({"input_ids": [[3, 5, 7], []]}, "no tokens"),
+            ({"input_ids": jnp.array([[3, 5, 7], [3, 5, 7]]), "attention_mask": jnp.array([1, 1, 1])},
+             "is not the ids' shape")):
+        _refused(tiny_gpt2, given, match)
+    with tiny_gpt2.trace({"input_ids": [np.array([3, 5, 7]), np.array([4, 5])]}):
+        ragged = tiny_gpt2.lm_head.output[:, -1].save()
+    with tiny_gpt2.trace([[4, 5]]):
+        alone = tiny_gpt2.lm_head.output[:, -1].save()
+    np.testing.assert_allclose(ragged[1], alone[0], atol=1e-5)
+
+
 def test_ids_with_an_attention_mask_argument_are_the_tokenizer_dict(tiny_gpt2):
     """``lm.trace(ids, attention_mask=mask)``, as transformers' forward takes them."""
     ids = np.array([[0, 0, 5, 17, 33], [4, 9, 5, 17, 33]])

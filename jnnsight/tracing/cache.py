@@ -46,12 +46,14 @@ class Entry:
 
     @property
     def input(self) -> Any:
-        """The first positional argument, else the first keyword argument's value."""
+        """The first positional argument, else the only keyword argument's value."""
         if self.inputs is None:
             return None
         args, kwargs = self.inputs
-        values = [*args, *kwargs.values()]
-        return values[0] if values else None
+        if args or len(kwargs) <= 1:
+            return [*args, *kwargs.values()][0] if args or kwargs else None
+        raise KeyError(f"this module was called with keyword arguments only ({', '.join(kwargs)}), "
+                       "whose order is not kept: read one by name, `.inputs[1][name]`.")
 
 
 def key_of(path: tuple[str, ...], exists: Callable[[tuple[str, ...]], bool] | None = None) -> str:
@@ -95,10 +97,10 @@ class Cache(dict):
         dotted = re.sub(r"\[(\d+)\]", r".\1", key).strip(".")  # h[0] is h.0
         parts = tuple(dotted.split(".")) if dotted else ()
         rooted = parts[:1] == ("model",)
+        candidates = [dotted] if rooted else []  # nnsight's key: "model" is the root
         # the module tree's own paths ("h_0.ln_1"), with or without the root
-        candidates = [self.key_of(p) for p in (parts, parts[1:] if rooted else None)
-                      if p is not None and all(self.exists(p[:i + 1]) for i in range(len(p)))]
-        candidates += [dotted] if rooted else []  # nnsight's key
+        candidates += [self.key_of(p) for p in (parts, parts[1:] if rooted else None)
+                       if p is not None and all(self.exists(p[:i + 1]) for i in range(len(p)))]
         candidates.append(f"model.{dotted}" if dotted else "model")  # without the root
         return next((c for c in candidates if c in known), candidates[-1])
 

@@ -146,6 +146,12 @@ class SiteTable:
 NUMBERED = re.compile(r"^(.*)_(\d+)$")  # h_1: the second of the list model.h
 
 
+def class_name(module: nn.Module) -> str:
+    """The name ``print(model)`` shows: the module's ``hf_class_name`` where it has one
+    (a Llama-family module of a Qwen3 config is ``Qwen3...``), else its class's."""
+    return getattr(module, "hf_class_name", None) or type(module).__name__
+
+
 def list_items(path: tuple[str, ...], exists: Callable[[tuple[str, ...]], bool] | None = None
                ) -> list[tuple[str, str | None]]:
     """Each part of ``path`` as ``(name, index)``: ``("h", "1")`` for ``h_1``, an item of
@@ -232,7 +238,7 @@ def discover(module: nn.Module, variables: Any, args: tuple, kwargs: dict) -> Si
         path, call, _ = key
         info = modules.get(path)
         copy = info.module if info is not None else _unbound_copy(mod)
-        modules[path] = ModuleInfo(type(mod).__name__, call + 1, copy)
+        modules[path] = ModuleInfo(class_name(mod), call + 1, copy)
         add(key, (a, k))
         return a, k
 

@@ -75,6 +75,7 @@ class Backward:
       outvars: the program's saves.
       keys: the site key of each site order in ``probes``.
       lines: where the block read each site in ``probes`` (for errors).
+      names: how the user addresses each site in ``probes`` (for errors).
     """
 
     losses: tuple[Var, ...]
@@ -85,6 +86,7 @@ class Backward:
     outvars: tuple[Any, ...]
     keys: dict[int, SiteKey]
     lines: dict[int, Any]
+    names: dict[int, str]
 
 
 def _jaxpr(inputs: list[Var], outputs: list[Any], eqns: list[Any], name: str) -> Jaxpr:
@@ -196,9 +198,10 @@ def split_backward(program: InterventionProgram) -> tuple[InterventionProgram, B
     )
     keys = {site: program.table.sites[site].key for site, _ in probes}
     lines = {site: program.read_lines.get(site) for site in keys}
+    names = {site: site_name(key, program.table.modules.__contains__) for site, key in keys.items()}
     return forward_program, Backward(
         tuple(losses[t] for t in sorted(losses)), probes, reads, edits, rest, tuple(jaxpr.outvars),
-        keys, lines,
+        keys, lines, names,
     )
 
 
@@ -220,11 +223,12 @@ def _check_not_skipped(program: InterventionProgram, grads: list[Any]) -> None:
             )
 
 
-def check_edits(plan: Schedule, backward: Backward,
-                edit_lines: Mapping[tuple[int, int, int], Any]) -> None:
+def check_edits(plan: Schedule, backward: Backward, edit_lines: Mapping[tuple[int, int, int], Any],
+                exists: Callable[[tuple[str, ...]], bool]) -> None:
     """A gradient edit runs at its site: the forward values it uses must exist there.
 
-    ``edit_lines`` is the program's ``grad_write_lines``.
+    ``edit_lines`` is the program's ``grad_write_lines``; ``exists`` says which module
+    paths the model has (for the sites' names).
     """
     stage_of: dict[Var, int] = {v: PRE for v in plan.consts}
     stage_of.update((v, PRE) for _, v in plan.params)
@@ -234,8 +238,8 @@ def check_edits(plan: Schedule, backward: Backward,
         stage_of.update((v, stage.order) for _, v in stage.reads)
         if stage.jaxpr is not None:
             stage_of.update((v, stage.order) for v in stage.jaxpr.outvars)
-    names = {stage.order: site_name(key) for key, stage in plan.stages.items()}
-    names.update((order, site_name(key)) for order, key in backward.keys.items())
+    names = {stage.order: site_name(key, exists) for key, stage in plan.stages.items()}
+    names.update(backward.names)
     for (site, leaf), edit in backward.edits.items():
         late = [stage_of.get(v, PRE) for v in edit.residuals if stage_of.get(v, PRE) > site]
         if late:
@@ -271,32 +275,40 @@ def _edit_hook(edit: GradientEdit, residuals: list[Any]) -> Callable[[jax.Array]
     return lambda x: hook(x, residuals)
 
 
-def _used_already(value: Any) -> bool:
-    """Whether the traced forward already computed something from ``value``: at a
-    module's output, a use inside the module (attention weights, which the module
-    multiplies with the values before returning them). False where JAX's tracing
-    state cannot be inspected."""
-    while hasattr(value, "primal"):  # jax.vjp's tracer around the jitted forward's
+def _primal(value: Any) -> Any:
+    """The jitted forward's tracer under ``jax.vjp``'s."""
+    while hasattr(value, "primal"):
         value = value.primal
+    return value
+
+
+def _feeds_other_leaves(value: Any, others: list[Any]) -> bool:
+    """Whether the traced forward computed one of ``others`` (the other leaves of the
+    same module output) from ``value``: attention weights, which the module multiplies
+    with the values into its output. Follows JAX's tracing state (the jitted trace's
+    equations so far); False where it cannot be inspected."""
+    value = _primal(value)
     frame = getattr(getattr(value, "_trace", None), "frame", None)
     equations = getattr(frame, "tracing_eqns", None)
-    if equations is None:
+    targets = {id(getattr(_primal(o), "val", None)) for o in others} - {id(None)}
+    if equations is None or not hasattr(value, "val") or not targets:
         return False
+    reached = {id(value.val)}
     for eqn in equations:
         eqn = eqn() if callable(eqn) else eqn  # (a weak reference in some JAX versions)
-        if eqn is not None and any(v is value for v in eqn.invars):
-            return True
-    return False
+        if eqn is not None and any(id(getattr(v, "val", v)) in reached for v in eqn.invars):
+            reached.update(id(v) for v in eqn.outvars)
+    return bool(reached & targets)
 
 
 def _used_inside_error(backward: Backward, site: int, leaf: int) -> JnnsightError:
-    name = site_name(backward.keys[site])
+    name = backward.names[site]
     return JnnsightError(at_line(backward.lines.get(site), (
         f"`.grad` of {name} (leaf {leaf}) would miss part of the gradient: the module "
-        "used this value itself before returning it (attention weights feed the "
-        "attention output), and a gradient taken where the module returns it counts only "
-        "the uses after that, where PyTorch counts every use. Take `.grad` of a value the "
-        "module computes from it (its `.output[0]`), or of a submodule's output.")))
+        "computed its other outputs from this value before returning it (attention "
+        "weights feed the attention output), and a gradient taken where the module "
+        "returns it counts only the uses after that, where PyTorch counts every use. Take "
+        "`.grad` of the output computed from it (`.output[0]`), or of a submodule's output.")))
 
 
 def with_gradients(
@@ -324,10 +336,11 @@ def with_gradients(
 
         def hook_for(site: int) -> Callable[..., list[Any]]:
             def hook(leaves: list[Any], values: Callable[[list[Any]], dict]) -> list[Any]:
-                leaves = list(leaves)
+                model_leaves, leaves = leaves, list(leaves)
                 for leaf in by_site[site]:
                     x = leaves[leaf]
-                    if backward.keys[site][2] == "output" and _used_already(x):
+                    others = [y for k, y in enumerate(model_leaves) if k != leaf and y is not x]
+                    if backward.keys[site][2] == "output" and _feeds_other_leaves(x, others):
                         raise _used_inside_error(backward, site, leaf)
                     edit = backward.edits.get((site, leaf))
                     if edit is not None:

@@ -144,14 +144,22 @@ def warn_unused_updates(program: InterventionProgram) -> None:
     jaxpr = program.jaxpr.jaxpr
     live = {id(e) for e in _live_equations(
         jaxpr, (site_write_p, site_skip_p, grad_write_p, backward_target_p))}
-    lines = []
+    unused, used = [], set()
     for eqn in jaxpr.eqns:
-        if eqn.primitive.name not in _UPDATES or id(eqn) in live:
+        if eqn.primitive.name not in _UPDATES:
             continue
         frame = next(iter(source_info_util.user_frames(eqn.source_info.traceback)), None)
         if frame is not None and not is_library_file(frame.file_name):  # the user's own
-            lines.append(UserLine(frame.file_name, frame.start_line))
-    for line in dict.fromkeys(lines):  # a line a step loop ran for each step: once
+            line = UserLine(frame.file_name, frame.start_line)
+            if id(eqn) in live:
+                used.add(line)
+            else:
+                unused.append(line)
+    # A line run several times (a loop over layers or steps) warns once, and not when
+    # some run of it is used: the last run of an update carried to the next iteration.
+    for line in dict.fromkeys(unused):
+        if line in used:
+            continue
         warn_at(line, (
             "this update's result is never written to the model or saved, so the "
             "forward does not see it: JAX arrays do not change in place, and rebinding "

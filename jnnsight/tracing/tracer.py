@@ -303,7 +303,7 @@ class Tracer:
             builder = _program.current()
             from_bodies: set[str] = set()  # names an invoke body bound: they flow on
             try:
-                for invoke, rows in zip(invokes, batch.rows):
+                for number, (invoke, rows) in enumerate(zip(invokes, batch.rows), 1):
                     builder.rows = rows
                     builder.calls.clear()
                     for name, value in invoke.restore.items():
@@ -314,9 +314,9 @@ class Tracer:
                     try:
                         exec(invoke.code, namespace)
                     except StopTrace as stop:
-                        if invoke is not invokes[-1]:
+                        if number < len(invokes):
                             raise JnnsightError(at_line(stop.line, (
-                                f"`tracer.stop()` in invoke {invokes.index(invoke) + 1} of "
+                                f"`tracer.stop()` in invoke {number} of "
                                 f"{len(invokes)}: the invokes after it would never run. Call "
                                 "it in the last invoke (all invokes share one forward, so "
                                 "it stops that forward for every one).")))
