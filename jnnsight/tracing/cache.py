@@ -10,10 +10,10 @@ once, as nnsight gives).
 Example::
 
     >>> with model.trace(x) as tracer:
-    ...     cache = tracer.cache()
+    ...     cache = tracer.cache(include_inputs=True)
     >>> cache["model.h.0.mlp"].output is cache.model.h[0].mlp.output
     True
-    >>> cache[model.h[0].mlp].output.shape, cache.h[0].mlp.inputs
+    >>> cache[model.h[0].mlp].output.shape, cache.h[0].mlp.input.shape
 """
 
 from __future__ import annotations
@@ -52,8 +52,9 @@ class Entry:
         args, kwargs = self.inputs
         if args or len(kwargs) <= 1:
             return [*args, *kwargs.values()][0] if args or kwargs else None
-        raise KeyError(f"this module was called with keyword arguments only ({', '.join(kwargs)}), "
-                       "whose order is not kept: read one by name, `.inputs[1][name]`.")
+        raise KeyError(f"this module was called with keyword arguments only "
+                       f"({', '.join(kwargs)}), whose order is not kept: read one by name, "
+                       "`.inputs[1][name]`.")
 
 
 def key_of(path: tuple[str, ...], exists: Callable[[tuple[str, ...]], bool] | None = None) -> str:
