@@ -249,6 +249,7 @@ def test_eos_ends_rows_and_generation_as_transformers_does(models):
     with pytest.warns(UserWarning, match="generation ended after step") as caught:
         with lm.generate(PROMPTS[0], max_new_tokens=NEW, eos_token_id=eos, pad_token_id=7) as tracer:
             tokens = tracer.result.save()
+            cache = tracer.cache(modules=[lm.lm_head])              # one entry per step run
             late = lm.model.layers[0].next(5).output[0].save()      # step 5: never reached
             with tracer.all():
                 last = lm.model.layers[1].output[0].save()          # the last step that ran
@@ -281,6 +282,8 @@ def test_eos_ends_rows_and_generation_as_transformers_does(models):
     np.testing.assert_array_equal(pair[0], normed_each)
     np.testing.assert_array_equal(alternating, pair[1])
     assert pair[1].shape[-1] == tm.config.vocab_size
+    assert len(cache.lm_head) == 3  # steps 0, 1 and 2 ran
+    np.testing.assert_array_equal(cache["model.lm_head"].output[2], pair[1])
 
 
 @pytest.mark.parametrize("name", ["gpt2", "llama"])

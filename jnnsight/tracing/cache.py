@@ -22,6 +22,7 @@ import re
 from typing import Any, Callable, Iterator
 
 import flax.struct
+import jax
 
 from ..errors import close_names
 from .discover import list_items
@@ -125,8 +126,10 @@ class Cache(dict):
         return CacheView(self, None, model if name == "model" else getattr(model, name))
 
     def entries(self, key: str) -> list[Entry]:
-        """The entries of one module, one per call, in call order."""
-        return dict.__getitem__(self, key)
+        """The entries of one module, one per call that ran, in call order (a
+        generation's steps after it ended early at an end token are left out)."""
+        return [entry for entry in dict.__getitem__(self, key) if not any(
+            getattr(leaf, "never_ran", False) for leaf in jax.tree_util.tree_leaves(entry))]
 
 
 class CacheView:
