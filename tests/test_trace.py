@@ -79,6 +79,19 @@ def test_a_concrete_array_written_to_a_site_reads_back_as_a_value_of_the_block(t
         assert_close(doubled, 2 * np.asarray(value))
         assert_close(logits, reference(model, tokens, edit=edit)[0])
 
+    @jax.jit
+    def patched(patch):  # a tracer of the user's jax.jit around the block, written and read
+        with model.trace(tokens):
+            model.h[1].mlp.output = patch
+            back = model.h[1].mlp.output.save()
+            logits = model.output.save()
+        return back, logits
+
+    back, logits = patched(earlier + 1)
+    assert_close(back, earlier + 1)
+    patch = lambda path, call, out: earlier + 1 if path == ("h_1", "mlp") else out  # noqa: E731
+    assert_close(logits, reference(model, tokens, edit=patch)[0])
+
 
 def test_input_read_and_write(toy):
     model, tokens = toy

@@ -373,7 +373,7 @@ class Builder:
                     ))
                 out.append(leaf)
                 continue
-            leaf = in_program(leaf)
+            leaf = self.in_program(leaf)
             shape = rows.view_shape(want, batched)
             if tuple(leaf.shape) != shape or leaf.dtype != want.dtype:
                 got = f"{leaf.dtype}{list(leaf.shape)}"
@@ -476,7 +476,7 @@ class Builder:
                 "`.grad = None` does not stop a gradient here: write zeros "
                 "(`h.grad = jnp.zeros_like(h.grad)`)."
             ))
-        new = in_program(new)
+        new = self.in_program(new)
         if new.shape != current.shape or new.dtype != current.dtype:
             fix = (f"Index or reshape it to {list(current.shape)}." if new.shape != current.shape
                    else f"Cast it with `.astype(jnp.{current.dtype})`.")
@@ -499,6 +499,16 @@ class Builder:
 
     def is_ours(self, value: Any) -> bool:
         return isinstance(value, core.Tracer) and getattr(value, "_trace", None) is self.trace
+
+    def in_program(self, value: Any) -> Any:
+        """A written value as a value of the block's program, so a later read of its site
+        is one too (``.save()``, gradients): a concrete ``jax.Array`` (a value saved by an
+        earlier trace, ``jnp.zeros(...)``) or a tracer of the user's own ``jax.jit``
+        around the block is copied in, as ``jnp.asarray`` does numpy's."""
+        if self.is_ours(value):
+            return value
+        with set_current_trace(self.trace):
+            return jnp.array(value)
 
     def save(self, value: Any, internal: bool = False, gather: bool = False) -> Any:
         line = None if internal else user_line(2)
@@ -561,13 +571,6 @@ class Builder:
             closed, self.table, dict(self.read_lines), dict(self.write_lines), self.stopped,
             dict(self.grad_written), dict(self.target_lines),
         )
-
-
-def in_program(value: Any) -> Any:
-    """A written value as a value of the block's program, so a later read of its site
-    is one too (``.save()``, gradients): a concrete ``jax.Array`` (a value saved by an
-    earlier trace, ``jnp.zeros(...)``) is copied in, as ``jnp.asarray`` does numpy's."""
-    return value if isinstance(value, core.Tracer) else jnp.array(value)
 
 
 # -- the active builder -------------------------------------------------------------
