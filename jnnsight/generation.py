@@ -306,7 +306,7 @@ class _StepLoop:
             "instead, `for step in tracer.iter[1:4]:` (or `with tracer.all():` for every step)."
         ))
 
-    def __exit__(self, *exc: Any) -> None:
+    def __exit__(self, *exc: Any) -> None:  # `with` needs both to reach __enter__'s error
         return None
 
 

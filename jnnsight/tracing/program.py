@@ -668,8 +668,6 @@ class SiteTuple(_SiteContainer, tuple):
     __rmul__ = __mul__
     __rsub__ = __sub__
 
-    __rmul__ = __mul__
-
 
 class SiteList(_SiteContainer, list):
     """A list site value: ``site.output[0] = v`` writes one element."""
