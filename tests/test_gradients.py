@@ -277,6 +277,23 @@ def test_the_gradient_of_attention_weights_is_refused_not_partial(models, name):
         with nll(lm.lm_head.output, A).backward():
             g = out.grad.save()
     assert float(jnp.abs(g).max()) > 0
+    if name == "gpt2":  # GPT-2's attn_dropout returns the weights before the product: there
+        kept = {}       # their .grad counts it, as torch's gradient of the weights does
+        hook = tm.transformer.h[0].attn.register_forward_hook(
+            lambda module, args, out: (out[1].retain_grad(), kept.setdefault("weights", out[1])) and None)
+        try:
+            nll_torch = -torch.log_softmax(tm(torch.tensor(IDS)).logits[0, -1], -1)[A]
+            nll_torch.backward()
+        finally:
+            hook.remove()
+        with lm.trace(IDS):
+            weights = attention.attn_dropout.output
+            with nll(lm.lm_head.output, A).backward():
+                g = weights.grad.save()
+            weights = weights.save()
+        close(weights, kept["weights"].detach().numpy())
+        close(g, kept["weights"].grad.numpy())
+        assert float(jnp.abs(g).max()) > 0.1
 
 
 def test_the_blocks_own_uses_of_a_value_count_in_its_gradient(models):

@@ -209,6 +209,14 @@ class GPT2Config:
 # -- modules ---------------------------------------------------------------------------
 
 
+def inference_dropout() -> nn.Dropout:
+    """transformers' ``nn.Dropout`` modules (``drop``, ``attn_dropout``, ``resid_dropout``,
+    ``mlp.dropout``) as they run in inference, the identity: they are sites, as in
+    nnsight, and ``attn.attn_dropout.output`` holds the attention weights the values
+    are multiplied with (so its ``.grad`` counts that use)."""
+    return nn.Dropout(rate=0.0, deterministic=True)
+
+
 class Conv1D(nn.Module):
     """transformers' ``Conv1D``: a linear layer whose ``weight`` is ``[in, out]``.
 
@@ -236,7 +244,9 @@ class GPT2Attention(nn.Module):
     """Causal multi-head self-attention; returns ``(attn_output, attn_weights)``.
 
     ``attn_weights`` is ``[batch, heads, q, k]`` after the softmax, as transformers'
-    eager attention returns it. Scores are masked and soft-maxed in float32;
+    eager attention returns it, and passes ``attn_dropout`` (the identity in inference)
+    on its way to the product with the values, as in transformers 4: that module's
+    output is the site whose ``.grad`` counts the product. Scores are masked and soft-maxed in float32;
     masked scores are ``finfo(float32).min`` so fully padded rows stay finite.
     Given a ``layer_past`` cache (generation), the new keys and values are
     written at ``cache_position`` and the updated cache comes third:
@@ -259,6 +269,8 @@ class GPT2Attention(nn.Module):
         c = self.config
         self.c_attn = Conv1D(3 * c.n_embd, dtype=self.dtype)
         self.c_proj = Conv1D(c.n_embd, dtype=self.dtype)
+        self.attn_dropout = inference_dropout()
+        self.resid_dropout = inference_dropout()
 
     def __call__(
         self,
@@ -287,10 +299,10 @@ class GPT2Attention(nn.Module):
             attention_mask = causal_mask(jnp.ones((b, t), bool))
         scores = scores.astype(jnp.float32)
         scores = jnp.where(attention_mask, scores, jnp.finfo(jnp.float32).min)
-        attn_weights = jax.nn.softmax(scores, axis=-1).astype(value.dtype)
+        attn_weights = self.attn_dropout(jax.nn.softmax(scores, axis=-1).astype(value.dtype))
 
         attn_output = contract("bhqk,bkhd->bqhd", attn_weights, value)
-        attn_output = self.c_proj(attn_output.reshape(b, t, c.n_embd))
+        attn_output = self.resid_dropout(self.c_proj(attn_output.reshape(b, t, c.n_embd)))
         return (attn_output, attn_weights) if present is None else (attn_output, attn_weights, present)
 
 
@@ -314,9 +326,10 @@ class GPT2MLP(nn.Module):
         self.c_fc = Conv1D(c.inner_dim, dtype=self.dtype)
         self.c_proj = Conv1D(c.n_embd, dtype=self.dtype)
         self.act = Activation(ACT2FN[c.activation_function])
+        self.dropout = inference_dropout()
 
     def __call__(self, hidden_states: jax.Array) -> jax.Array:
-        return self.c_proj(self.act(self.c_fc(hidden_states)))
+        return self.dropout(self.c_proj(self.act(self.c_fc(hidden_states))))
 
 
 class GPT2Block(nn.Module):
@@ -393,6 +406,7 @@ class GPT2Model(nn.Module):
         c = self.config
         self.wte = Embedding(c.vocab_size, c.n_embd, dtype=self.dtype)
         self.wpe = Embedding(c.n_positions, c.n_embd, dtype=self.dtype)
+        self.drop = inference_dropout()
         self.h = [GPT2Block(c, layer_idx=i, dtype=self.dtype) for i in range(c.n_layer)]
         self.ln_f = LayerNorm(eps=c.layer_norm_epsilon, dtype=self.dtype)
 
@@ -409,7 +423,7 @@ class GPT2Model(nn.Module):
                              "and position_ids.")
         if position_ids is None:
             position_ids = _position_ids(input_ids, attention_mask)
-        hidden_states = self.wte(input_ids) + self.wpe(position_ids)
+        hidden_states = self.drop(self.wte(input_ids) + self.wpe(position_ids))
 
         if attention_mask is None:
             attention_mask = jnp.ones(input_ids.shape, bool)

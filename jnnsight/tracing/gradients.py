@@ -308,7 +308,8 @@ def _used_inside_error(backward: Backward, site: int, leaf: int) -> JnnsightErro
         "computed its other outputs from this value before returning it (attention "
         "weights feed the attention output), and a gradient taken where the module "
         "returns it counts only the uses after that, where PyTorch counts every use. Take "
-        "`.grad` of the output computed from it (`.output[0]`), or of a submodule's output.")))
+        "`.grad` of the output computed from it (`.output[0]`), or of a submodule's output "
+        "(GPT-2's attention weights, before the product: `attn.attn_dropout.output`).")))
 
 
 def with_gradients(
