@@ -243,7 +243,7 @@ def check_edits(plan: Schedule, backward: Backward, edit_lines: Mapping[tuple[in
     for (site, leaf), edit in backward.edits.items():
         late = [stage_of.get(v, PRE) for v in edit.residuals if stage_of.get(v, PRE) > site]
         if late:
-            line = next((l for (s, j, _), l in edit_lines.items() if (s, j) == (site, leaf)), None)
+            line = next((at for (s, j, _), at in edit_lines.items() if (s, j) == (site, leaf)), None)
             raise JnnsightError(at_line(line, (
                 f"this gradient edit of {names.get(site, f'site #{site}')} uses "
                 f"{names.get(max(late), f'site #{max(late)}')}, which the forward computes "
