@@ -176,7 +176,8 @@ class NNsight(Envoy):
         walk(bound, (), 0)
 
     def _has_module(self, path: tuple[str, ...]) -> bool:
-        """Whether a module sits at ``path`` (``()`` is the model)."""
+        """Whether a module sits at ``path`` (``()`` is the model; the tree holds a
+        parent only where it exists, so the whole path is checked)."""
         return not path or path[-1] in self._tree.get(path[:-1], ())
 
     def _children(self, path: tuple[str, ...]) -> list[str]:
@@ -320,7 +321,7 @@ class NNsight(Envoy):
             forward, backward = split_backward(program)
             plan = schedule(forward)
             if backward is not None:
-                check_edits(plan, backward, program.grad_write_lines, program.table.modules.__contains__)
+                check_edits(plan, backward, program)
             entry = self._schedules.put(program_key, (plan, backward))
         plan, backward = entry
         saved = list(builder.saved)

@@ -79,13 +79,9 @@ class Cache(dict):
         super().__init__()
         object.__setattr__(self, "_model", model)
 
-    def exists(self, path: tuple[str, ...]) -> bool:
-        """Whether the model has a module at ``path``."""
-        return self._model._has_module(path)
-
     def key_of(self, path: tuple[str, ...]) -> str:
         """nnsight's key of the module at ``path`` in this model."""
-        return key_of(path, self.exists)
+        return key_of(path, self._model._has_module)
 
     def key(self, key: Any, known: set[str] | None = None) -> str:
         """The nnsight key a user's key stands for: one of ``known`` (the cache's
@@ -102,7 +98,7 @@ class Cache(dict):
         candidates = [dotted] if rooted else []  # nnsight's key: "model" is the root
         # the module tree's own paths ("h_0.ln_1"), with or without the root
         candidates += [self.key_of(p) for p in (parts, parts[1:] if rooted else None)
-                       if p is not None and all(self.exists(p[:i + 1]) for i in range(len(p)))]
+                       if p is not None and self._model._has_module(p)]
         candidates.append(f"model.{dotted}" if dotted else "model")  # without the root
         return next((c for c in candidates if c in known), candidates[-1])
 

@@ -30,7 +30,7 @@ Example::
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Callable, Mapping
+from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp
@@ -38,7 +38,7 @@ import numpy as np
 from jax.extend.core import ClosedJaxpr, DebugInfo, Jaxpr, Var
 
 from ..errors import JnnsightError, SiteError, at_line
-from .discover import SiteKey, site_name
+from .discover import SiteKey
 from .program import (
     InterventionProgram,
     backward_target_p,
@@ -48,7 +48,7 @@ from .program import (
     site_skip_p,
     site_write_p,
 )
-from .schedule import PRE, Schedule, atom_value
+from .schedule import PRE, Schedule, atom_value, program_site_name
 
 _GRAD = (grad_read_p, grad_write_p, backward_target_p)
 
@@ -198,7 +198,7 @@ def split_backward(program: InterventionProgram) -> tuple[InterventionProgram, B
     )
     keys = {site: program.table.sites[site].key for site, _ in probes}
     lines = {site: program.read_lines.get(site) for site in keys}
-    names = {site: site_name(key, program.table.modules.__contains__) for site, key in keys.items()}
+    names = {site: program_site_name(program, site) for site in keys}
     return forward_program, Backward(
         tuple(losses[t] for t in sorted(losses)), probes, reads, edits, rest, tuple(jaxpr.outvars),
         keys, lines, names,
@@ -215,7 +215,7 @@ def _check_not_skipped(program: InterventionProgram, grads: list[Any]) -> None:
         end = table.get((path, call, "output")).order
         inside = [e for e in grads if eqn.params["site"] < e.params["site"] < end]
         if inside:
-            name = ".".join(("model",) + path)
+            name = program_site_name(program, eqn.params["site"]).rsplit(".", 1)[0]
             raise SiteError(
                 f"{program.write_lines.get(eqn.params['site'])}\n`{name}` is skipped, so "
                 "nothing inside it runs, yet the block takes a gradient there. Take `.grad` "
@@ -223,13 +223,8 @@ def _check_not_skipped(program: InterventionProgram, grads: list[Any]) -> None:
             )
 
 
-def check_edits(plan: Schedule, backward: Backward, edit_lines: Mapping[tuple[int, int, int], Any],
-                exists: Callable[[tuple[str, ...]], bool]) -> None:
-    """A gradient edit runs at its site: the forward values it uses must exist there.
-
-    ``edit_lines`` is the program's ``grad_write_lines``; ``exists`` says which module
-    paths the model has (for the sites' names).
-    """
+def check_edits(plan: Schedule, backward: Backward, program: InterventionProgram) -> None:
+    """A gradient edit runs at its site: the forward values it uses must exist there."""
     stage_of: dict[Var, int] = {v: PRE for v in plan.consts}
     stage_of.update((v, PRE) for _, v in plan.params)
     if plan.pre.jaxpr is not None:
@@ -238,15 +233,14 @@ def check_edits(plan: Schedule, backward: Backward, edit_lines: Mapping[tuple[in
         stage_of.update((v, stage.order) for _, v in stage.reads)
         if stage.jaxpr is not None:
             stage_of.update((v, stage.order) for v in stage.jaxpr.outvars)
-    names = {stage.order: site_name(key, exists) for key, stage in plan.stages.items()}
-    names.update(backward.names)
     for (site, leaf), edit in backward.edits.items():
         late = [stage_of.get(v, PRE) for v in edit.residuals if stage_of.get(v, PRE) > site]
         if late:
-            line = next((at for (s, j, _), at in edit_lines.items() if (s, j) == (site, leaf)), None)
+            line = next((at for (s, j, _), at in program.grad_write_lines.items()
+                         if (s, j) == (site, leaf)), None)
             raise JnnsightError(at_line(line, (
-                f"this gradient edit of {names.get(site, f'site #{site}')} uses "
-                f"{names.get(max(late), f'site #{max(late)}')}, which the forward computes "
+                f"this gradient edit of {program_site_name(program, site)} uses "
+                f"{program_site_name(program, max(late))}, which the forward computes "
                 "later: in the backward pass the edit happens when the gradient reaches its "
                 "own site, with only what the forward had computed by then. Save the later "
                 "value in a first trace and use that array in the edit.")))

@@ -81,14 +81,15 @@ class Schedule:
     stop: bool
 
 
-def _site_name(program: InterventionProgram, order: int) -> str:
+def program_site_name(program: InterventionProgram, order: int) -> str:
+    """How the user addresses the site numbered ``order`` in ``program``'s table."""
     return site_name(program.table.sites[order].key, program.table.modules.__contains__)
 
 
 def _causality_error(program: InterventionProgram, at: int, needs: int, skip: bool) -> CausalityError:
     what = "skip of" if skip else "write to"
-    target = _site_name(program, at)
-    source = _site_name(program, needs)
+    target = program_site_name(program, at)
+    source = program_site_name(program, needs)
     if skip:
         target = target.rsplit(".", 1)[0]
     write_line = program.write_lines.get(at)
@@ -242,10 +243,10 @@ def schedule(program: InterventionProgram) -> Schedule:
     for order in skips:
         inside = [o for o in orders if order < o < stages[table.sites[order].key].skip_output.order]
         if inside:
-            module = _site_name(program, order).rsplit(".", 1)[0]
+            module = program_site_name(program, order).rsplit(".", 1)[0]
             raise SiteError(
                 f"{program.write_lines.get(order)}\n`{module}` is skipped, so nothing inside "
-                f"it runs, yet the block uses `{_site_name(program, inside[0])}`. Read the "
+                f"it runs, yet the block uses `{program_site_name(program, inside[0])}`. Read the "
                 "skipped module's own input or output instead."
             )
     return Schedule(
