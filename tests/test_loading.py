@@ -335,6 +335,7 @@ def _transformers_gguf_tensors(path: Path, config: dict) -> dict[str, np.ndarray
 def test_gguf_tiny_round_trip(tmp_path, tiny_llama):
     path = tmp_path / "tiny.gguf"
     _write_tiny_gguf(tiny_llama, path)
+    _assert_reads_as_gguf_reader(path)
     with pytest.warns(UserWarning, match="rope_freqs.weight"):
         config, tensors = load_gguf(path, progress=True)
     assert config["num_attention_heads"] == 4 and config["num_key_value_heads"] == 2
@@ -367,6 +368,104 @@ def test_gguf_tiny_round_trip(tmp_path, tiny_llama):
         cut.write_bytes(data)
         with pytest.raises(CheckpointError, match="cut.gguf is not a readable GGUF file.*download it again"):
             load_gguf(cut)
+
+
+def _gguf_reader_view(path: Path) -> tuple[dict, list[tuple]]:
+    """What ``gguf.GGUFReader`` reads from a file: the fields' contents and each tensor."""
+    gguf = pytest.importorskip("gguf")
+    reader = gguf.GGUFReader(path)
+    fields = {key: field.contents() for key, field in reader.fields.items() if not key.startswith("GGUF.")}
+    tensors = [(t.name, tuple(int(n) for n in t.shape), t.tensor_type, int(t.n_elements), t.data)
+               for t in reader.tensors]
+    return fields, tensors
+
+
+def _assert_reads_as_gguf_reader(path: Path) -> None:
+    from jnnsight.loading.gguf_format import read_gguf
+
+    fields, tensors = _gguf_reader_view(path)
+    ours = read_gguf(path)
+    assert ours.fields == fields
+    assert [type(v) for v in ours.fields.values()] == [type(v) for v in fields.values()]
+    assert len(ours.tensors) == len(tensors)
+    for tensor, (name, shape, kind, n, data) in zip(ours.tensors, tensors):
+        assert (tensor.name, tensor.shape, tensor.tensor_type, tensor.n_elements) == (name, shape, kind, n)
+        assert tensor.data.dtype == data.dtype and tensor.data.shape == data.shape
+        np.testing.assert_array_equal(tensor.data, data)
+
+
+def test_gguf_format_reads_what_the_gguf_package_reads(tmp_path):
+    gguf = pytest.importorskip("gguf")
+    path = tmp_path / "values.gguf"
+    writer = gguf.GGUFWriter(str(path), "llama")
+    writer.add_uint8("t.u8", 200)
+    writer.add_int8("t.i8", -5)
+    writer.add_uint16("t.u16", 60000)
+    writer.add_int16("t.i16", -300)
+    writer.add_uint32("t.u32", 4_000_000_000)
+    writer.add_int32("t.i32", -7)
+    writer.add_float32("t.f32", 0.25)
+    writer.add_uint64("t.u64", 2**40)
+    writer.add_int64("t.i64", -(2**40))
+    writer.add_float64("t.f64", 1 / 3)
+    writer.add_bool("t.bool", True)
+    writer.add_string("t.str", "Ünïcode ✓")
+    writer.add_string("t.empty", "")
+    writer.add_array("t.strs", ["a", "", "Ġthe", "日本"])
+    writer.add_array("t.ints", [1, -2, 3])
+    writer.add_array("t.floats", [0.5, -1.5])
+    writer.add_array("t.bools", [True, False])
+    writer.add_array("t.none", [])
+    writer.add_custom_alignment(64)
+    rng = np.random.default_rng(0)
+    matrix = rng.normal(size=(4, 64)).astype(np.float32)
+    writer.add_tensor("f32", matrix)
+    writer.add_tensor("f16", matrix.astype(np.float16))
+    writer.add_tensor("i32", np.arange(6, dtype=np.int32).reshape(2, 3))
+    for kind in (gguf.GGMLQuantizationType.Q8_0, gguf.GGMLQuantizationType.BF16):
+        q = gguf.quants.quantize(matrix, kind).view(np.uint8)  # bytes: the writer reads their shape
+        writer.add_tensor(kind.name, q, raw_shape=q.shape, raw_dtype=kind)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    _assert_reads_as_gguf_reader(path)
+
+
+def test_gguf_format_reads_the_real_file_as_the_gguf_package_reads_it():
+    _assert_reads_as_gguf_reader(_smollm_gguf())
+
+
+def test_gguf_format_bad_files_are_named(tmp_path):
+    """Bad inputs tried: a big-endian file, another version, a key twice, an unknown
+    value type, a tensor past the end, a header cut short (test_gguf_tiny_round_trip
+    has cut and foreign files)."""
+    import struct
+
+    pytest.importorskip("gguf")
+
+    def header(version=3, n_tensors=0, fields=b"", n_fields=0, order="<"):
+        return b"GGUF" + struct.pack(order + "IQQ", version, n_tensors, n_fields) + fields
+
+    def string(text):
+        return struct.pack("<Q", len(text)) + text.encode()
+
+    key_u32 = string("k") + struct.pack("<II", 4, 7)
+    tensor = string("w") + struct.pack("<IQIQ", 1, 1000, 0, 0)  # F32, 1000 elements, none stored
+    cases = [
+        (header(order=">"), "big-endian.*gguf_convert_endian"),
+        (header(version=1), "version 1; this reader reads versions 2 and 3"),
+        (header(fields=key_u32 * 2, n_fields=2), "the key 'k' twice"),
+        (header(fields=string("k") + struct.pack("<I", 77), n_fields=1), "unknown value type 77"),
+        (header(n_tensors=1, fields=tensor), "tensor 'w' runs past the end"),
+        (header(n_fields=3, fields=key_u32), "ends inside its header"),
+        (header(fields=string("k") + struct.pack("<IQ", 8, 10**9), n_fields=1), "runs past the end"),
+    ]
+    path = tmp_path / "bad.gguf"
+    for data, message in cases:
+        path.write_bytes(data)
+        with pytest.raises(CheckpointError, match=f"bad.gguf is not a readable GGUF file: .*{message}"):
+            load_gguf(path)
 
 
 def test_gguf_clear_errors():

@@ -42,6 +42,7 @@ from typing import Any
 import numpy as np
 
 from .checkpoint import CheckpointError, CheckpointNotFoundError, _float_dtype, _is_float, iter_progress
+from .gguf_format import GGUFFile, GGUFFormatError, read_gguf
 
 #: GGUF ``{arch}.*`` metadata keys and their Hugging Face config names.
 _CONFIG_KEYS = {
@@ -85,31 +86,24 @@ _SKIPPED = {
 _BLOCK = re.compile(r"^blk\.(\d+)\.(\w+)\.(weight|bias)$")
 
 
-def _reader(path: str | os.PathLike) -> Any:
-    import gguf
-
+def _reader(path: str | os.PathLike) -> GGUFFile:
     path = Path(path)
     if not path.is_file():
         raise CheckpointNotFoundError(f"No such GGUF file: {path}.")
     try:
-        reader = gguf.GGUFReader(path)
-    except Exception as err:  # gguf raises numpy's and its own errors on a cut or foreign file
+        reader = read_gguf(path)
+    except GGUFFormatError as err:
         raise CheckpointError(
-            f"{path} is not a readable GGUF file ({type(err).__name__}: {err}). A download "
-            "that stopped early leaves such a file: download it again."
+            f"{path} is not a readable GGUF file: {err}. A download that stopped early "
+            "leaves such a file: download it again."
         ) from err
     split = reader.fields.get("split.count")
-    if split is not None and int(split.contents()) > 1:
+    if split is not None and int(split) > 1:
         raise CheckpointError(
-            f"{path.name} is one part of a split GGUF file ({split.contents()} parts); jnnsight reads "
+            f"{path.name} is one part of a split GGUF file ({split} parts); jnnsight reads "
             "single-file GGUF only. Merge the parts with llama.cpp's `llama-gguf-split --merge`."
         )
     return reader
-
-
-def _field(reader: Any, key: str, default: Any = None) -> Any:
-    field = reader.fields.get(key)
-    return default if field is None else field.contents()
 
 
 def gguf_config(path_or_reader: Any) -> dict[str, Any]:
@@ -122,8 +116,9 @@ def gguf_config(path_or_reader: Any) -> dict[str, Any]:
     ``tie_word_embeddings``, ``attention_bias``, ``mlp_bias``, ``hidden_act``,
     and the special token ids the file names.
     """
-    reader = path_or_reader if hasattr(path_or_reader, "fields") else _reader(path_or_reader)
-    arch = _field(reader, "general.architecture")
+    reader = path_or_reader if isinstance(path_or_reader, GGUFFile) else _reader(path_or_reader)
+    fields = reader.fields
+    arch = fields.get("general.architecture")
     if arch not in ARCHITECTURES:
         raise CheckpointError(
             f"GGUF architecture {arch!r} is not supported; jnnsight reads {', '.join(map(repr, ARCHITECTURES))}. "
@@ -132,7 +127,7 @@ def gguf_config(path_or_reader: Any) -> dict[str, Any]:
     model_type, cls = ARCHITECTURES[arch]
     config: dict[str, Any] = {"model_type": model_type, "architectures": [cls]}
     for key, name in _CONFIG_KEYS.items():
-        value = _field(reader, f"{arch}.{key}")
+        value = fields.get(f"{arch}.{key}")
         if value is not None:
             config[name] = value
     names = {t.name for t in reader.tensors}
@@ -142,23 +137,23 @@ def gguf_config(path_or_reader: Any) -> dict[str, Any]:
     config.setdefault("num_key_value_heads", config["num_attention_heads"])
     config.setdefault("rms_norm_eps", 1e-5)
     config.setdefault("rope_theta", 10000.0)
-    head_dim = _field(reader, f"{arch}.attention.key_length", _field(reader, f"{arch}.rope.dimension_count"))
+    head_dim = fields.get(f"{arch}.attention.key_length", fields.get(f"{arch}.rope.dimension_count"))
     config["head_dim"] = int(head_dim) if head_dim is not None else config["hidden_size"] // config["num_attention_heads"]
     config["tie_word_embeddings"] = "output.weight" not in names
     config["attention_bias"] = "blk.0.attn_q.bias" in names
     config["mlp_bias"] = "blk.0.ffn_up.bias" in names
     config["hidden_act"] = "silu"
     config["rope_parameters"] = {"rope_type": "default", "rope_theta": config["rope_theta"]}
-    scaling = _field(reader, f"{arch}.rope.scaling.type")
+    scaling = fields.get(f"{arch}.rope.scaling.type")
     if scaling not in (None, "none"):
-        rope_scaling = {"rope_type": scaling, "factor": float(_field(reader, f"{arch}.rope.scaling.factor", 1.0))}
-        original = _field(reader, f"{arch}.rope.scaling.original_context_length")
+        rope_scaling = {"rope_type": scaling, "factor": float(fields.get(f"{arch}.rope.scaling.factor", 1.0))}
+        original = fields.get(f"{arch}.rope.scaling.original_context_length")
         if original is not None:
             rope_scaling["original_max_position_embeddings"] = int(original)
         config["rope_scaling"] = rope_scaling
         config["rope_parameters"] = {**rope_scaling, "rope_theta": config["rope_theta"]}
     for token in ("bos", "eos", "padding", "unknown"):
-        value = _field(reader, f"tokenizer.ggml.{token}_token_id")
+        value = fields.get(f"tokenizer.ggml.{token}_token_id")
         if value is not None:
             config[{"padding": "pad_token_id", "unknown": "unk_token_id"}.get(token, f"{token}_token_id")] = int(value)
     return config

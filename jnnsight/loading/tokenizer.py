@@ -1,7 +1,7 @@
 """Tokenizers, through transformers (no torch): from a checkpoint folder or from a GGUF file.
 
 transformers' own GGUF route (``AutoTokenizer.from_pretrained(gguf_file=...)``)
-imports torch to read the file's metadata. Here the ``gguf`` package reads it,
+imports torch to read the file's metadata. Here :mod:`.gguf_format` reads it,
 and transformers' torch-free converter builds the same tokenizer from it.
 
 Example::
@@ -59,7 +59,7 @@ _SPECIAL_TOKEN_IDS = {"bos_token": "bos_token_id", "eos_token": "eos_token_id",
 def gguf_tokenizer(path: str | os.PathLike, **kwargs: Any) -> Any:
     """The tokenizer a GGUF file describes, as transformers builds it, without torch.
 
-    The ``gguf`` package reads the file's ``tokenizer.*`` metadata; transformers'
+    :func:`.gguf_format.read_gguf` reads the file's ``tokenizer.*`` metadata; transformers'
     GGUF converter (``transformers.integrations.gguf``, torch-free) turns it into
     a fast tokenizer with the same vocabulary, merges, special tokens, BOS rule
     and chat template as ``AutoTokenizer.from_pretrained(folder, gguf_file=...)``
@@ -79,10 +79,10 @@ def gguf_tokenizer(path: str | os.PathLike, **kwargs: Any) -> Any:
         return _transformers_gguf_tokenizer(path, **kwargs)
     from transformers import PreTrainedTokenizerFast
 
-    from .gguf_file import _field, _reader
+    from .gguf_file import _reader
 
-    reader = _reader(path)
-    metadata = {key: _field(reader, key) for key in reader.fields if key.startswith("tokenizer.")}
+    fields = _reader(path).fields
+    metadata = {key: value for key, value in fields.items() if key.startswith("tokenizer.")}
     if "tokenizer.ggml.model" not in metadata:
         raise CheckpointNotFoundError(
             f"{path.name} holds no tokenizer (no tokenizer.* metadata): pass tokenizer= to "
@@ -102,7 +102,7 @@ def gguf_tokenizer(path: str | os.PathLike, **kwargs: Any) -> Any:
     for name, key in _SPECIAL_TOKEN_IDS.items():
         token_id = metadata.get(f"tokenizer.ggml.{key}")
         config[name] = tokenizer["tokens"][token_id] if token_id is not None else None
-    backend, extra = convert_gguf_tokenizer(_field(reader, "general.architecture"), tokenizer)
+    backend, extra = convert_gguf_tokenizer(fields.get("general.architecture"), tokenizer)
     return PreTrainedTokenizerFast(tokenizer_object=backend, **{**config, **extra, **kwargs})
 
 
