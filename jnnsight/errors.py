@@ -135,6 +135,12 @@ _BODY_ADVICE = (
     (("has no attribute 'grad'", "has no attribute 'backward'"),
      "jnnsight: `.grad` and `.backward()` exist inside the block, on values read there: "
      "`with loss.backward(): g = h.grad.save()`, then use `g` after the block."),
+    (("Mesh for all inputs should be equal",),
+     "jnnsight: an array placed on your own mesh met the model's values, which live on "
+     "`lm.mesh` (your mesh's devices, with automatic axes). Arrays a block's names hold "
+     "are moved there for you; one reached through a list, a dict, an attribute or a "
+     "function's closure is not. Place it on `lm.mesh` "
+     "(`jax.device_put(x, NamedSharding(lm.mesh, spec))`), or bind it to a name in the block."),
     (("has no attribute 'save'", "save() was called outside"),
      "jnnsight: `.save()` exists on values read from the model; save any other value or "
      "pytree (a list, a dict, a dataclass) with `jnnsight.save(value)`."),

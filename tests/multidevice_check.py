@@ -108,6 +108,26 @@ def run(lm: LanguageModel, mesh: Mesh | None = None) -> dict:
             lm.model.layers[1].output[0] = jax.lax.dynamic_update_slice_in_dim(h, h[:, -1:] + one, 5, 1)
         with tracer.invoke():
             invoked = lm.lm_head.output.save()
+    if mesh is not None:  # reached through a list, it is not moved: the error says what to do
+        vectors = [steer]
+        try:
+            with lm.trace(ids):
+                h = lm.model.layers[1].output[0]
+                lm.model.layers[1].output[0] = jnp.where(h > 0, vectors[0], h)
+        except ValueError as err:
+            assert "NamedSharding(lm.mesh, spec)" in " ".join(getattr(err, "__notes__", [])), err
+        else:
+            raise AssertionError("an array on the user's mesh in a list was not refused")
+        vectors = [jax.device_put(steer, NamedSharding(lm.mesh, PartitionSpec("model")))]
+        with lm.trace(ids):  # placed on lm.mesh as the note says, it works
+            h = lm.model.layers[1].output[0]
+            lm.model.layers[1].output[0] = jnp.where(h > 0, vectors[0], h)
+            from_list = lm.lm_head.output.save()
+        with lm.trace(ids):
+            h = lm.model.layers[1].output[0]
+            lm.model.layers[1].output[0] = jnp.where(h > 0, steer, h)
+            by_name = lm.lm_head.output.save()
+        np.testing.assert_allclose(from_list, by_name, atol=TOL)
     theirs = lm.variables if mesh is None else jax.tree_util.tree_map(
         lambda x: jax.device_put(x, NamedSharding(mesh, x.sharding.spec)), lm.variables)
     with lm.bind(theirs).trace(ids):
