@@ -17,6 +17,7 @@ from __future__ import annotations
 
 from typing import Any, TypeVar
 
+import jax as _jax
 import jax.numpy as _jnp
 from jax import core as _core
 
@@ -132,7 +133,7 @@ def _tracer_backward(self: Any, gradient: Any = None, retain_graph: bool = False
                 f"`backward(gradient=g)` needs `g` of the value's shape {list(_jnp.shape(self))}; "
                 f"it has {list(_jnp.shape(gradient))}."
             ))
-        self = (self * gradient).sum()
+        self = (self * _jax.lax.stop_gradient(gradient)).sum()  # a constant seed, as in torch
     backward = _Backward(self)
     builder = _program.current()
     if builder is not None:  # a bare `loss.backward()` would do nothing: the block refuses it

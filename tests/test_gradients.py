@@ -257,6 +257,18 @@ def test_backward_with_a_gradient_argument_is_torchs_vector_jacobian_product(mod
             by_hand = h.grad.save()
     np.testing.assert_allclose(spelled, by_hand, rtol=1e-6, atol=1e-7)
     assert float(jnp.abs(spelled).max()) > 0
+    # a seed computed from the model's values is a constant, as torch's (detached) seed is
+    with lm.trace(IDS):
+        h = lm.model.layers[0].output[0]
+        logits = lm.lm_head.output
+        with logits.backward(gradient=jax.nn.softmax(logits)):
+            seeded = h.grad.save()
+    with lm.trace(IDS):
+        h = lm.model.layers[0].output[0]
+        logits = lm.lm_head.output
+        with (logits * jax.lax.stop_gradient(jax.nn.softmax(logits))).sum().backward():
+            constant = h.grad.save()
+    np.testing.assert_allclose(seeded, constant, rtol=1e-6, atol=1e-7)
 
 
 @pytest.mark.parametrize("name", ["gpt2", "llama"])

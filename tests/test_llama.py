@@ -303,3 +303,16 @@ def test_mlp_neurons_at_act_fn_equal_a_torch_hook_and_ablating_them_too(tmp_root
     assert max_diff(neurons, seen[0].numpy()) <= TOL
     assert max_diff(logits, theirs) <= TOL
     assert max_diff(theirs, torch_logits(tm, ids)) > 1e-2  # the ablation changed something
+
+
+def test_config_fields_only_other_runtimes_read_do_not_warn_but_unknown_ones_do():
+    """SmolLM2's config.json carries `rope_interleaved` and `transformers.js_config`,
+    which transformers' Llama does not read either; a field that might matter warns."""
+    from jnnsight.modeling.llama import LlamaConfig
+
+    base = {"model_type": "llama", "hidden_size": 64, "num_attention_heads": 4}
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        LlamaConfig.from_hf({**base, "rope_interleaved": False, "transformers.js_config": {}})
+    with pytest.warns(UserWarning, match=r"might change the numbers: \['qk_layernorm'\]"):
+        LlamaConfig.from_hf({**base, "qk_layernorm": True})

@@ -106,6 +106,8 @@ HARMLESS_FIELDS = frozenset({
     "add_cross_attention", "tie_encoder_decoder", "chunk_size_feed_forward", "pruned_heads",
     "cross_attention_hidden_size", "problem_type", "finetuning_task", "id2label", "label2id",
     "num_labels", "task_specific_params", "prefix", "tf_legacy_loss", "use_mrope",
+    # read by other runtimes only (SmolLM2's config.json carries both)
+    "rope_interleaved", "transformers.js_config",
     # generation defaults
     "max_length", "min_length", "do_sample", "early_stopping", "num_beams", "num_beam_groups",
     "diversity_penalty", "temperature", "top_k", "top_p", "typical_p", "repetition_penalty",
