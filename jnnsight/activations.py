@@ -196,6 +196,8 @@ class ActivationStore:
         for name, value in rows.items():  # every name checked before anything is written
             if name in self._arrays:
                 self._check(name, self._arrays[name], value)
+            else:
+                self._check_storable(name, value)
         for name, value in rows.items():
             array = self._arrays.get(name)
             if array is None:
@@ -291,6 +293,15 @@ class ActivationStore:
         return ts.open(self._spec(name), create=True, dtype=ts.dtype(value.dtype.name),
                        shape=[0, *value.shape[1:]],
                        chunk_layout=ts.ChunkLayout(chunk_shape=chunk)).result()
+
+    def _check_storable(self, name: str, value: np.ndarray) -> None:
+        try:
+            _tensorstore().dtype(value.dtype.name)
+        except ValueError:
+            raise JnnsightError(at_user_line(
+                f"{name!r} is an array of {value.dtype}, which a stored array cannot hold: "
+                "append numbers (int, float, bool); keep strings in a file of their own."
+            )) from None
 
     def _check(self, name: str, array: Any, value: np.ndarray) -> None:
         row, dtype = tuple(int(n) for n in array.shape[1:]), np.dtype(array.dtype.numpy_dtype)

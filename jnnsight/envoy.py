@@ -17,7 +17,7 @@ Example::
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any, Iterator
+from typing import TYPE_CHECKING, Any, Callable, Iterator
 
 from .errors import SiteError, at_user_line, close_names
 from .tracing import program as _program
@@ -36,6 +36,17 @@ def _builder(envoy: "Envoy", what: str) -> _program.Builder:
             "has several invokes). To use a value after the block, `.save()` it inside."
         ))
     return builder
+
+
+def _first_argument(envoy: "Envoy") -> Callable[[tuple[tuple, dict]], Any]:
+    def first(value: tuple[tuple, dict]) -> Any:
+        if not value[0]:
+            raise SiteError(at_user_line(
+                f"{envoy._name} was called with no positional argument; use `.inputs`, "
+                "which gives `(args, kwargs)`."
+            ))
+        return value[0][0]
+    return first
 
 
 # nnsight API that jnnsight spells another way or does not have, and what to write.
@@ -105,20 +116,33 @@ class Envoy:
     def _key(self, builder: _program.Builder, kind: str) -> tuple:
         return (self._path, builder.call_index(self._path), kind)
 
-    def _describe(self, builder: _program.Builder, kind: str) -> str:
-        return f"`{site_name(self._key(builder, kind), self._model._has_module)}`"
-
-    def _read(self, kind: str) -> Any:
+    def _site(self, kind: str) -> tuple[_program.Builder, _program.Site, Any]:
         builder = _builder(self, kind)
         key = self._key(builder, kind)
-        site = builder.site(key, lambda: self._describe(builder, kind))
+        describe = lambda: f"`{site_name(key, self._model._has_module)}`"  # noqa: E731
+        return builder, builder.site(key, describe), describe
+
+    def _read(self, kind: str) -> Any:
+        builder, site, _ = self._site(kind)
         return builder.read(site, builder.rows)
 
     def _write(self, kind: str, value: Any) -> None:
-        builder = _builder(self, kind)
-        key = self._key(builder, kind)
-        describe = lambda: self._describe(builder, kind)  # noqa: E731
-        builder.write(builder.site(key, describe), builder.rows, value, describe)
+        builder, site, describe = self._site(kind)
+        builder.write(site, builder.rows, value, describe)
+
+    def _writable(self, kind: str, part: Callable[[Any], Any] = lambda value: value,
+                  whole: Callable[[Any, Any], Any] = lambda value, new: new) -> Any:
+        """``part`` of the site's value, whose element and field writes write the site.
+
+        The write goes to the call and the invoke's rows the value was read at, even
+        after ``.next()`` or in a later invoke; ``whole(value, new)`` is the site's
+        value with ``part`` replaced by ``new``.
+        """
+        builder, site, describe = self._site(kind)
+        rows = builder.rows
+        value = builder.read(site, rows)
+        return _program.writable(
+            part(value), lambda new: builder.write(site, rows, whole(value, new), describe))
 
     @property
     def output(self) -> Any:
@@ -129,7 +153,7 @@ class Envoy:
             >>> with model.trace(x):
             ...     model.layers[0].output[0] = model.layers[0].output[0] * 0
         """
-        return _program.writable(self._read("output"), lambda v: self._write("output", v))
+        return self._writable("output")
 
     @output.setter
     def output(self, value: Any) -> None:
@@ -144,7 +168,7 @@ class Envoy:
             >>> with model.trace(x):
             ...     args, kwargs = model.block_1.inputs
         """
-        return _program.writable(self._read("input"), lambda v: self._write("input", v))
+        return self._writable("input")
 
     @inputs.setter
     def inputs(self, value: tuple[tuple, dict]) -> None:
@@ -152,20 +176,15 @@ class Envoy:
 
     @property
     def input(self) -> Any:
-        """The module's first positional argument.
+        """The module's first positional argument; a dict's entries can be assigned.
 
         Example::
 
             >>> with model.trace(x):
             ...     model.block_2.input = model.block_2.input * 0.5
         """
-        args, _ = self._read("input")
-        if not args:
-            raise SiteError(at_user_line(
-                f"{self._name} was called with no positional argument; use `.inputs`, "
-                "which gives `(args, kwargs)`."
-            ))
-        return args[0]
+        return self._writable("input", _first_argument(self),
+                              lambda value, new: ((new, *value[0][1:]), value[1]))
 
     @input.setter
     def input(self, value: Any) -> None:

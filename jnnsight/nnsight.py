@@ -350,17 +350,18 @@ class NNsight(Envoy):
         return jax.tree_util.tree_unflatten(treedef, self._outside(leaves))
 
     def _apply_submodule(self, path: tuple[str, ...], args: tuple, kwargs: dict) -> Any:
-        info = None
-        for _, table, _ in self._tables.values():
-            info = table.modules.get(path)
-            if info is not None:
-                break
+        # The module as this forward configured it: a Flax module's fields can differ
+        # between forwards with other arguments. Else the newest forward that ran it.
+        builder = _program.current()
+        info = builder.table.modules.get(path) if builder is not None else None
+        if info is None:
+            newest_first = reversed(list(self._tables.values()))
+            info = next((t.modules[path] for _, t, _ in newest_first if path in t.modules), None)
         if info is None:
             raise SiteError(at_user_line(
                 f"{self._envoy(path)._name} cannot be called before a trace has run "
                 "the model once (jnnsight learns the module from that forward pass)."
             ))
-        builder = _program.current()
         leaves = self._leaves
         sub: dict[str, Any] = {}
         for index, (collection, module_path, name) in enumerate(self._places):

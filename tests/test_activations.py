@@ -73,6 +73,9 @@ def test_bad_appends_get_clear_errors(tmp_path):
     store.append(labels=np.array([1, 0]))
     with pytest.raises(JnnsightError, match="holds int64"):
         store.append(h=np.ones((2, 4), np.float32), labels=np.array([0.5, 0.5]))
+    for not_numbers in (np.array(["a", "b"]), np.array([None, 1], dtype=object)):
+        with pytest.raises(JnnsightError, match="cannot hold"):
+            store.append(h=np.ones((2, 4), np.float32), text=not_numbers)
     assert store["h"].shape == (2, 4)  # the refused batches wrote nothing, not even h
     view = store["labels"]
     store.append(labels=np.array([1, 1]))

@@ -5,6 +5,7 @@ line tracers, and the forward really stopping."""
 
 from __future__ import annotations
 
+import dataclasses
 import sys
 import warnings
 
@@ -179,6 +180,156 @@ def test_dict_outputs_and_nested_element_writes():
     expected, seen = reference(model, x, edit=edit)
     assert_close(out, expected)
     assert_close(seen_after, seen[(("inner",), 0)]["h"])
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass
+class Aux:
+    h: jax.Array
+    aux: tuple
+
+
+class DataclassOutput(nn.Module):
+    @nn.compact
+    def __call__(self, x):
+        y = nn.Dense(4, name="d")(x)
+        return Aux(y, (y * 2, y * 3))
+
+
+class TakesDict(nn.Module):
+    @nn.compact
+    def __call__(self, inputs):
+        return nn.Dense(4, name="d")(inputs["a"]) + inputs["b"]
+
+
+class DictAndDataclass(nn.Module):
+    """A dict input, a mutable dataclass output, and a module called twice."""
+
+    @nn.compact
+    def __call__(self, x):
+        o = DataclassOutput(name="inner")(x)
+        h = TakesDict(name="takes")({"a": o.h + o.aux[0], "b": o.aux[1]})
+        twice = DictOutput(name="twice")
+        return twice(twice(h)["h"])["h"]
+
+
+def test_writes_to_a_dict_input_and_dataclass_fields_reach_the_forward():
+    """``.input["a"] = v``, ``.output.field = v`` and ``.output.field[0] = v`` each
+    write the site (they were dropped before), as the hand-written edit does."""
+    x = jax.random.normal(jax.random.key(2), (2, 3))
+    module = DictAndDataclass()
+    model = NNsight(module, module.init(jax.random.key(0), x))
+    with model.trace(x):
+        o = model.inner.output
+        o.h = o.h * 2
+        o.aux[0] = o.aux[0] * 0
+        seen_h = model.inner.output.h.save()      # a later read sees the field writes
+        model.takes.input["b"] = model.takes.input["b"] + 1
+        out = model.output.save()
+
+    def edit(next_fun, a, k, context):
+        path = tuple(context.module.path)
+        if context.method_name == "__call__" and path == ("takes",):
+            a = ({**a[0], "b": a[0]["b"] + 1},)
+        out = next_fun(*a, **k)
+        if context.method_name == "__call__" and path == ("inner",):
+            out = Aux(out.h * 2, (out.aux[0] * 0, out.aux[1]))
+        return out
+
+    with nn.intercept_methods(edit):
+        expected = module.apply(model.variables, x)
+    assert_close(out, expected)
+    assert_close(seen_h, reference(model, x)[1][(("inner",), 0)].h * 2)
+
+
+def test_an_element_write_goes_to_the_call_and_invoke_it_was_read_at():
+    """A value read, then ``.next()`` (or another invoke): writing its element still
+    edits the call (and rows) it came from."""
+    x = jax.random.normal(jax.random.key(2), (2, 3))
+    module = DictAndDataclass()
+    model = NNsight(module, module.init(jax.random.key(0), x))
+    with model.trace() as tracer:
+        with tracer.invoke(x[:1]):
+            first = model.twice.output
+        with tracer.invoke(x[1:]):
+            model.twice.next()
+            first["h"] = first["h"] * 0              # row 0, first call
+            model.twice.output["h"] = model.twice.output["h"] + 1   # row 1, second call
+        with tracer.invoke():
+            out = model.output.save()
+
+    def edit(path, call, out):
+        if path == ("twice",) and call == 0:
+            return {**out, "h": out["h"].at[0].multiply(0)}
+        if path == ("twice",) and call == 1:
+            return {**out, "h": out["h"].at[1].add(1)}
+        return out
+
+    assert_close(out, reference(model, x, edit=edit)[0])
+
+
+class Base(nn.Module):
+    @nn.compact
+    def __call__(self, x):
+        return nn.Dense(3, name="d")(x)
+
+
+class Doubled(Base):
+    def __call__(self, x):
+        return super().__call__(x) * 2
+
+
+class CallsSubclassTwice(nn.Module):
+    @nn.compact
+    def __call__(self, x):
+        block = Doubled(name="block")
+        return block(block(x))
+
+
+def test_a_subclass_calling_super_call_is_one_call_with_one_output():
+    """``super().__call__`` runs inside the module's call: ``.output`` is the
+    subclass's (doubled) output and ``.next()`` reaches the second real call."""
+    x = jax.random.normal(jax.random.key(2), (2, 3))
+    module = CallsSubclassTwice()
+    model = NNsight(module, module.init(jax.random.key(0), x))
+    dense = model.variables["params"]["block"]["d"]
+    first = 2 * (x @ dense["kernel"] + dense["bias"])
+    second = 2 * (first @ dense["kernel"] + dense["bias"])
+    with model.trace(x):
+        one = model.block.output.save()
+        two = model.block.next().output.save()
+        model.block.output = two * 0 + 1
+        out = model.output.save()
+    assert_close(one, first)
+    assert_close(two, second)
+    assert_close(out, jnp.ones_like(second))
+
+
+class Scale(nn.Module):
+    scale: float
+
+    @nn.compact
+    def __call__(self, x):
+        return nn.Dense(4, name="d")(x) * self.scale
+
+
+class ConfiguredByArgument(nn.Module):
+    @nn.compact
+    def __call__(self, x, scale: float = 1.0):
+        return Scale(scale, name="sc")(x)
+
+
+def test_an_envoy_call_uses_the_module_as_this_forward_configured_it():
+    x = jax.random.normal(jax.random.key(2), (2, 3))
+    module = ConfiguredByArgument()
+    model = NNsight(module, module.init(jax.random.key(0), x))
+    dense = model.variables["params"]["sc"]["d"]
+    plain = x @ dense["kernel"] + dense["bias"]
+    for scale in (2.0, 5.0, 2.0):
+        with model.trace(x, scale=scale):
+            called = model.sc(x).save()
+        assert_close(called, plain * scale)
+    assert_close(model.sc(x), plain * 2.0)   # outside a block: the newest forward's
 
 
 def test_writes_to_inputs_and_to_the_model_input(toy):

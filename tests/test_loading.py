@@ -237,6 +237,9 @@ def test_safetensors_clear_errors(tmp_path):
             load_config(tmp_path)
     with pytest.raises(JnnsightError, match="floating-point"):
         load_safetensors(tmp_path, dtype=np.int32)
+    for storage_only in (jnp.float8_e4m3fn, "float8_e5m2", ml_dtypes.float4_e2m1fn):
+        with pytest.raises(JnnsightError, match="computes in"):  # the logits were NaN
+            load_safetensors(tmp_path, dtype=storage_only)
     # a cut file (a download that stopped) names itself and says to download again
     _tiny_llama(tie=False).save_pretrained(tmp_path / "cut")
     weights = tmp_path / "cut" / "model.safetensors"

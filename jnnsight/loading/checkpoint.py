@@ -492,9 +492,17 @@ def _float_dtype(dtype: Any) -> np.dtype | None:
     except TypeError:
         raise CheckpointError(f"dtype must be a floating-point type (jnp.float32, jnp.bfloat16, "
                               f"...), not {dtype!r}.") from None
-    if not _is_float(target):
-        raise CheckpointError(f"dtype must be a floating-point type (float32, bfloat16, ...), not {target}.")
+    if target.name not in _COMPUTE_DTYPES:
+        raise CheckpointError(
+            f"dtype must be a floating-point type a model computes in ({', '.join(_COMPUTE_DTYPES)}), "
+            f"not {target}." + (" float8 types hold weights for scaled matrix products, "
+                                "which these models do not do: their logits would be NaN."
+                                if target.name.startswith("float8") else ""))
     return target
+
+
+# the floating-point types a model computes in (float8 and float4 overflow without scales)
+_COMPUTE_DTYPES = ("float32", "bfloat16", "float16", "float64")
 
 
 def _is_float(dtype: np.dtype) -> bool:

@@ -189,19 +189,26 @@ def site_interceptor(
     ``call_module`` may run the module or not (``envoy.skip``).
     """
     counts: dict[tuple[str, ...], int] = {}
+    running: set[int] = set()  # the modules whose __call__ is running
 
     def interceptor(next_fun, args, kwargs, context):
-        if context.method_name != "__call__":
-            return next_fun(*args, **kwargs)
         module = context.module
+        # A subclass's `super().__call__(x)` is the same call of the module, as
+        # torch's hooks see one forward: only the outermost has sites.
+        if context.method_name != "__call__" or id(module) in running:
+            return next_fun(*args, **kwargs)
         path = tuple(module.path)
         call = counts.get(path, 0)
         counts[path] = call + 1
         args, kwargs = on_input((path, call, "input"), module, args, kwargs)
-        if call_module is None:
-            out = next_fun(*args, **kwargs)
-        else:
-            out = call_module((path, call, "input"), lambda: next_fun(*args, **kwargs))
+        running.add(id(module))
+        try:
+            if call_module is None:
+                out = next_fun(*args, **kwargs)
+            else:
+                out = call_module((path, call, "input"), lambda: next_fun(*args, **kwargs))
+        finally:
+            running.discard(id(module))
         return on_output((path, call, "output"), module, out)
 
     return interceptor

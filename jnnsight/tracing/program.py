@@ -24,6 +24,8 @@ Example::
 
 from __future__ import annotations
 
+import copy
+import dataclasses
 import threading
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -271,10 +273,13 @@ class Builder:
         self.target_lines: dict[int, UserLine | None] = {}
         # `loss.backward()` calls not (yet) entered as `with` blocks, and their lines
         self.unentered_backwards: dict[int, tuple[Any, UserLine | None]] = {}
+        # dataclass site values handed out: (value, its fields as handed out, writer)
+        self.watched: list[tuple[Any, dict[str, Any], Callable[[Any], None]]] = []
 
     # reading and writing sites --------------------------------------------------
 
     def site(self, key: SiteKey, describe: Callable[[], str]) -> Site:
+        self.write_fields()
         site = self.table.get(key)
         if site is None:
             raise SiteError(at_user_line(self.table.missing(key, describe())))
@@ -351,6 +356,22 @@ class Builder:
         self.replaced.add(output.key)
         self.write_lines[module_input.order] = user_line(2)
         self.current[output.key] = list(new)
+
+    def watch(self, value: Any, writer: Callable[[Any], None]) -> None:
+        """Write ``value`` with ``writer`` once the body assigns one of its fields."""
+        self.watched.append((value, vars(value).copy(), writer))
+
+    def write_fields(self) -> None:
+        """Write the watched dataclass values whose fields the body assigned.
+
+        Called before the body reaches any site and at the block's end, so a later
+        read of the site sees the assignment, as in nnsight's ``output.aux = v``.
+        """
+        for value, fields, writer in self.watched:
+            now = vars(value)
+            if any(now[name] is not old for name, old in fields.items()):
+                fields.update(now)
+                writer(copy.copy(value))
 
     def _checked(self, site: Site, rows: Rows, value: Any, describe: Callable[[], str],
                  skip: bool = False) -> list[Any]:
@@ -542,6 +563,7 @@ class Builder:
                 line, "`loss.backward()` does nothing by itself here: write `with "
                 "loss.backward():` and read or edit `.grad` inside that block."
             ))
+        self.write_fields()
         for finalize in self.finalizers:
             finalize()
         for key in self.written:
@@ -701,13 +723,27 @@ def plain(value: Any) -> Any:
     return jax.tree_util.tree_map(lambda leaf: leaf, value)
 
 
+def _mutable_dataclass(value: Any) -> bool:
+    """A dataclass pytree node whose fields can be assigned (not a frozen one)."""
+    return (dataclasses.is_dataclass(value) and not isinstance(value, type)
+            and not value.__dataclass_params__.frozen and hasattr(value, "__dict__")
+            and not jax.tree_util.treedef_is_leaf(jax.tree_util.tree_structure(value)))
+
+
 def writable(value: Any, writer: Callable[[Any], None]) -> Any:
     """``value`` with its tuples, lists and dicts made to accept element writes.
 
-    ``site.output["aux"][0] = v`` writes the site with that one element replaced.
+    ``site.output["aux"][0] = v`` writes the site with that one element replaced; so
+    does ``site.output.aux = v`` on a (mutable) dataclass.
     """
     cls = next((c for c, base in _PLAIN.items() if type(value) is base), None)
     if cls is None:
+        builder = current()
+        if builder is not None and _mutable_dataclass(value):
+            for name in vars(value):  # `out.aux[0] = v` assigns the field `aux`
+                setattr(value, name, writable(
+                    getattr(value, name), lambda new, name=name: setattr(value, name, new)))
+            builder.watch(value, writer)
         return value
 
     parent: list[Any] = []  # the wrapped value, once built: children write through it
