@@ -87,27 +87,72 @@ class StoredArray:
         return self.shape[0]
 
     def __getitem__(self, index: Any) -> np.ndarray:
-        """Rows as numpy indexing gives them: negative indices, slices past the end, steps."""
-        first, rest = (index[0], index[1:]) if isinstance(index, tuple) and index else (index, ())
-        if first is Ellipsis:
-            return np.asarray(self._array[index].read().result())
-        n = len(self)
-        if is_int(first):
-            if not -n <= first < n:
-                raise IndexError(f"row {first} is out of range: {self._name!r} has {n} rows.")
-            return self._read(slice(int(first) % n, int(first) % n + 1), rest)[0]
-        if isinstance(first, slice):
-            start, stop, step = first.indices(n)
-            rows = range(start, stop, step)
-            if not rows:
-                return np.zeros((0, *self.shape[1:]), self.dtype)[(slice(None), *rest)]
-            if step > 0:
-                return self._read(slice(rows[0], rows[-1] + 1), rest)[::step]
-            return self._read(slice(rows[-1], rows[0] + 1), rest)[::-1][::-step]
-        return np.asarray(self._array[index].read().result())  # index arrays, as tensorstore takes them
+        """What numpy indexing gives, read from disk: negative indices, slices past the
+        end, steps, ``...``, ``None``, and integer or boolean arrays on any axis.
 
-    def _read(self, rows: slice, rest: tuple) -> np.ndarray:
-        return np.asarray(self._array[(rows, *rest)].read().result())
+        Example::
+
+            >>> store["h"][-8:, -1]               # the last position of the last 8 rows
+            >>> store["h"][np.array([5, 0, 2])]   # rows in any order (a shuffled batch)
+        """
+        return np.asarray(self._array[self._normalized(index)].read().result())
+
+    def _normalized(self, index: Any) -> tuple:
+        """``index`` with each entry in the axis's range, as tensorstore takes it."""
+        entries = index if isinstance(index, tuple) else (index,)
+        shape = self.shape
+        taken = sum(_axes_taken(e) for e in entries)
+        if taken > len(shape):
+            raise IndexError(f"{taken} indices for {self._name!r}, which has {len(shape)} axes "
+                             f"(shape {shape}).")
+        if sum(e is Ellipsis for e in entries) > 1:
+            raise IndexError("an index can hold only one `...`.")
+        # tensorstore puts an integer's axis where numpy would not when arrays index too;
+        # as a 0-d array it follows numpy's rule for mixed integer and array indices
+        arrays = any(_axes_taken(e) and not is_int(e) and not isinstance(e, slice)
+                     for e in entries)
+        out: list[Any] = []
+        axis = 0
+        for entry in entries:
+            if entry is Ellipsis:
+                out.extend([slice(None)] * (len(shape) - taken))
+                axis += len(shape) - taken
+            elif entry is None:
+                out.append(_tensorstore().newaxis)
+            else:
+                normal = self._axis_index(entry, axis, shape)
+                out.append(np.asarray(normal) if arrays and is_int(normal) else normal)
+                axis += _axes_taken(entry)
+        return tuple(out)
+
+    def _axis_index(self, entry: Any, axis: int, shape: tuple[int, ...]) -> Any:
+        n = shape[axis]
+        where = "row" if axis == 0 else f"index on axis {axis}"
+        has = f"{n} rows" if axis == 0 else f"{n} entries on axis {axis}"
+        if isinstance(entry, slice):
+            start, stop, step = entry.indices(n)
+            if not range(start, stop, step):
+                return slice(0, 0)
+            return slice(start, None if stop < 0 else stop, step)
+        if is_int(entry) or (hasattr(entry, "__index__") and np.ndim(entry) == 0):
+            i = int(entry)
+            if not -n <= i < n:
+                raise IndexError(f"{where} {i} is out of range: {self._name!r} has {has}.")
+            return i % n
+        array = np.asarray(entry)
+        if array.dtype == bool:
+            if array.shape != shape[axis:axis + array.ndim]:
+                raise IndexError(f"a boolean index of shape {list(array.shape)} on axes from "
+                                 f"{axis}, where {self._name!r} has {list(shape[axis:])}.")
+            return array
+        if not np.issubdtype(array.dtype, np.integer):
+            raise IndexError(f"{self._name!r} is indexed by integers, slices, `...`, `None` and "
+                             f"integer or boolean arrays, not {type(entry).__name__} "
+                             f"of {array.dtype}.")
+        if array.size and not (-n <= array.min() and array.max() < n):
+            raise IndexError(f"{where} indices reach {array.min()}..{array.max()}: "
+                             f"{self._name!r} has {has}.")
+        return array % n if n else array
 
     def __array__(self, dtype: Any = None, copy: Any = None) -> np.ndarray:
         whole = self[...]
@@ -115,6 +160,16 @@ class StoredArray:
 
     def __repr__(self) -> str:
         return f"StoredArray(shape={self.shape}, dtype={self.dtype})"
+
+
+def _axes_taken(entry: Any) -> int:
+    """How many of the array's axes one entry of an index consumes."""
+    if entry is None or entry is Ellipsis:
+        return 0
+    if isinstance(entry, (slice, int, np.integer)):
+        return 1
+    array = np.asarray(entry)
+    return array.ndim if array.dtype == bool else 1
 
 
 class ActivationStore:

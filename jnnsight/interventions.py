@@ -92,10 +92,14 @@ def orthonormal(weight: jax.Array) -> jax.Array:
 
     A parametrization, not a projection: any unconstrained ``weight`` gives an
     exactly orthonormal basis, so gradient steps on ``weight`` keep the basis
-    orthonormal (to float32 rounding) with nothing to re-project.
+    orthonormal (to float32 rounding) with nothing to re-project. A bfloat16 or
+    float16 ``weight`` (which QR does not take) is factored in float32; the basis
+    has ``weight``'s type.
     """
-    q, r = jnp.linalg.qr(weight)
-    return q * jnp.where(jnp.diagonal(r) < 0, -1.0, 1.0).astype(q.dtype)
+    exact = jnp.promote_types(weight.dtype, jnp.float32)
+    q, r = jnp.linalg.qr(weight.astype(exact))
+    q = q * jnp.where(jnp.diagonal(r) < 0, -1.0, 1.0).astype(exact)
+    return q.astype(weight.dtype)
 
 
 @flax.struct.dataclass

@@ -275,8 +275,8 @@ class NNsight(Envoy):
         batch_symbol = None
         if symbolic is not None and split:
             batch_symbol = symbolic.symbol_of(rows)
-            others = [d for x in jax.tree_util.tree_leaves((batch.args, batch.kwargs))
-                      if is_array(x) for d in np.shape(x)[1:]]
+            others = [d for i, x in enumerate(jax.tree_util.tree_leaves((batch.args, batch.kwargs)))
+                      if is_array(x) for d in np.shape(x)[0 if i in batch.shared else 1:]]
             if batch_symbol is None or rows in others:  # the batch axis would be ambiguous
                 symbolic = None
         if symbolic is None:
@@ -302,7 +302,7 @@ class NNsight(Envoy):
         table = discover(self.module, variables, batch.args, batch.kwargs)
         if split:
             table = with_batch_axes(table, self.module, variables, batch.args,
-                                    batch.kwargs, batch.rows[0].size)
+                                    batch.kwargs, batch.rows[0].size, batch.shared)
         return table
 
     def _run(

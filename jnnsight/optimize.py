@@ -138,10 +138,17 @@ def restore_checkpoint(path: str | Path, like: Any = None) -> Any:
     path = Path(path).absolute()
     if not path.exists():
         raise FileNotFoundError(f"no checkpoint at {path}.")
-    target = None if like is None else jax.tree_util.tree_map(
-        lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=_sharding_of(x)), like)
+    target = None if like is None else jax.tree_util.tree_map(_restored_as, like)
     restored = _checkpointer().restore(path, target)
     return restored if like is None else _retied(restored, _ties(like))
+
+
+def _restored_as(x: Any) -> Any:
+    """What orbax restores a leaf of ``like`` as: an array placed as ``x`` is; a Python
+    number (a step count, a learning rate) as the number it was saved as."""
+    if not hasattr(x, "shape"):
+        return x
+    return jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=_sharding_of(x))
 
 
 def _sharding_of(x: Any) -> Any:

@@ -84,15 +84,26 @@ def test_bad_appends_get_clear_errors(tmp_path):
 
 def test_reads_index_rows_as_numpy_does(tmp_path):
     store = ActivationStore(tmp_path / "index")
-    rows = np.arange(5 * 3, dtype=np.float32).reshape(5, 3)
+    rows = np.arange(5 * 3 * 4, dtype=np.float32).reshape(5, 3, 4)
     store.append(x=rows)
     stored = store["x"]
+    perm = np.array([4, 0, 2, 2])
     for index in (slice(None, 10_000), slice(-3, None), slice(None, -1), slice(None, None, 2),
-                  slice(None, None, -2), slice(4, 1, -1), slice(7, 9), -1, 0, 4, (slice(1, 3), 2),
-                  (-2, slice(0, 2)), Ellipsis):
+                  slice(None, None, -2), slice(4, 1, -1), slice(7, 9), slice(3, 1), -1, 0, 4,
+                  (slice(1, 3), 2), (-2, slice(0, 2)), Ellipsis, (slice(None), -1),
+                  (Ellipsis, -1), (-1, -1, -1), (slice(None), slice(None, None, -1), 1),
+                  perm, [-1, 0], (perm, -1), (slice(None), [2, -3]), (1, slice(None), [0, -1]),
+                  rows[:, 0, 0] > 20, (np.int64(-2), jnp.int32(1)), jnp.array([3, -5]),
+                  (None, 1), (slice(None), None, 0)):
         np.testing.assert_array_equal(stored[index], rows[index], err_msg=str(index))
-    for index in (5, -6):
+    for index in (5, -6, [0, 5], np.array([-6])):
         with pytest.raises(IndexError, match="has 5 rows"):
+            stored[index]
+    for index, says in (((0, 3), "3 entries on axis 1"), ((0, 0, -5), "4 entries on axis 2"),
+                        ((0, 0, 0, 0), "has 3 axes"), ((..., ...), "one `...`"),
+                        (np.array([0.5]), "not ndarray of float"),
+                        (np.array([True, False]), "boolean index of shape")):
+        with pytest.raises(IndexError, match=says):
             stored[index]
 
 

@@ -122,6 +122,59 @@ def test_invokes_see_values_without_a_batch_axis_whole():
     assert_close(other, edited[1:])
 
 
+class Noised(nn.Module):
+    """Takes a PRNG key and a table: arguments with no row per example."""
+
+    @nn.compact
+    def __call__(self, x, key, table):
+        noise = jax.random.normal(key, x.shape[1:])
+        return nn.Dense(3, name="d")(x + noise) @ table
+
+
+def test_invokes_pass_a_key_or_table_once_and_must_agree_on_it():
+    x = jax.random.normal(jax.random.key(2), (3, 4))
+    key, table = jax.random.key(7), jnp.arange(6.0).reshape(3, 2)
+    module = Noised()
+    model = NNsight(module, module.init(jax.random.key(0), x, key, table))
+    with model.trace() as tracer:
+        with tracer.invoke(x[:1], key, table):
+            first = model.output.save()
+        with tracer.invoke(x[1:], jax.random.key(7), jnp.arange(6.0).reshape(3, 2)):
+            rest = model.output.save()
+    expected = module.apply(model.variables, x, key, table)
+    assert_close(first, expected[:1])
+    assert_close(rest, expected[1:])
+    for other in ((x[1:], jax.random.key(8), table), (x[1:], key, table + 1)):
+        with pytest.raises(jnnsight.JnnsightError, match="no row per example") as error:
+            with model.trace() as tracer:
+                with tracer.invoke(x[:1], key, table):
+                    pass
+                with tracer.invoke(*other):
+                    pass
+        assert "test_edges.py" in str(error.value).splitlines()[0]
+
+
+class FixedBatch(nn.Module):
+    @nn.compact
+    def __call__(self, x):
+        return nn.Dense(2, name="d")(x.reshape(3, 2, 2))
+
+
+def test_a_model_that_runs_at_one_batch_size_only_says_why_invokes_need_more():
+    x = jax.random.normal(jax.random.key(2), (3, 4))
+    module = FixedBatch()
+    model = NNsight(module, module.init(jax.random.key(0), x))
+    with model.trace(x):                    # one input: no second batch size is needed
+        whole = model.output.save()
+    assert_close(whole, module.apply(model.variables, x))
+    with pytest.raises(jnnsight.JnnsightError, match="fails on a batch one row larger .*reshape"):
+        with model.trace() as tracer:
+            with tracer.invoke(x[:1]):
+                pass
+            with tracer.invoke(x[1:]):
+                pass
+
+
 def test_sites_and_parameters_read_inside_jax_transforms_in_a_block(toy):
     model, tokens = toy
 

@@ -16,6 +16,7 @@ import pytest
 import jnnsight
 from conftest import tiny_language_model
 from jnnsight import LinearProbe, LowRankRotation, SteeringVector, at_positions
+from jnnsight.interventions import orthonormal
 
 torch = pytest.importorskip("torch")
 
@@ -205,6 +206,9 @@ def test_das_rotation_interchanges_its_subspace_and_stays_orthonormal_while_trai
     rest = jnp.eye(64) - basis @ basis.T
     close(patched @ rest, base @ rest, 1e-5)                            # the rest is the base's
     close(LowRankRotation.random(jax.random.key(2), 64, 64)(base, source), source, 1e-5)
+    half = LowRankRotation.random(jax.random.key(0), 64, 3, dtype=jnp.bfloat16)  # QR in float32
+    assert half.basis.dtype == jnp.bfloat16
+    close(half.basis.astype(jnp.float32), orthonormal(half.weight.astype(jnp.float32)), 1e-2)
     for rank in (0, 65):  # a basis of more directions than the width would silently have fewer
         with pytest.raises(ValueError, match=f"1 to width \\(64\\), got {rank}"):
             LowRankRotation.random(jax.random.key(2), 64, rank)
@@ -311,10 +315,11 @@ def test_orbax_checkpoints_restore_interventions_and_optimizer_state(tmp_path):
     optimizer = optax.adam(0.1)
     state = optimizer.init(steer)
     steer2, state2, _ = jnnsight.train_step(lambda s: jnp.sum(s.vector ** 2), optimizer)(steer, state)
-    saved = {"steer": steer2, "opt_state": state2}
+    saved = {"steer": steer2, "opt_state": state2, "step": 1, "lr": 0.1}
     path = jnnsight.save_checkpoint(tmp_path / "step_1", saved)
     restored = jnnsight.restore_checkpoint(path, like=saved)
     assert isinstance(restored["steer"], SteeringVector)
+    assert (restored["step"], restored["lr"]) == (1, 0.1)  # Python numbers stay numbers
     for x, y in zip(jax.tree_util.tree_leaves(restored), jax.tree_util.tree_leaves(saved), strict=True):
         np.testing.assert_array_equal(x, y)
     activations = {"layer_1": np.random.default_rng(0).normal(size=(16, 5, 64)).astype(np.float32)}

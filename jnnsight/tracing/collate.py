@@ -21,6 +21,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax import core
 
 from ..errors import JnnsightError, UserLine, at_line
 from .discover import is_array
@@ -34,6 +35,8 @@ class Batch:
     args: tuple
     kwargs: dict
     rows: tuple[Rows, ...]
+    # leaves of (args, kwargs) with no row per example (a PRNG key, a table), by index
+    shared: frozenset[int] = frozenset()
 
 
 def _rows_of(args: tuple, kwargs: dict, line: UserLine | None) -> int:
@@ -81,6 +84,24 @@ def _check_like(first: Any, other: Any, line: UserLine | None) -> None:
             ))
 
 
+def _shared(name: str, leaves: tuple, sizes: list[int], lines: list[UserLine | None]) -> Any:
+    """An argument with no row per example (a PRNG key, a table): every invoke's must be
+    the same, and the forward gets it once."""
+    first = leaves[0]
+    for leaf, line in zip(leaves[1:], lines[1:]):
+        same = leaf is first or not (isinstance(leaf, core.Tracer) or isinstance(first, core.Tracer)) \
+            and bool(jnp.array_equal(leaf, first))
+        if not same:
+            raise JnnsightError(at_line(line,
+                f"the argument `{name}` has no row per example (its shape "
+                f"{list(np.shape(first))} does not start with the invoke's {sizes[0]} rows), "
+                "and this invoke passes another value of it. Invokes are batched along axis "
+                "0, so such an argument (a PRNG key, a table) must be the same in every "
+                "invoke: pass one value to all, or give it one row per example."
+            ))
+    return first
+
+
 def collate(
     inputs: list[tuple[tuple, dict] | None], lines: list[UserLine | None] | None = None
 ) -> Batch:
@@ -103,12 +124,17 @@ def collate(
     for x, line in given[1:]:
         _check_like(first, x, line)
 
-    def concat(*leaves: Any) -> Any:
+    def concat(path: Any, *leaves: Any) -> Any:
         if not is_array(leaves[0]):
             return leaves[0]
-        return jnp.concatenate([jnp.asarray(leaf) for leaf in leaves], axis=0)
+        if all(np.ndim(x) >= 1 and np.shape(x)[0] == n for x, n in zip(leaves, sizes)):
+            return jnp.concatenate([jnp.asarray(leaf) for leaf in leaves], axis=0)
+        return _shared(jax.tree_util.keystr(path), leaves, sizes, [line for _, line in given])
 
-    args, kwargs = jax.tree_util.tree_map(concat, *[x for x, _ in given])
+    args, kwargs = jax.tree_util.tree_map_with_path(concat, *[x for x, _ in given])
+    leaves = jax.tree_util.tree_leaves(first)
+    shared = frozenset(i for i, (leaf, new) in enumerate(zip(leaves, jax.tree_util.tree_leaves(
+        (args, kwargs)))) if is_array(leaf) and new is leaf)
     total = sum(sizes)
     rows, start, sizes_iter = [], 0, iter(sizes)
     for x in inputs:
@@ -118,4 +144,4 @@ def collate(
             size = next(sizes_iter)
             rows.append(Rows(start, start + size, total))
             start += size
-    return Batch(args, kwargs, tuple(rows))
+    return Batch(args, kwargs, tuple(rows), shared)

@@ -342,20 +342,34 @@ def instantiate(table: SiteTable, sizes: dict[str, int], batch: str | None = Non
 
 
 def with_batch_axes(table: SiteTable, module: nn.Module, variables: Any,
-                    args: tuple, kwargs: dict, size: int) -> SiteTable:
+                    args: tuple, kwargs: dict, size: int,
+                    shared: frozenset[int] = frozenset()) -> SiteTable:
     """``table`` with each site leaf marked batched or not.
 
     A leaf is batched when its axis 0 follows the batch: one more discovery at
     batch size ``size + 1`` tells, where looking at a shape alone cannot (a
-    ``[length, width]`` position embedding with ``length == size``).
+    ``[length, width]`` position embedding with ``length == size``). Input leaves
+    numbered in ``shared`` have no row per example and keep their shape.
     """
 
-    def grown(leaf: Any) -> Any:
-        if is_array(leaf) and np.ndim(leaf) >= 1 and np.shape(leaf)[0] == size:
+    def grown(index: int, leaf: Any) -> Any:
+        if (index not in shared and is_array(leaf) and np.ndim(leaf) >= 1
+                and np.shape(leaf)[0] == size):
             return jax.ShapeDtypeStruct((size + 1, *np.shape(leaf)[1:]), leaf.dtype)
         return leaf
 
-    bigger = discover(module, variables, *jax.tree_util.tree_map(grown, (args, kwargs)))
+    leaves, treedef = jax.tree_util.tree_flatten((args, kwargs))
+    try:
+        bigger = discover(module, variables, *jax.tree_util.tree_unflatten(
+            treedef, [grown(i, leaf) for i, leaf in enumerate(leaves)]))
+    except Exception as error:  # noqa: BLE001 - the model's own error, explained
+        raise JnnsightError(
+            f"this model fails on a batch one row larger ({size + 1} rows instead of "
+            f"{size}): {type(error).__name__}: {error}\n"
+            "When invokes split the batch, jnnsight runs the model abstractly once at one "
+            "more row to tell which values are batched. Make the model run at any batch "
+            "size, or trace one input at a time (one invoke, or `model.trace(x)`)."
+        ) from error
     if [s.key for s in bigger.sites] != [s.key for s in table.sites]:
         raise JnnsightError(
             "this model runs different modules for a batch one row larger, so jnnsight "
