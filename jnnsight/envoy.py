@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING, Any, Callable, Iterator
 
 from .errors import SiteError, at_user_line, close_names
 from .tracing import program as _program
-from .tracing.discover import NUMBERED, is_int, module_name, site_name
+from .tracing.discover import NUMBERED, SERVED_PREFIX, attribute_name, is_int, module_name, site_name
 
 if TYPE_CHECKING:
     from .nnsight import NNsight
@@ -79,9 +79,12 @@ class Envoy:
             raise AttributeError(name)
         model = self._model
         children = model._children(self._path)
+        numbered = _numbered_children(children)
+        at_root = not self._path
+        if name.startswith(SERVED_PREFIX) and attribute_name(name[len(SERVED_PREFIX):], at_root) == name:
+            name = name[len(SERVED_PREFIX):]  # a child named as an envoy attribute: E_output
         if name in children:
             return model._envoy(self._path + (name,))
-        numbered = _numbered_children(children)
         if name in numbered:
             return EnvoyList([model._envoy(self._path + (c,)) for c in numbered[name]])
         index = model._param_index(self._path, name)
@@ -92,7 +95,8 @@ class Envoy:
             return builder.param(index)
         if name in _NNSIGHT_ONLY:
             raise AttributeError(at_user_line(f"`.{name}` is nnsight's; {_NNSIGHT_ONLY[name]}"))
-        names = sorted(children) + sorted(numbered) + model._param_names(self._path)
+        names = [attribute_name(n, at_root) for n in sorted(children) + sorted(numbered)] \
+            + model._param_names(self._path)
         raise AttributeError(at_user_line(
             f"{self._name} has no submodule or parameter {name!r}. "
             f"{close_names(name, names)} `print(model)` shows the module tree."
@@ -109,7 +113,8 @@ class Envoy:
 
     def __dir__(self) -> list[str]:
         children = self._model._children(self._path)
-        return sorted(set(super().__dir__()) | set(children) | set(_numbered_children(children)))
+        names = {attribute_name(n, not self._path) for n in (*children, *_numbered_children(children))}
+        return sorted(set(super().__dir__()) | names)
 
     # sites ----------------------------------------------------------------------------
 

@@ -35,7 +35,7 @@ import numpy as np
 from jax import core
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-from .errors import JnnsightError, UserLine, at_line, at_user_line, warn_at_user_line
+from .errors import JnnsightError, UserLine, at_line, at_user_line, close_names, warn_at_user_line
 from .nnsight import NNsight
 from .tracing.collate import Batch
 from .tracing.discover import is_int
@@ -240,6 +240,34 @@ class Tokenizer:
         return repr(self._tokenizer)
 
 
+# from_pretrained options of transformers and nnsight, and the jnnsight way
+_LOADING_OPTIONS = {
+    "torch_dtype": "write `dtype=` (jnp.bfloat16, \"bfloat16\" and torch.bfloat16 all work).",
+    "device_map": "the model is on JAX's default device (jax.devices()[0]); to spread it "
+                  "over devices pass `mesh=jax.make_mesh(...)` (README, Sharding).",
+    "dispatch": "the weights are loaded when the model is built; there is nothing to dispatch.",
+    "attn_implementation": "the Flax families have one attention, which XLA compiles for "
+                           "the device.",
+    "trust_remote_code": "jnnsight runs its own Flax GPT-2 and Llama families, never code "
+                         "from a repository.",
+    "low_cpu_mem_usage": "safetensors are memory-mapped and loaded tensor by tensor already.",
+    "quantization_config": "weights are dequantized to `dtype=` when loaded (GGUF "
+                           "included); there is no quantized compute.",
+    "load_in_8bit": "weights are dequantized to `dtype=` when loaded; there is no 8-bit compute.",
+    "load_in_4bit": "weights are dequantized to `dtype=` when loaded; there is no 4-bit compute.",
+}
+
+
+def _refuse_loading_options(unknown: dict[str, Any]) -> None:
+    name = next(iter(unknown))
+    advice = _LOADING_OPTIONS.get(name)
+    if advice is None:
+        known = ["dtype", "pad_to_multiple_of", "module", "variables", "tokenizer",
+                 "revision", "gguf_file", "mesh", "rules"]
+        advice = close_names(name, known)
+    raise TypeError(at_user_line(f"LanguageModel takes no `{name}=`: {advice}"))
+
+
 class LanguageModel(NNsight):
     """A causal language model from a hub id, a local folder or a ``.gguf`` file.
 
@@ -284,7 +312,10 @@ class LanguageModel(NNsight):
         gguf_file: str | None = None,
         mesh: Mesh | None = None,
         rules: Rules = DEFAULT_RULES,
+        **unknown: Any,
     ):
+        if unknown:
+            _refuse_loading_options(unknown)
         if mesh is not None:
             mesh = automatic(_checked_mesh(mesh, rules))
         if pad_to_multiple_of is not None and (

@@ -36,6 +36,7 @@ from .tracing.collate import Batch, collate
 from .tracing.discover import (
     SiteTable,
     SymbolicInputs,
+    attribute_name,
     class_name,
     discover,
     instantiate,
@@ -213,12 +214,13 @@ class NNsight(Envoy):
                 base = group_of.get(child)
                 if base is None:
                     sub = render(p + (child,), indent + "  ")
-                    lines.append(f"{indent}  ({child}): {sub[0]}")
+                    lines.append(f"{indent}  ({attribute_name(child, not p)}): {sub[0]}")
                 elif child == numbered[base][0]:
                     names = numbered[base]
                     sub = render(p + (child,), indent + "  ")
                     count = f"0-{len(names) - 1}" if len(names) > 1 else "0"
-                    lines.append(f"{indent}  ({base}[{count}]): {len(names)} x {sub[0]}")
+                    lines.append(f"{indent}  ({attribute_name(base, not p)}[{count}]): "
+                                 f"{len(names)} x {sub[0]}")
                 else:
                     continue
                 lines.extend(sub[1:])
@@ -363,13 +365,16 @@ class NNsight(Envoy):
                 "the model once (jnnsight learns the module from that forward pass)."
             ))
         leaves = self._leaves
+        # the module's own variables, and those of modules it borrows under their field
+        owners = [(path, ()), *((owner, (field,)) for field, owner in info.borrowed)]
         sub: dict[str, Any] = {}
         for index, (collection, module_path, name) in enumerate(self._places):
-            if module_path[: len(path)] == path:
-                node = sub.setdefault(collection, {})
-                for part in module_path[len(path):]:
-                    node = node.setdefault(part, {})
-                node[name] = builder.param(index) if builder is not None else leaves[index]
+            for owner, under in owners:
+                if module_path[: len(owner)] == owner:
+                    node = sub.setdefault(collection, {})
+                    for part in (*under, *module_path[len(owner):]):
+                        node = node.setdefault(part, {})
+                    node[name] = builder.param(index) if builder is not None else leaves[index]
         if builder is None:
             args, kwargs = self._outside_tree((args, kwargs))
         return info.module.apply(sub, *args, **kwargs)

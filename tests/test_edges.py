@@ -523,6 +523,87 @@ def test_a_cache_next_to_a_skipped_module(toy):
     assert_close(cache["h.1"].output[0], seen[(("h_0",), 0)][0])
 
 
+class SharesDense(nn.Module):
+    shared: nn.Module
+
+    @nn.compact
+    def __call__(self, x):
+        return nn.Dense(4, name="own")(self.shared(x)) + x
+
+
+class OwnsShared(nn.Module):
+    """Gives both blocks the module it owns: the blocks call ``shared``, its path is the parent's."""
+
+    def setup(self):
+        self.shared = nn.Dense(4)
+        self.block_0 = SharesDense(self.shared)
+        self.block_1 = SharesDense(self.shared)
+
+    def __call__(self, x):
+        return self.block_1(self.block_0(x))
+
+
+def test_skipping_or_calling_a_block_that_uses_its_parents_module():
+    x = jax.random.normal(jax.random.key(0), (2, 4))
+    module = OwnsShared()
+    model = NNsight(module, module.init(jax.random.key(1), x))
+    params = model.variables["params"]
+
+    def dense(p, h):
+        return h @ p["kernel"] + p["bias"]
+
+    def block(name, h):
+        return dense(params[name]["own"], dense(params["shared"], h)) + h
+
+    with model.trace(x):
+        model.block_0.skip(model.block_0.input)       # the first call of `shared` is left out
+        in_block_1 = model.shared.next().output.save()  # ... and still numbered
+        out = model.output.save()
+    assert_close(in_block_1, dense(params["shared"], x))
+    assert_close(out, block("block_1", x))
+    with model.trace(x):
+        again = model.block_1(model.block_0.output).save()   # borrows `shared`'s parameters
+    assert_close(again, block("block_1", block("block_0", x)))
+    assert_close(model.block_0(x), block("block_0", x))
+
+
+class NamedLikeSites(nn.Module):
+    @nn.compact
+    def __call__(self, x):
+        h = nn.Dense(4, name="input")(x)
+        h = nn.Dense(4, name="next")(h)
+        return nn.Dense(4, name="output")(h)
+
+
+class HoldsNamedLikeSites(nn.Module):
+    @nn.compact
+    def __call__(self, x):
+        return NamedLikeSites(name="layer")(nn.Dense(4, name="trace")(x))
+
+
+def test_submodules_named_like_envoy_attributes_are_reached_with_E_():
+    """BERT-style ``output`` submodules: ``.output`` stays the site, ``.E_output`` the child."""
+    x = jax.random.normal(jax.random.key(0), (2, 4))
+    module = HoldsNamedLikeSites()
+    model = NNsight(module, module.init(jax.random.key(1), x))
+    with model.trace(x):
+        model.layer.E_next.output = model.layer.E_next.output * 0
+        inner = model.layer.E_output.input.save()
+        first = model.E_trace.output.save()
+        out = model.layer.output.save()
+
+    def edit(path, call, out):
+        return out * 0 if path == ("layer", "next") else out
+
+    expected, seen = reference(model, x, edit=edit)
+    assert_close(out, expected)
+    assert_close(inner, seen[(("layer", "next"), 0)])
+    assert_close(first, seen[(("trace",), 0)])
+    assert "(E_output): Dense" in repr(model) and "E_output" in dir(model.layer)
+    with pytest.raises(AttributeError, match="no submodule or parameter 'E_mlp'"):
+        model.layer.E_mlp
+
+
 def test_rebinding_a_saved_name_warns_at_the_save_line(toy):
     model, tokens = toy
     with pytest.warns(UserWarning, match=r"test_edges\.py:\d+.*\n2 saved value"):

@@ -851,6 +851,21 @@ def test_invoke_input_without_batch_axis(small):
     names_line(info.value, "nobatch")
 
 
+class Unhashable:
+    __hash__ = None
+
+
+def test_an_unhashable_argument_is_named(kw):
+    model, x = kw
+    for bad, name in ((Unhashable(), "`kwargs['opts']` (Unhashable)"),
+                      ({"a": {1, 2}}, "`kwargs['opts']['a']` (set)")):
+        with pytest.raises(JnnsightError) as info:
+            with model.trace(x, opts=bad):  # L:unhashable
+                y = model.output.save()
+        assert f"the argument {name} cannot be hashed" in str(info.value)
+        names_line(info.value, "unhashable")
+
+
 def test_trace_with_no_input_and_no_invoke(small):
     model, _ = small
     with pytest.raises(JnnsightError) as info:

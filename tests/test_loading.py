@@ -700,7 +700,7 @@ def test_an_untied_family_without_its_head_is_refused_not_tied(tmp_path, tiny_ll
 
 def test_language_model_arguments_are_checked(tmp_path, tiny_llama):
     """Bad inputs tried: pad_to_multiple_of 0 / -4 / 2.5, a tokenizer path, a checkpoint
-    with module= and variables=, variables without their 'params' collection, empty ids,
+    with module= and variables=, transformers' loading options and a misspelt dtype, variables without their 'params' collection, empty ids,
     a generation config's sampling options (applied nowhere: a warning)."""
     import json
     import warnings
@@ -716,6 +716,12 @@ def test_language_model_arguments_are_checked(tmp_path, tiny_llama):
         LanguageModel(module=lm.module, variables=lm.variables, tokenizer=str(tmp_path))
     with pytest.raises(TypeError, match="not both"):
         LanguageModel(tmp_path, module=lm.module, variables=lm.variables)
+    for option, says in (("torch_dtype", "write `dtype=`"), ("device_map", "mesh="),
+                         ("dispatch", "nothing to dispatch"), ("trust_remote_code", "own Flax"),
+                         ("attn_implementation", "one attention"), ("dtpye", "'dtype'")):
+        with pytest.raises(TypeError, match=f"takes no `{option}=`: .*{says}") as error:
+            LanguageModel(tmp_path, **{option: True})
+        assert "test_loading.py" in str(error.value).splitlines()[0]
     with pytest.raises(TypeError, match=r"pass \{'params': params\}"):
         LanguageModel(module=lm.module, variables=lm.variables["params"])
     for empty in ([[]], []):

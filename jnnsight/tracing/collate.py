@@ -56,6 +56,23 @@ def _rows_of(args: tuple, kwargs: dict, line: UserLine | None) -> int:
     ))
 
 
+def _check_hashable(args: tuple, kwargs: dict, line: UserLine | None) -> None:
+    """Arguments that are not arrays key the compiled programs: they must hash."""
+    for path, leaf in jax.tree_util.tree_flatten_with_path((args, kwargs))[0]:
+        if is_array(leaf):
+            continue
+        try:
+            hash(leaf)
+        except TypeError:
+            name = ("args" if path[0].idx == 0 else "kwargs") + jax.tree_util.keystr(path[1:])
+            raise JnnsightError(at_line(line,
+                f"the argument `{name}` ({type(leaf).__name__}) cannot be hashed: "
+                "jnnsight compiles one program per value of each argument that is not an "
+                "array, and finds it by that value. Pass a hashable value (a tuple, a "
+                "frozen dataclass, a string) or an array."
+            )) from None
+
+
 def _check_like(first: Any, other: Any, line: UserLine | None) -> None:
     """``other`` can be concatenated to ``first``: same structure, shapes past axis 0, statics."""
     a_leaves, a_def = jax.tree_util.tree_flatten(first)
@@ -116,6 +133,8 @@ def collate(
             "the trace has no input: pass one to `model.trace(x)` or to at least one "
             "`tracer.invoke(x)`."
         ))
+    for x, line in given:
+        _check_hashable(*x, line)
     sizes = [_rows_of(*x, line) for x, line in given]
     if len(given) == 1:
         (args, kwargs), _ = given[0]

@@ -20,6 +20,7 @@ Example::
 from __future__ import annotations
 
 import dataclasses
+import functools
 import re
 from dataclasses import dataclass, field
 from functools import cached_property
@@ -99,6 +100,8 @@ class ModuleInfo:
     type_name: str
     calls: int
     module: nn.Module  # an unbound copy, to apply the module in a block
+    # modules it was given by an owner elsewhere in the tree: field name -> their path
+    borrowed: tuple[tuple[str, tuple[str, ...]], ...] = ()
 
 
 @dataclass(frozen=True)
@@ -165,11 +168,35 @@ def list_items(path: tuple[str, ...], exists: Callable[[tuple[str, ...]], bool] 
     return parts
 
 
+SERVED_PREFIX = "E_"
+
+
+@functools.cache
+def _served(at_root: bool) -> frozenset[str]:
+    from ..envoy import Envoy  # (envoy imports this module)
+    from ..nnsight import NNsight
+
+    return frozenset(n for n in dir(NNsight if at_root else Envoy) if not n.startswith("_"))
+
+
+def attribute_name(name: str, at_root: bool = False) -> str:
+    """The envoy attribute of the child (or list of children) ``name``: ``E_output`` for
+    a submodule named ``output``, a name the envoy serves itself, as in nnsight.
+
+    Example::
+
+        >>> attribute_name("output"), attribute_name("mlp")
+        ('E_output', 'mlp')
+    """
+    return SERVED_PREFIX + name if name in _served(at_root) else name
+
+
 def module_name(path: tuple[str, ...], exists: Callable[[tuple[str, ...]], bool] | None = None) -> str:
     """How a user addresses a module: ``model.h[1].mlp`` for the path ``("h_1", "mlp")``
     (numbered children are a list, as the envoys give them; see :func:`list_items`)."""
     return "model" + "".join(
-        f".{name}[{index}]" if index is not None else f".{name}" for name, index in list_items(path, exists))
+        f".{attribute_name(name, i == 0)}" + (f"[{index}]" if index is not None else "")
+        for i, (name, index) in enumerate(list_items(path, exists)))
 
 
 def site_name(key: SiteKey, exists: Callable[[tuple[str, ...]], bool] | None = None) -> str:
@@ -182,13 +209,15 @@ def site_interceptor(
     on_input: Callable[[SiteKey, Any, tuple, dict], tuple[tuple, dict]],
     on_output: Callable[[SiteKey, Any, Any], Any],
     call_module: Callable[[SiteKey, Callable[[], Any]], Any] | None = None,
+    counts: dict[tuple[str, ...], int] | None = None,
 ) -> Callable[..., Any]:
     """A flax interceptor that numbers calls and hands each site to a callback.
 
     ``on_input`` may replace the arguments and ``on_output`` the output;
-    ``call_module`` may run the module or not (``envoy.skip``).
+    ``call_module`` may run the module or not (``envoy.skip``). ``counts`` (each
+    module's calls so far) is the caller's to advance past calls a skip leaves out.
     """
-    counts: dict[tuple[str, ...], int] = {}
+    counts = {} if counts is None else counts
     running: set[int] = set()  # the modules whose __call__ is running
 
     def interceptor(next_fun, args, kwargs, context):
@@ -219,6 +248,19 @@ def _unbound_copy(module: nn.Module) -> nn.Module:
     return module.clone(parent=None, _deep_clone=True, _reset_names=True)
 
 
+def _borrowed(module: nn.Module) -> tuple[tuple[str, tuple[str, ...]], ...]:
+    """The module's fields that hold a module owned elsewhere (``Block(shared=self.dense)``
+    in the parent's ``setup``), with that module's path: its parameters live there."""
+    path = tuple(module.path)
+    found = []
+    for f in dataclasses.fields(module):
+        value = getattr(module, f.name, None)
+        if f.name != "parent" and isinstance(value, nn.Module) and value.scope is not None:
+            if tuple(value.path[:len(path)]) != path:
+                found.append((f.name, tuple(value.path)))
+    return tuple(found)
+
+
 def _is_abstract_array(leaf: Any) -> bool:
     return is_array(leaf) or isinstance(leaf, jax.ShapeDtypeStruct)
 
@@ -244,8 +286,9 @@ def discover(module: nn.Module, variables: Any, args: tuple, kwargs: dict) -> Si
     def on_input(key, mod, a, k):
         path, call, _ = key
         info = modules.get(path)
-        copy = info.module if info is not None else _unbound_copy(mod)
-        modules[path] = ModuleInfo(class_name(mod), call + 1, copy)
+        if info is None:
+            info = ModuleInfo(class_name(mod), 0, _unbound_copy(mod), _borrowed(mod))
+        modules[path] = dataclasses.replace(info, calls=call + 1)
         add(key, (a, k))
         return a, k
 

@@ -126,14 +126,18 @@ def woven_apply(module: nn.Module, stages: dict[SiteKey, Stage], env: dict,
         def on_output(key, module, out):
             return visit(key, out)
 
+        counts: dict[tuple[str, ...], int] = {}
+
         def call_module(key: SiteKey, call: Callable[[], Any]) -> Any:
             stage = skipped.pop(key, None)
             if stage is None:
                 return call()
+            for path in stage.skipped_calls:  # numbered as if they ran, as in discovery
+                counts[path] = counts.get(path, 0) + 1
             site = stage.skip_output
             return site.unflatten(_replace_arrays(list(site.leaves), stage.skip, env))
 
-        with nn.intercept_methods(site_interceptor(on_input, on_output, call_module)):
+        with nn.intercept_methods(site_interceptor(on_input, on_output, call_module, counts)):
             try:
                 out = module.apply(variables, *args, **kwargs)
             except _StopForward:

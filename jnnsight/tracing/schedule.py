@@ -48,6 +48,9 @@ class Stage:
       write: the atoms of the site's new array leaves, or None.
       skip: for a module's input site, the atoms of the output that replaces
         the module's call, or None; ``skip_output`` is that output's site.
+      skipped_calls: the module calls the skipped call would have made (its
+        children's, and modules it shares with its parent), so later calls of
+        those modules keep their numbers.
     """
 
     order: int
@@ -56,6 +59,7 @@ class Stage:
     write: tuple[Any, ...] | None
     skip: tuple[Any, ...] | None = None
     skip_output: Site | None = None
+    skipped_calls: tuple[tuple[str, ...], ...] = ()
 
 
 @dataclass(frozen=True)
@@ -230,13 +234,16 @@ def schedule(program: InterventionProgram) -> Schedule:
     def make_stage(order: int) -> Stage:
         path, call, _ = table.sites[order].key
         skip = skips.get(order)
+        output = table.get((path, call, "output")) if skip is not None else None
         return Stage(
             order,
             tuple(reads.get(order, ())),
             sub_jaxpr(order),
             writes.get(order),
             skip,
-            table.get((path, call, "output")) if skip is not None else None,
+            output,
+            () if output is None else tuple(
+                site.key[0] for site in table.sites[order + 1:output.order] if site.key[2] == "input"),
         )
 
     stages = {table.sites[o].key: make_stage(o) for o in orders}

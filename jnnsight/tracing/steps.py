@@ -25,7 +25,7 @@ from typing import Any, Hashable, Iterator, Sequence
 
 from jax.extend.core import Literal, Var
 
-from .discover import ModuleInfo, Site, SiteKey, SiteTable
+from .discover import Site, SiteKey, SiteTable
 from .program import _value_key, jaxpr_key
 from .schedule import Schedule, Stage, pruned
 
@@ -53,7 +53,7 @@ class StepTable:
         modules = dict(first.modules)
         for path, info in (step.modules.items() if step is not None else ()):
             before = first.modules[path].calls if path in first.modules else 0
-            modules[path] = ModuleInfo(info.type_name, before + info.calls * (steps - 1), info.module)
+            modules[path] = dataclasses.replace(info, calls=before + info.calls * (steps - 1))
         self.modules = modules
 
     def _calls(self, table: SiteTable | None, path: tuple[str, ...]) -> int:
