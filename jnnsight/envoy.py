@@ -86,7 +86,8 @@ class Envoy:
         if name in children:
             return model._envoy(self._path + (name,))
         if name in numbered:
-            return EnvoyList([model._envoy(self._path + (c,)) for c in numbered[name]])
+            return EnvoyList([model._envoy(self._path + (c,)) for c in numbered[name]],
+                             [int(NUMBERED.match(c).group(2)) for c in numbered[name]])
         index = model._param_index(self._path, name)
         if index is not None:
             builder = _program.current()
@@ -248,23 +249,33 @@ class Envoy:
 class EnvoyList:
     """The numbered children of a module (``h_0``, ``h_1``, ...) as a list.
 
+    ``[i]`` is the child numbered ``i``, ``[-1]`` the last; where Flax's numbers
+    skip (the functions of an ``nn.Sequential``), a number with no module is an
+    error that lists those there are.
+
     Example::
 
         >>> model.h[-1], model.h[0:2], len(model.h)
     """
 
-    def __init__(self, envoys: list[Envoy]):
+    def __init__(self, envoys: list[Envoy], numbers: list[int] | None = None):
         self._envoys = envoys
+        self._numbers = list(range(len(envoys))) if numbers is None else numbers
 
     def __getitem__(self, index: int | slice) -> Any:
         if isinstance(index, slice):
-            return EnvoyList(self._envoys[index])
-        try:
+            return EnvoyList(self._envoys[index], self._numbers[index])
+        if is_int(index) and index >= 0 and index in self._numbers:
+            return self._envoys[self._numbers.index(index)]
+        if is_int(index) and -len(self._envoys) <= index < 0:
             return self._envoys[index]
-        except IndexError:
-            raise IndexError(at_user_line(
-                f"index {index} is out of range: there are {len(self._envoys)} modules here."
-            )) from None
+        if self._numbers == list(range(len(self._envoys))):
+            why = f"index {index} is out of range: there are {len(self._envoys)} modules here."
+        else:
+            why = (f"no module here is numbered {index}: they are {self._numbers} (Flax "
+                   "numbers the layers of an nn.Sequential by place, and functions such as "
+                   "nn.relu have no module).")
+        raise IndexError(at_user_line(why))
 
     def __len__(self) -> int:
         return len(self._envoys)
@@ -277,14 +288,17 @@ class EnvoyList:
 
 
 def _numbered_children(children: list[str]) -> dict[str, list[str]]:
-    """Groups ``h_0, h_1, ...`` under ``h`` where ``h`` is not a child itself."""
+    """Groups ``h_0, h_1, ...`` under ``h`` where ``h`` is not a child itself and
+    ``h_0`` exists (GPT-2's ``ln_1`` and ``ln_2`` stay names). Numbers may skip: Flax
+    numbers ``nn.Sequential``'s modules by their place among its layers, functions
+    included, so ``[Dense, relu, Dense]`` holds ``layers_0`` and ``layers_2``."""
     groups: dict[str, dict[int, str]] = {}
     for child in children:
         match = NUMBERED.match(child)
         if match:
             groups.setdefault(match.group(1), {})[int(match.group(2))] = child
     return {
-        base: [numbers[i] for i in range(len(numbers))]
+        base: [numbers[i] for i in sorted(numbers)]
         for base, numbers in groups.items()
-        if base not in children and sorted(numbers) == list(range(len(numbers)))
+        if base not in children and 0 in numbers
     }

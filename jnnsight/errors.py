@@ -141,6 +141,12 @@ _BODY_ADVICE = (
      "are moved there for you; one reached through a list, a dict, an attribute or a "
      "function's closure is not. Place it on `lm.mesh` "
      "(`jax.device_put(x, NamedSharding(lm.mesh, spec))`), or bind it to a name in the block."),
+    (("Array has been deleted",),
+     "jnnsight: the model's parameters include an array that was deleted, most often by "
+     "donation: `jnnsight.train_step` (or a `jax.jit` with `donate_argnums`) given "
+     "`lm.variables` hands their buffers to the new parameters. Trace with "
+     "`lm.bind(new_params)`, or give the step a copy "
+     "(`jax.tree_util.tree_map(jnp.copy, lm.variables)`)."),
     (("has no attribute 'save'", "save() was called outside"),
      "jnnsight: `.save()` exists on values read from the model; save any other value or "
      "pytree (a list, a dict, a dataclass) with `jnnsight.save(value)`."),

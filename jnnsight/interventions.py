@@ -54,7 +54,18 @@ def at_positions(value: jax.Array, edited: jax.Array, positions: jax.Array | Non
             f"each row, or a boolean mask [{length}] / [{value.shape[0]}, {length}]."
         ))
     if positions.dtype == jnp.bool_:
+        if positions.shape[-1] != length:
+            raise ValueError(at_user_line(
+                f"a boolean mask of positions has one entry per position: {length} here (axis "
+                f"1 of the value, shape {list(value.shape)}), and this one has "
+                f"{positions.shape[-1]}. In a generation step after the prompt the value has "
+                "one position: there, give indices (`jnp.array([-1])`) instead of a mask."
+            ))
         mask = positions
+    elif not jnp.issubdtype(positions.dtype, jnp.integer):
+        raise ValueError(at_user_line(
+            f"positions are integer indices or a boolean mask, not {positions.dtype}."
+        ))
     else:
         index = jnp.where(positions < 0, positions + length, positions)
         index = jnp.where(index < 0, length, index)  # before the start: dropped too

@@ -54,6 +54,18 @@ _NNSIGHT_TRACE_OPTIONS = {
     "scan": "to get shapes without running, use `with lm.scan(x):`.",
     "validate": "every block is checked before it runs (shapes, dtypes, causality).",
     "backend": "blocks compile with JAX; there is no other backend.",
+    # transformers' forward options
+    "output_hidden_states": "save each layer's output in the block instead: "
+                            "`hidden = [layer.output[0].save() for layer in lm.model.layers]` "
+                            "(or `tracer.cache()` for every module).",
+    "output_attentions": "the attention probabilities are computed inside the attention "
+                         "module, not returned by it; read its output or inputs "
+                         "(`lm.model.layers[i].self_attn.output`; GPT-2's `attn`).",
+    "use_cache": "a trace runs one forward with no KV cache; `lm.generate` keeps its own.",
+    "return_dict": "the output is already a dataclass with `.logits`.",
+    "past_key_values": "a trace runs one forward with no KV cache; `lm.generate` keeps its own.",
+    "labels": "compute the loss from the logits in the block: "
+              "`-jax.nn.log_softmax(lm.output.logits)[0, -1, target]`.",
 }
 
 
@@ -668,8 +680,8 @@ class LanguageModel(NNsight):
             nnsight_only = sorted(set(kwargs) & _NNSIGHT_TRACE_OPTIONS.keys())
             if nnsight_only:
                 raise JnnsightError(at_line(line,
-                    f"`{nnsight_only[0]}=` is an nnsight option that jnnsight does not have: "
-                    + _NNSIGHT_TRACE_OPTIONS[nnsight_only[0]]))
+                    f"`{nnsight_only[0]}=` is an nnsight or transformers option that jnnsight "
+                    "does not have: " + _NNSIGHT_TRACE_OPTIONS[nnsight_only[0]]))
             if len(args) != 1 or set(kwargs) - {"attention_mask"}:
                 raise JnnsightError(at_line(line,
                     "a language model's invoke takes one input: text, token ids or a tokenizer "

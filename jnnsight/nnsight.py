@@ -218,7 +218,10 @@ class NNsight(Envoy):
                 elif child == numbered[base][0]:
                     names = numbered[base]
                     sub = render(p + (child,), indent + "  ")
-                    count = f"0-{len(names) - 1}" if len(names) > 1 else "0"
+                    numbers = [int(name.rsplit("_", 1)[1]) for name in names]
+                    count = (f"0-{len(names) - 1}" if numbers == list(range(len(names)))
+                             else ",".join(map(str, numbers)))
+                    count = "0" if len(names) == 1 else count
                     lines.append(f"{indent}  ({attribute_name(base, not p)}[{count}]): "
                                  f"{len(names)} x {sub[0]}")
                 else:

@@ -175,6 +175,39 @@ def test_a_model_that_runs_at_one_batch_size_only_says_why_invokes_need_more():
                 pass
 
 
+class WithCount(nn.Module):
+    @nn.compact
+    def __call__(self, x):
+        return nn.Dense(3, name="d")(x), 3          # a static leaf next to the batched one
+
+
+class UsesCount(nn.Module):
+    @nn.compact
+    def __call__(self, x):
+        h, n = WithCount(name="inner")(x)
+        return h * n
+
+
+def test_a_write_in_one_invoke_next_to_a_static_leaf_does_not_warn():
+    x = jax.random.normal(jax.random.key(2), (2, 4))
+    module = UsesCount()
+    model = NNsight(module, module.init(jax.random.key(0), x))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # it said "has no batch axis": the 3 has none
+        with model.trace() as tracer:
+            with tracer.invoke(x[:1]):
+                model.inner.output = (model.inner.output[0] * 0, 3)
+            with tracer.invoke(x[1:]):
+                pass
+            with tracer.invoke():
+                out = model.output.save()
+
+    def edit(path, call, out):
+        return (out[0].at[:1].multiply(0), 3) if path == ("inner",) else out
+
+    assert_close(out, reference(model, x, edit=edit)[0])
+
+
 def test_sites_and_parameters_read_inside_jax_transforms_in_a_block(toy):
     model, tokens = toy
 

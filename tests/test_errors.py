@@ -647,6 +647,10 @@ def test_array_habits_on_a_tuple_output_say_to_take_an_element(small):
             with model.trace(tokens):
                 use(model.h[0].output)
         assert THIS in str(info.value).splitlines()[0]
+    with pytest.raises(AttributeError, match=r"e.g. `\.output\[0\]\.grad`"):  # not a slice's
+        with model.trace(tokens):
+            with model.output.sum().backward():
+                model.h[0].output.grad.save()
     with model.trace(tokens):
         first = model.h[0].output[0][:, -1].save()
         whole = jnnsight.save(model.h[0].output[0:1])

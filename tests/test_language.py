@@ -272,6 +272,12 @@ def test_hub_layout_gpt2_keys_load_and_bad_keys_are_named(tmp_path):
     save_file(hub, tmp_path / "model.safetensors")
     with pytest.raises(CheckpointError, match=r"missing transformer\.h_0\.ln_2\.weight.*unexpected"):
         LanguageModel(tmp_path)
+    # a quantized weight (int8) would be multiplied as integers: refused, named
+    del hub["h.0.mlp.lora_A.weight"]
+    hub["h.0.ln_2.weight"] = np.ones(16, np.int8)
+    save_file(hub, tmp_path / "model.safetensors")
+    with pytest.raises(CheckpointError, match=r"integer weights transformer\.h\.0\.ln_2\.weight int8"):
+        LanguageModel(tmp_path)
 
 
 def test_a_tokenizer_without_pad_or_eos_token_still_batches(smollm2):
@@ -486,9 +492,13 @@ def test_gpt2_ln_1_is_a_name_not_a_list_item(tiny_gpt2):
 
 
 def test_nnsight_trace_options_say_what_to_do_instead(tiny_gpt2):
-    """Bad inputs tried: `remote=True`, `scan=False`, `validate=True` (nnsight's)."""
-    for option, advice in (("remote", "mesh="), ("scan", "lm.scan"), ("validate", "checked")):
-        with pytest.raises(JnnsightError, match=rf"`{option}=` is an nnsight option.*{advice}") as error:
+    """Bad inputs tried: `remote=True`, `scan=False`, `validate=True` (nnsight's), and
+    transformers' `output_hidden_states=True`, `use_cache=False`, `labels=`."""
+    for option, advice in (("remote", "mesh="), ("scan", "lm.scan"), ("validate", "checked"),
+                           ("output_hidden_states", r"layer\.output\[0\]\.save\(\)"),
+                           ("use_cache", "lm.generate"), ("labels", "log_softmax")):
+        with pytest.raises(JnnsightError, match=rf"`{option}=` is an nnsight or transformers "
+                           rf"option.*{advice}") as error:
             with tiny_gpt2.trace([[5, 6]], **{option: True}):
                 tiny_gpt2.lm_head.output.save()
         assert "test_language.py" in str(error.value).splitlines()[0]

@@ -192,6 +192,14 @@ def test_family_switches_from_config_json(tmp_root):
     assert LlamaConfig.from_hf({"model_type": "mistral", "sliding_window": None}).window_of(0) is None
 
 
+def test_unsupported_rope_types_say_what_to_do():
+    base = {"model_type": "llama", "hidden_size": 64, "num_attention_heads": 4}
+    for rope, says in (("dynamic", "set \"rope_scaling\": null"), ("yarn", "with transformers"),
+                       ("longrope", "with transformers")):
+        with pytest.raises(NotImplementedError, match=f"RoPE type '{rope}'.*{says}"):
+            LlamaConfig.from_hf(dict(base, rope_scaling={"rope_type": rope, "factor": 2.0}))
+
+
 def test_unknown_fields_warn_and_do_not_fail():
     with pytest.warns(UserWarning, match="some_new_knob"):
         config = LlamaConfig.from_hf({"model_type": "llama", "hidden_size": 64,

@@ -805,6 +805,11 @@ def test_resolve_offline_from_the_cache(tmp_path, monkeypatch, tiny_llama):
     )
     with pytest.raises(CheckpointNotFoundError, match="no file 'other.gguf'.*tiny.Q8_0.gguf"):
         resolve("jnnsight-tests/tiny-llama", gguf_file="other.gguf", cache_dir=tmp_path)
+    for weights in snapshot.glob("*.safetensors"):  # a download that stopped before them
+        weights.unlink()
+    with pytest.raises(CheckpointNotFoundError, match="(?s)holds 'jnnsight-tests/tiny-llama' in "
+                       "part.*files there: config.json.*download it once while online"):
+        resolve("jnnsight-tests/tiny-llama", cache_dir=tmp_path)
 
 
 def _online(monkeypatch) -> None:

@@ -194,6 +194,12 @@ def test_at_positions_edits_only_the_chosen_positions():
         with pytest.raises(ValueError, match="do not fit a value of shape") as error:
             at_positions(value, edited, bad)
         assert "test_optimize.py" in str(error.value).splitlines()[0]
+    # a mask of the prompt's length at a one-position decode step; positions as floats
+    for bad, says in (((one, jnp.ones(5, bool)), "one entry per position: 1 here"),
+                      ((value, jnp.ones((2, 4), bool)), "5 here"),
+                      ((value, jnp.array([1.0])), "not float32")):
+        with pytest.raises(ValueError, match=says):
+            at_positions(bad[0], bad[0], bad[1])
 
 
 def test_das_rotation_interchanges_its_subspace_and_stays_orthonormal_while_training(models):
@@ -308,6 +314,13 @@ def test_train_step_fine_tunes_tied_parameters_and_donates_the_rest(models, tmp_
     optimizer = optax.adam(0.1)
     jnnsight.train_step(lambda s: jnp.sum(s.vector ** 2), optimizer)(steer, optimizer.init(steer))
     assert steer.vector.is_deleted()
+    # a model traced with donated parameters says so, and what to trace with instead
+    donated = jax.tree_util.tree_map(jnp.copy, lm.variables)
+    donated["params"]["lm_head"]["weight"].delete()
+    with pytest.raises(Exception, match="deleted") as error:
+        with lm.bind(donated).trace(ids):
+            lm.lm_head.output.save()
+    assert any("lm.bind(new_params)" in note for note in getattr(error.value, "__notes__", ()))
 
 
 def test_orbax_checkpoints_restore_interventions_and_optimizer_state(tmp_path):

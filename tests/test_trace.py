@@ -382,6 +382,31 @@ def test_print_shows_the_module_tree(toy):
     assert model.h[-1] is model.h_2
 
 
+class HoldsSequential(nn.Module):
+    def setup(self):
+        self.seq = nn.Sequential([nn.Dense(4), nn.relu, nn.Dense(4)])
+
+    def __call__(self, x):
+        return self.seq(x)
+
+
+def test_a_sequential_lists_its_modules_by_flax_number():
+    """Flax numbers ``[Dense, relu, Dense]`` as ``layers_0`` and ``layers_2``: both are
+    ``seq.layers[...]`` by that number, and the error for ``[1]`` says why."""
+    x = jax.random.normal(jax.random.key(0), (2, 4))
+    module = HoldsSequential()
+    model = NNsight(module, module.init(jax.random.key(1), x))
+    with model.trace(x):
+        model.seq.layers[0].output = model.seq.layers[0].output * -1
+        last = model.seq.layers[2].input.save()
+    assert "(layers[0,2]): 2 x Dense" in repr(model)
+    assert model.seq.layers[-1] is model.seq.layers_2 and len(model.seq.layers) == 2
+    p = model.variables["params"]["seq"]["layers_0"]
+    assert_close(last, jax.nn.relu(-(x @ p["kernel"] + p["bias"])))
+    with pytest.raises(IndexError, match=r"no module here is numbered 1: they are \[0, 2\]"):
+        model.seq.layers[1]
+
+
 def test_outside_array_edits_match_numpy(toy):
     model, tokens = toy
     vec = np.linspace(-1, 1, 16).astype(np.float32)

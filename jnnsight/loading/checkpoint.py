@@ -221,7 +221,7 @@ def _resolve_hub(
         cached = Path(huggingface_hub.snapshot_download(repo_id, local_files_only=True, **kwargs))
     except LocalEntryNotFoundError:
         pass  # not cached (or cached in part): download, where allowed
-    if cached is not None and (_has_weights(cached, gguf_file) or hub_offline()):
+    if cached is not None and _has_weights(cached, gguf_file):
         return found(cached)
 
     what = f"{repo_id!r}" + (f" (revision {revision!r})" if revision else "")
@@ -236,6 +236,16 @@ def _resolve_hub(
         "  - pass a local folder that holds config.json and the *.safetensors files;\n"
         "  - pass the path of a .gguf file."
     )
+    if hub_offline() and cached is not None:
+        if gguf_file is not None:
+            return found(cached)  # (which names the GGUF files there)
+        raise CheckpointNotFoundError(
+            f"The Hugging Face cache at {cache} holds {what} in part, without "
+            f"config.json and safetensors weights together (files there: "
+            f"{_names(cached.iterdir())}): a download that stopped part way, or a "
+            "repository with PyTorch .bin weights only (jnnsight reads safetensors). "
+            "Downloads are switched off (HF_HUB_OFFLINE=1).\n" + fixes
+        )
     if hub_offline():
         raise CheckpointNotFoundError(
             f"Could not find the checkpoint {what}: it is not a local folder or .gguf file, "

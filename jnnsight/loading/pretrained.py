@@ -153,7 +153,10 @@ def _check_keys(tensors: dict[str, Any], expected: dict, path: Path) -> None:
     unexpected = sorted(".".join(p) for p in given.keys() - expected.keys())
     shapes = sorted(f"{'.'.join(p)} {given[p]} (expected {expected[p]})"
                     for p in expected.keys() & given.keys() if given[p] != expected[p])
-    if missing or unexpected or shapes:
+    # an int8 weight (a quantized checkpoint) would be multiplied as integers
+    types = sorted(f"{k} {v.dtype}" for k, v in tensors.items()
+                   if hasattr(v, "dtype") and not jnp.issubdtype(v.dtype, jnp.floating))
+    if missing or unexpected or shapes or types:
         def show(items: list[str]) -> str:
             return ", ".join(items[:5]) + (f" and {len(items) - 5} more" if len(items) > 5 else "")
         raise CheckpointError(
@@ -162,6 +165,7 @@ def _check_keys(tensors: dict[str, Any], expected: dict, path: Path) -> None:
                 f"missing {show(missing)}" if missing else "",
                 f"unexpected {show(unexpected)}" if unexpected else "",
                 f"wrong shapes {show(shapes)}" if shapes else "",
+                f"integer weights {show(types)}" if types else "",
             ) if part)
             + ". Check that config.json belongs to these weights (quantized or adapter "
             "checkpoints are not supported)."

@@ -179,9 +179,17 @@ class LlamaConfig:
                 f"num_key_value_heads ({self.num_key_value_heads})."
             )
         if self.rope_type not in ("default", "linear", "llama3"):
+            nearest = (
+                " 'dynamic' equals 'default' for sequences within the original context "
+                "length: to run only those, copy the checkpoint folder and set "
+                "\"rope_scaling\": null in its config.json."
+                if self.rope_type == "dynamic" else
+                " It changes the rotation at every length, so no supported type gives the "
+                "same logits: run this model with transformers (in PyTorch, with nnsight)."
+            )
             raise NotImplementedError(
                 f"RoPE type {self.rope_type!r} is not implemented; jnnsight's Llama supports "
-                "'default', 'linear' and 'llama3'."
+                "'default', 'linear' and 'llama3'." + nearest
             )
         if self.hidden_act not in ACTIVATIONS:
             raise NotImplementedError(

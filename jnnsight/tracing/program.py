@@ -325,7 +325,9 @@ class Builder:
         new = self._checked(site, rows, value, describe)
         full = self._leaves(site)
         batched = self._batched(site)
-        if not rows.whole and not all(batched):
+        unbatched = [not b for b, leaf in zip(batched, site.leaves)
+                     if isinstance(leaf, jax.ShapeDtypeStruct)]  # (static leaves are neither)
+        if not rows.whole and any(unbatched):
             warn_at_user_line(
                 f"{describe()} has no batch axis (one value serves every invoke, as position "
                 "embeddings can), so this write in one invoke changes it for every invoke. "
@@ -654,11 +656,11 @@ class SiteTuple(_SiteContainer, tuple):
 
     __setitem__ = _SiteContainer._set
 
-    def _not_an_array(self, what: str) -> str:
+    def _not_an_array(self, what: str, example: str = ".output[0][:, -1]") -> str:
         return at_user_line(
             f"{what} is for arrays, and this value is a tuple of {len(self)} (a transformer "
             "block returns `(hidden, ...)`, as in transformers 4 and the nnsight README): "
-            "take an element first, e.g. `.output[0][:, -1]`."
+            f"take an element first, e.g. `{example}`."
         )
 
     def __getitem__(self, index: Any) -> Any:
@@ -669,7 +671,9 @@ class SiteTuple(_SiteContainer, tuple):
     def __getattr__(self, name: str) -> Any:
         if name.startswith("_"):
             raise AttributeError(name)
-        raise AttributeError(self._not_an_array(f"`.{name}`"))
+        # a gradient belongs to a module value, not to a slice of one
+        example = ".output[0].grad" if name == "grad" else ".output[0][:, -1]"
+        raise AttributeError(self._not_an_array(f"`.{name}`", example))
 
     def __mul__(self, other: Any) -> Any:
         raise TypeError(self._not_an_array("`*`"))
