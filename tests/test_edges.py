@@ -637,6 +637,34 @@ def test_submodules_named_like_envoy_attributes_are_reached_with_E_():
         model.layer.E_mlp
 
 
+class AutoEncoder(nn.Module):
+    def setup(self):
+        self.enc = nn.Dense(2)
+        self.dec = nn.Dense(4)
+
+    def encode(self, x):
+        return self.enc(x)
+
+    def __call__(self, x):
+        return self.dec(self.encode(x))
+
+
+def test_a_trace_with_method_runs_that_method_and_its_result_is_the_output():
+    """``model.trace(x, method="encode")`` is flax's ``apply(..., method=)``: the root's
+    sites are the method's call (it said the model "ran 0 times")."""
+    x = jax.random.normal(jax.random.key(0), (2, 4))
+    module = AutoEncoder()
+    model = NNsight(module, module.init(jax.random.key(1), x))
+    for method in ("encode", AutoEncoder.encode):
+        with model.trace(x, method=method):
+            model.enc.output = model.enc.output * 2
+            code = model.output.save()
+        assert_close(code, 2 * module.apply(model.variables, x, method="encode"))
+    with model.trace(x):                     # __call__ calls encode: one root call still
+        whole = model.output.save()
+    assert_close(whole, module.apply(model.variables, x))
+
+
 def test_rebinding_a_saved_name_warns_at_the_save_line(toy):
     model, tokens = toy
     with pytest.warns(UserWarning, match=r"test_edges\.py:\d+.*\n2 saved value"):

@@ -210,21 +210,25 @@ def site_interceptor(
     on_output: Callable[[SiteKey, Any, Any], Any],
     call_module: Callable[[SiteKey, Callable[[], Any]], Any] | None = None,
     counts: dict[tuple[str, ...], int] | None = None,
+    root_method: str = "__call__",
 ) -> Callable[..., Any]:
     """A flax interceptor that numbers calls and hands each site to a callback.
 
     ``on_input`` may replace the arguments and ``on_output`` the output;
     ``call_module`` may run the module or not (``envoy.skip``). ``counts`` (each
     module's calls so far) is the caller's to advance past calls a skip leaves out.
+    Submodules' sites are their ``__call__``s; the root's is ``root_method``, the
+    method ``apply(..., method=)`` runs (see :func:`applied_method`).
     """
     counts = {} if counts is None else counts
-    running: set[int] = set()  # the modules whose __call__ is running
+    running: set[int] = set()  # the modules whose call is running
 
     def interceptor(next_fun, args, kwargs, context):
         module = context.module
+        method = "__call__" if module.path else root_method
         # A subclass's `super().__call__(x)` is the same call of the module, as
         # torch's hooks see one forward: only the outermost has sites.
-        if context.method_name != "__call__" or id(module) in running:
+        if context.method_name != method or id(module) in running:
             return next_fun(*args, **kwargs)
         path = tuple(module.path)
         call = counts.get(path, 0)
@@ -241,6 +245,21 @@ def site_interceptor(
         return on_output((path, call, "output"), module, out)
 
     return interceptor
+
+
+def applied_method(kwargs: dict) -> str:
+    """The name of the method ``module.apply(variables, *args, **kwargs)`` runs:
+    ``method=`` (a name or a function), else ``__call__``.
+
+    Example::
+
+        >>> applied_method({"method": "encode"}), applied_method({})
+        ('encode', '__call__')
+    """
+    method = kwargs.get("method")
+    if method is None:
+        return "__call__"
+    return method if isinstance(method, str) else method.__name__
 
 
 def _unbound_copy(module: nn.Module) -> nn.Module:
@@ -306,7 +325,8 @@ def discover(module: nn.Module, variables: Any, args: tuple, kwargs: dict) -> Si
         )
         with take_current_trace() as trace:
             outer.append(trace)
-        with nn.intercept_methods(site_interceptor(on_input, on_output)):
+        with nn.intercept_methods(site_interceptor(on_input, on_output,
+                                                   root_method=applied_method(k))):
             return module.apply(variables, *a, **k)
 
     jax.eval_shape(forward, variables, arrays)

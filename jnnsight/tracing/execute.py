@@ -27,7 +27,7 @@ import jax
 import numpy as np
 
 from ..errors import JnnsightError
-from .discover import SiteKey, is_array, site_interceptor, site_name
+from .discover import SiteKey, applied_method, is_array, site_interceptor, site_name
 from .lru import LruCache
 from .gradients import Backward, with_gradients
 from .schedule import Schedule, Stage, atom_value, pruned
@@ -137,7 +137,8 @@ def woven_apply(module: nn.Module, stages: dict[SiteKey, Stage], env: dict,
             site = stage.skip_output
             return site.unflatten(_replace_arrays(list(site.leaves), stage.skip, env))
 
-        with nn.intercept_methods(site_interceptor(on_input, on_output, call_module, counts)):
+        with nn.intercept_methods(site_interceptor(on_input, on_output, call_module, counts,
+                                                   applied_method(kwargs))):
             try:
                 out = module.apply(variables, *args, **kwargs)
             except _StopForward:
