@@ -6,6 +6,7 @@ line tracers, and the forward really stopping."""
 from __future__ import annotations
 
 import dataclasses
+import re
 import sys
 import warnings
 
@@ -144,8 +145,9 @@ def test_invokes_pass_a_key_or_table_once_and_must_agree_on_it():
     expected = module.apply(model.variables, x, key, table)
     assert_close(first, expected[:1])
     assert_close(rest, expected[1:])
-    for other in ((x[1:], jax.random.key(8), table), (x[1:], key, table + 1)):
-        with pytest.raises(jnnsight.JnnsightError, match="no row per example") as error:
+    for other, name in (((x[1:], jax.random.key(8), table), "args[1]"),
+                        ((x[1:], key, table + 1), "args[2]")):
+        with pytest.raises(jnnsight.JnnsightError, match=rf"`{re.escape(name)}` has no row per example") as error:
             with model.trace() as tracer:
                 with tracer.invoke(x[:1], key, table):
                     pass

@@ -56,6 +56,11 @@ def _rows_of(args: tuple, kwargs: dict, line: UserLine | None) -> int:
     ))
 
 
+def _argument(path: tuple) -> str:
+    """A leaf's path in ``(args, kwargs)`` as the user wrote it: ``kwargs['key']``."""
+    return ("args" if path[0].idx == 0 else "kwargs") + jax.tree_util.keystr(path[1:])
+
+
 def _check_hashable(args: tuple, kwargs: dict, line: UserLine | None) -> None:
     """Arguments that are not arrays key the compiled programs: they must hash."""
     for path, leaf in jax.tree_util.tree_flatten_with_path((args, kwargs))[0]:
@@ -64,9 +69,8 @@ def _check_hashable(args: tuple, kwargs: dict, line: UserLine | None) -> None:
         try:
             hash(leaf)
         except TypeError:
-            name = ("args" if path[0].idx == 0 else "kwargs") + jax.tree_util.keystr(path[1:])
             raise JnnsightError(at_line(line,
-                f"the argument `{name}` ({type(leaf).__name__}) cannot be hashed: "
+                f"the argument `{_argument(path)}` ({type(leaf).__name__}) cannot be hashed: "
                 "jnnsight compiles one program per value of each argument that is not an "
                 "array, and finds it by that value. Pass a hashable value (a tuple, a "
                 "frozen dataclass, a string) or an array."
@@ -101,16 +105,15 @@ def _check_like(first: Any, other: Any, line: UserLine | None) -> None:
             ))
 
 
-def _shared(name: str, leaves: tuple, sizes: list[int], lines: list[UserLine | None]) -> Any:
+def _shared(path: tuple, leaves: tuple, sizes: list[int], lines: list[UserLine | None]) -> Any:
     """An argument with no row per example (a PRNG key, a table): every invoke's must be
     the same, and the forward gets it once."""
     first = leaves[0]
     for leaf, line in zip(leaves[1:], lines[1:]):
-        same = leaf is first or not (isinstance(leaf, core.Tracer) or isinstance(first, core.Tracer)) \
-            and bool(jnp.array_equal(leaf, first))
-        if not same:
+        comparable = not isinstance(leaf, core.Tracer) and not isinstance(first, core.Tracer)
+        if leaf is not first and not (comparable and bool(jnp.array_equal(leaf, first))):
             raise JnnsightError(at_line(line,
-                f"the argument `{name}` has no row per example (its shape "
+                f"the argument `{_argument(path)}` has no row per example (its shape "
                 f"{list(np.shape(first))} does not start with the invoke's {sizes[0]} rows), "
                 "and this invoke passes another value of it. Invokes are batched along axis "
                 "0, so such an argument (a PRNG key, a table) must be the same in every "
@@ -148,7 +151,7 @@ def collate(
             return leaves[0]
         if all(np.ndim(x) >= 1 and np.shape(x)[0] == n for x, n in zip(leaves, sizes)):
             return jnp.concatenate([jnp.asarray(leaf) for leaf in leaves], axis=0)
-        return _shared(jax.tree_util.keystr(path), leaves, sizes, [line for _, line in given])
+        return _shared(path, leaves, sizes, [line for _, line in given])
 
     args, kwargs = jax.tree_util.tree_map_with_path(concat, *[x for x, _ in given])
     leaves = jax.tree_util.tree_leaves(first)
