@@ -134,12 +134,17 @@ class StoredArray:
             if not range(start, stop, step):
                 return slice(0, 0)
             return slice(start, None if stop < 0 else stop, step)
+        if isinstance(entry, (bool, np.bool_)):
+            raise IndexError(f"{self._name!r} takes a boolean array as an index, not the "
+                             f"scalar {entry!r}.")
         if is_int(entry) or (hasattr(entry, "__index__") and np.ndim(entry) == 0):
             i = int(entry)
             if not -n <= i < n:
                 raise IndexError(f"{where} {i} is out of range: {self._name!r} has {has}.")
             return i % n
         array = np.asarray(entry)
+        if array.size == 0 and array.dtype != bool:  # `[]`: no rows, as in numpy
+            array = array.astype(np.int64)
         if array.dtype == bool:
             if array.shape != shape[axis:axis + array.ndim]:
                 raise IndexError(f"a boolean index of shape {list(array.shape)} on axes from "

@@ -264,7 +264,7 @@ class EnvoyList:
 
     def __getitem__(self, index: int | slice) -> Any:
         if isinstance(index, slice):
-            return EnvoyList(self._envoys[index], self._numbers[index])
+            return EnvoyList(self._envoys[index])  # a new list: numbered by place, as in nnsight
         if is_int(index) and index >= 0 and index in self._numbers:
             return self._envoys[self._numbers.index(index)]
         if is_int(index) and -len(self._envoys) <= index < 0:

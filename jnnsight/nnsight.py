@@ -248,7 +248,7 @@ class NNsight(Envoy):
         own = variables is self.variables
         variables_key = self._variables_key if own else shape_key(variables)
         split = not all(rows.whole for rows in batch.rows)
-        key = (variables_key, shape_key((batch.args, batch.kwargs)), split)
+        key = (variables_key, shape_key((batch.args, batch.kwargs)), split, batch.shared)
         entry = self._tables.get(key)
         if entry is None:
             table = (self._discover(variables, variables_key, batch, split) if families
@@ -286,7 +286,7 @@ class NNsight(Envoy):
                 symbolic = None
         if symbolic is None:
             return self._discover_concrete(variables, batch, split)
-        family_key = (variables_key, symbolic.pattern, split)
+        family_key = (variables_key, symbolic.pattern, split, batch.shared)
         family = self._families.get(family_key)
         if isinstance(family, SiteTable):
             return instantiate(family, symbolic.sizes, batch_symbol)

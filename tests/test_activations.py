@@ -94,7 +94,7 @@ def test_reads_index_rows_as_numpy_does(tmp_path):
                   (Ellipsis, -1), (-1, -1, -1), (slice(None), slice(None, None, -1), 1),
                   perm, [-1, 0], (perm, -1), (slice(None), [2, -3]), (1, slice(None), [0, -1]),
                   rows[:, 0, 0] > 20, (np.int64(-2), jnp.int32(1)), jnp.array([3, -5]),
-                  (None, 1), (slice(None), None, 0)):
+                  (None, 1), (slice(None), None, 0), []):
         np.testing.assert_array_equal(stored[index], rows[index], err_msg=str(index))
     for index in (5, -6, [0, 5], np.array([-6])):
         with pytest.raises(IndexError, match="has 5 rows"):
@@ -102,7 +102,8 @@ def test_reads_index_rows_as_numpy_does(tmp_path):
     for index, says in (((0, 3), "3 entries on axis 1"), ((0, 0, -5), "4 entries on axis 2"),
                         ((0, 0, 0, 0), "has 3 axes"), ((..., ...), "one `...`"),
                         (np.array([0.5]), "not ndarray of float"),
-                        (np.array([True, False]), "boolean index of shape")):
+                        (np.array([True, False]), "boolean index of shape"),
+                        (True, "boolean array")):
         with pytest.raises(IndexError, match=says):
             stored[index]
 

@@ -6,6 +6,7 @@ line tracers, and the forward really stopping."""
 from __future__ import annotations
 
 import dataclasses
+import functools
 import re
 import sys
 import warnings
@@ -145,6 +146,13 @@ def test_invokes_pass_a_key_or_table_once_and_must_agree_on_it():
     expected = module.apply(model.variables, x, key, table)
     assert_close(first, expected[:1])
     assert_close(rest, expected[1:])
+    with pytest.raises(jnnsight.JnnsightError, match=r"`args\[2\]` has shape \[3, 2\] in this "
+                       r"invoke, whose input has 2 rows, and one row per example in another"):
+        with model.trace() as tracer:
+            with tracer.invoke(x[:1], key, table[:1]):
+                pass
+            with tracer.invoke(x[1:], key, table):
+                pass
     for other, name in (((x[1:], jax.random.key(8), table), "args[1]"),
                         ((x[1:], key, table + 1), "args[2]")):
         with pytest.raises(jnnsight.JnnsightError, match=rf"`{re.escape(name)}` has no row per example") as error:
@@ -154,6 +162,28 @@ def test_invokes_pass_a_key_or_table_once_and_must_agree_on_it():
                 with tracer.invoke(*other):
                     pass
         assert "test_edges.py" in str(error.value).splitlines()[0]
+
+
+class ReadsTable(nn.Module):
+    @nn.compact
+    def __call__(self, x, table):
+        return nn.Dense(3, name="d")(x), nn.Dense(4, name="t")(table)
+
+
+def test_a_table_passed_once_and_the_same_shape_passed_per_row_are_other_forwards():
+    """Equal shapes, other batching: the site tables are not shared between them."""
+    x = jax.random.normal(jax.random.key(2), (3, 4))
+    table = jnp.arange(6.0).reshape(3, 2)
+    module = ReadsTable()
+    model = NNsight(module, module.init(jax.random.key(0), x, table))
+    for per_row in (False, True):
+        with model.trace() as tracer:
+            with tracer.invoke(x[:1], table[:1] if per_row else table):
+                seen = model.t.output.save()
+            with tracer.invoke(x[1:], table[1:] if per_row else table):
+                pass
+        whole = module.apply(model.variables, x, table)[1]
+        assert_close(seen, whole[:1] if per_row else whole)
 
 
 class FixedBatch(nn.Module):
@@ -187,7 +217,14 @@ class UsesCount(nn.Module):
     @nn.compact
     def __call__(self, x):
         h, n = WithCount(name="inner")(x)
-        return h * n
+        g, table = WithTable(name="tabled")(x)
+        return h * n + g * table.sum()
+
+
+class WithTable(nn.Module):
+    @nn.compact
+    def __call__(self, x):
+        return nn.Dense(3, name="d")(x), self.param("table", nn.initializers.ones, (5, 3))
 
 
 def test_a_write_in_one_invoke_next_to_a_static_leaf_does_not_warn():
@@ -199,13 +236,16 @@ def test_a_write_in_one_invoke_next_to_a_static_leaf_does_not_warn():
         with model.trace() as tracer:
             with tracer.invoke(x[:1]):
                 model.inner.output = (model.inner.output[0] * 0, 3)
+                model.tabled.output[0] = model.tabled.output[0] * 0   # the table unchanged
             with tracer.invoke(x[1:]):
                 pass
             with tracer.invoke():
                 out = model.output.save()
 
     def edit(path, call, out):
-        return (out[0].at[:1].multiply(0), 3) if path == ("inner",) else out
+        if path in (("inner",), ("tabled",)):
+            return (out[0].at[:1].multiply(0), out[1])
+        return out
 
     assert_close(out, reference(model, x, edit=edit)[0])
 
@@ -328,6 +368,18 @@ def test_writes_to_a_dict_input_and_dataclass_fields_reach_the_forward():
         expected = module.apply(model.variables, x)
     assert_close(out, expected)
     assert_close(seen_h, reference(model, x)[1][(("inner",), 0)].h * 2)
+    # two element writes on one read keep both (a tuple rebuilt from the read kept the last)
+    with model.trace(x):
+        o = model.inner.output
+        o.aux[0] = o.aux[0] * 0
+        o.aux[1] = o.aux[1] * 0
+        pair = model.twice.output
+        both = model.output.save()
+    with model.trace(x):
+        o = model.inner.output
+        o.aux = (o.aux[0] * 0, o.aux[1] * 0)
+        once = model.output.save()
+    assert_close(both, once)
 
 
 def test_an_element_write_goes_to_the_call_and_invoke_it_was_read_at():
@@ -600,6 +652,31 @@ def test_skipping_or_calling_a_block_that_uses_its_parents_module():
         again = model.block_1(model.block_0.output).save()   # borrows `shared`'s parameters
     assert_close(again, block("block_1", block("block_0", x)))
     assert_close(model.block_0(x), block("block_0", x))
+    chain = OwnsList()                               # borrowed as a tuple of modules
+    chained = NNsight(chain, chain.init(jax.random.key(1), x))
+    with chained.trace(x):
+        out = chained.output.save()
+    assert_close(chained.block(x), out)
+
+
+class ChainsShared(nn.Module):
+    shared: tuple
+
+    @nn.compact
+    def __call__(self, x):
+        for dense in self.shared:
+            x = dense(x)
+        return x
+
+
+class OwnsList(nn.Module):
+    def setup(self):
+        self.a = nn.Dense(4)
+        self.b = nn.Dense(4)
+        self.block = ChainsShared((self.a, self.b))
+
+    def __call__(self, x):
+        return self.block(x)
 
 
 class NamedLikeSites(nn.Module):
@@ -614,6 +691,13 @@ class HoldsNamedLikeSites(nn.Module):
     @nn.compact
     def __call__(self, x):
         return NamedLikeSites(name="layer")(nn.Dense(4, name="trace")(x))
+
+
+class Wraps(nn.Module):
+    module: nn.Module
+
+    def __call__(self, x):
+        return self.module(x)
 
 
 def test_submodules_named_like_envoy_attributes_are_reached_with_E_():
@@ -635,6 +719,12 @@ def test_submodules_named_like_envoy_attributes_are_reached_with_E_():
     assert_close(inner, seen[(("layer", "next"), 0)])
     assert_close(first, seen[(("trace",), 0)])
     assert "(E_output): Dense" in repr(model) and "E_output" in dir(model.layer)
+    wrapper = Wraps(nn.Dense(4))                  # a field `module`, as wrappers name it
+    wrapped = NNsight(wrapper, wrapper.init(jax.random.key(1), x))
+    with wrapped.trace(x):
+        inner = wrapped.E_module.output.save()
+    assert_close(inner, wrapper.apply(wrapped.variables, x))
+    assert "(E_module): Dense" in repr(wrapped)
     with pytest.raises(AttributeError, match="no submodule or parameter 'E_mlp'"):
         model.layer.E_mlp
 
@@ -657,7 +747,8 @@ def test_a_trace_with_method_runs_that_method_and_its_result_is_the_output():
     x = jax.random.normal(jax.random.key(0), (2, 4))
     module = AutoEncoder()
     model = NNsight(module, module.init(jax.random.key(1), x))
-    for method in ("encode", AutoEncoder.encode):
+    for method in ("encode", AutoEncoder.encode, lambda m, x: m.encode(x),
+                   functools.partial(AutoEncoder.encode)):
         with model.trace(x, method=method):
             model.enc.output = model.enc.output * 2
             code = model.output.save()

@@ -380,6 +380,7 @@ def test_print_shows_the_module_tree(toy):
         assert name in text
     assert len(model.h) == 3
     assert model.h[-1] is model.h_2
+    assert model.h[1:][0] is model.h_1  # a slice is a list of its own, as in nnsight
 
 
 class HoldsSequential(nn.Module):

@@ -149,8 +149,16 @@ def collate(
     def concat(path: Any, *leaves: Any) -> Any:
         if not is_array(leaves[0]):
             return leaves[0]
-        if all(np.ndim(x) >= 1 and np.shape(x)[0] == n for x, n in zip(leaves, sizes)):
+        per_row = [np.ndim(x) >= 1 and np.shape(x)[0] == n for x, n in zip(leaves, sizes)]
+        if all(per_row):
             return jnp.concatenate([jnp.asarray(leaf) for leaf in leaves], axis=0)
+        if any(per_row):  # one row per example in some invokes only
+            bad = per_row.index(False)
+            raise JnnsightError(at_line(given[bad][1],
+                f"the argument `{_argument(path)}` has shape {list(np.shape(leaves[bad]))} in "
+                f"this invoke, whose input has {sizes[bad]} rows, and one row per example in "
+                "another invoke: give every invoke's arguments the same number of rows."
+            ))
         return _shared(path, leaves, sizes, [line for _, line in given])
 
     args, kwargs = jax.tree_util.tree_map_with_path(concat, *[x for x, _ in given])

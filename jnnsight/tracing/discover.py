@@ -171,12 +171,18 @@ def list_items(path: tuple[str, ...], exists: Callable[[tuple[str, ...]], bool] 
 SERVED_PREFIX = "E_"
 
 
+# what a root envoy holds besides its class's attributes (NNsight's and LanguageModel's)
+_ROOT_ATTRIBUTES = ("module", "variables", "mesh", "rules", "tokenizer", "pad_to_multiple_of")
+
+
 @functools.cache
 def _served(at_root: bool) -> frozenset[str]:
     from ..envoy import Envoy  # (envoy imports this module)
-    from ..nnsight import NNsight
+    from ..language import LanguageModel
 
-    return frozenset(n for n in dir(NNsight if at_root else Envoy) if not n.startswith("_"))
+    if not at_root:
+        return frozenset(n for n in dir(Envoy) if not n.startswith("_"))
+    return frozenset(n for n in (*dir(LanguageModel), *_ROOT_ATTRIBUTES) if not n.startswith("_"))
 
 
 def attribute_name(name: str, at_root: bool = False) -> str:
@@ -228,7 +234,8 @@ def site_interceptor(
         method = "__call__" if module.path else root_method
         # A subclass's `super().__call__(x)` is the same call of the module, as
         # torch's hooks see one forward: only the outermost has sites.
-        if context.method_name != method or id(module) in running:
+        if (context.method_name != method and not (method == ANY_METHOD and context.method_name != "setup")) \
+                or id(module) in running:
             return next_fun(*args, **kwargs)
         path = tuple(module.path)
         call = counts.get(path, 0)
@@ -259,7 +266,13 @@ def applied_method(kwargs: dict) -> str:
     method = kwargs.get("method")
     if method is None:
         return "__call__"
-    return method if isinstance(method, str) else method.__name__
+    if isinstance(method, str):
+        return method
+    name = getattr(method, "__name__", None) or getattr(getattr(method, "func", None), "__name__", None)
+    return ANY_METHOD if name in (None, "<lambda>") else name
+
+
+ANY_METHOD = "*"  # `method=` a lambda or a partial of one: the root's outermost call
 
 
 def _unbound_copy(module: nn.Module) -> nn.Module:
@@ -274,9 +287,13 @@ def _borrowed(module: nn.Module) -> tuple[tuple[str, tuple[str, ...]], ...]:
     found = []
     for f in dataclasses.fields(module):
         value = getattr(module, f.name, None)
-        if f.name != "parent" and isinstance(value, nn.Module) and value.scope is not None:
-            if tuple(value.path[:len(path)]) != path:
-                found.append((f.name, tuple(value.path)))
+        # a list or tuple of modules is named field_0, field_1, ... as flax names them
+        named = (list(zip([f"{f.name}_{i}" for i in range(len(value))], value))
+                 if isinstance(value, (list, tuple)) else [(f.name, value)])
+        for name, item in named:
+            if f.name != "parent" and isinstance(item, nn.Module) and item.scope is not None:
+                if tuple(item.path[:len(path)]) != path:
+                    found.append((name, tuple(item.path)))
     return tuple(found)
 
 

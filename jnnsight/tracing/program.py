@@ -325,9 +325,10 @@ class Builder:
         new = self._checked(site, rows, value, describe)
         full = self._leaves(site)
         batched = self._batched(site)
-        unbatched = [not b for b, leaf in zip(batched, site.leaves)
-                     if isinstance(leaf, jax.ShapeDtypeStruct)]  # (static leaves are neither)
-        if not rows.whole and any(unbatched):
+        # an unbatched array leaf this write changes (static leaves are neither)
+        changes_shared = any(not b and isinstance(leaf, jax.ShapeDtypeStruct) and n is not f
+                             for b, leaf, n, f in zip(batched, site.leaves, new, full))
+        if not rows.whole and changes_shared:
             warn_at_user_line(
                 f"{describe()} has no batch axis (one value serves every invoke, as position "
                 "embeddings can), so this write in one invoke changes it for every invoke. "
@@ -626,9 +627,11 @@ class _SiteContainer:
     _writer: Callable[[Any], None]
 
     def _set(self, index: Any, value: Any) -> None:
-        items = plain(self)
+        if isinstance(self, tuple):  # immutable: the elements written so far live beside it
+            items = self.__dict__.setdefault("_items", list(plain(self)))
+        else:
+            items = plain(self)
         try:
-            items = list(items) if isinstance(items, tuple) else items
             items[index] = value
         except IndexError:
             raise IndexError(at_user_line(
@@ -738,15 +741,20 @@ def writable(value: Any, writer: Callable[[Any], None]) -> Any:
     """``value`` with its tuples, lists and dicts made to accept element writes.
 
     ``site.output["aux"][0] = v`` writes the site with that one element replaced; so
-    does ``site.output.aux = v`` on a (mutable) dataclass.
+    does ``site.output.aux = v`` on a registered dataclass that is not frozen (its
+    fields are made writable in place, and the builder watches it).
     """
     cls = next((c for c, base in _PLAIN.items() if type(value) is base), None)
     if cls is None:
         builder = current()
         if builder is not None and _mutable_dataclass(value):
-            for name in vars(value):  # `out.aux[0] = v` assigns the field `aux`
-                setattr(value, name, writable(
-                    getattr(value, name), lambda new, name=name: setattr(value, name, new)))
+            def field_writer(name: str) -> Callable[[Any], None]:
+                def write(new: Any) -> None:  # `out.aux[0] = v` assigns the field `aux`
+                    setattr(value, name, writable(new, write))
+                return write
+
+            for name in vars(value):
+                setattr(value, name, writable(getattr(value, name), field_writer(name)))
             builder.watch(value, writer)
         return value
 
