@@ -142,13 +142,15 @@ class Envoy:
 
         The write goes to the call and the invoke's rows the value was read at, even
         after ``.next()`` or in a later invoke; ``whole(value, new)`` is the site's
-        value with ``part`` replaced by ``new``.
+        value at the write with ``part`` replaced by ``new``.
         """
         builder, site, describe = self._site(kind)
         rows = builder.rows
-        value = builder.read(site, rows)
-        return _program.writable(
-            part(value), lambda new: builder.write(site, rows, whole(value, new), describe))
+
+        def write(new: Any) -> None:  # into the site's value now (other parts written since)
+            builder.write(site, rows, whole(builder.value(site, rows), new), describe)
+
+        return _program.writable(part(builder.read(site, rows)), write)
 
     @property
     def output(self) -> Any:

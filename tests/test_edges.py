@@ -408,6 +408,32 @@ def test_an_element_write_goes_to_the_call_and_invoke_it_was_read_at():
     assert_close(out, reference(model, x, edit=edit)[0])
 
 
+class ScalesDict(nn.Module):
+    @nn.compact
+    def __call__(self, inputs, scale):
+        return nn.Dense(4, name="d")(inputs["a"]) * scale
+
+
+class CallsScalesDict(nn.Module):
+    @nn.compact
+    def __call__(self, x):
+        return ScalesDict(name="sd")({"a": x}, jnp.ones(()))
+
+
+def test_an_element_write_keeps_writes_to_the_other_arguments_made_since_the_read():
+    x = jax.random.normal(jax.random.key(2), (2, 3))
+    module = CallsScalesDict()
+    model = NNsight(module, module.init(jax.random.key(0), x))
+    with model.trace(x):
+        first = model.sd.input                        # read, then the other argument written
+        (inputs, scale), kwargs = model.sd.inputs
+        model.sd.inputs = ((inputs, scale * 3), kwargs)
+        first["a"] = first["a"] * 2                   # keeps `scale * 3`
+        out = model.output.save()
+    d = model.variables["params"]["sd"]["d"]
+    assert_close(out, ((2 * x) @ d["kernel"] + d["bias"]) * 3)
+
+
 class Base(nn.Module):
     @nn.compact
     def __call__(self, x):

@@ -312,12 +312,18 @@ class Builder:
         """The site's value as an invoke sees it: its rows, after earlier writes."""
         if site.order not in self.read_lines:
             self.read_lines[site.order] = user_line(2)
-        batched = self._batched(site)
-        views = [rows.view(x, b) for x, b in zip(self._leaves(site), batched)]
+        views = self._views(site, rows)
         for j, view in enumerate(views):
             if isinstance(view, core.Tracer):  # a value written here keeps its first site
                 self.origins.setdefault(id(view), (view, site, j, rows, site.key in self.replaced))
         return site.unflatten(views)
+
+    def value(self, site: Site, rows: Rows) -> Any:
+        """The site's value in ``rows`` now, to build a write from (not a read)."""
+        return site.unflatten(self._views(site, rows))
+
+    def _views(self, site: Site, rows: Rows) -> list[Any]:
+        return [rows.view(x, b) for x, b in zip(self._leaves(site), self._batched(site))]
 
     def write(self, site: Site, rows: Rows, value: Any, describe: Callable[[], str]) -> None:
         """Replace the site's value in the invoke's rows; checked against the site."""
