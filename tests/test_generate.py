@@ -103,6 +103,22 @@ def test_steering_every_step_equals_a_torch_hook(models, name, form):
     assert theirs != hf_greedy(tm, PROMPTS[0])  # the steering changed the tokens
 
 
+def test_skipping_a_module_at_every_step_equals_a_torch_hook(models):
+    """A skip in a generate block: each step's site table numbers the skipped calls."""
+    tm, lm = models["llama"]
+    with lm.generate(PROMPTS[0], max_new_tokens=NEW, eos_token_id=None) as tracer:
+        with tracer.all():
+            lm.model.layers[0].mlp.skip(lm.model.layers[0].mlp.input)
+        tokens = tracer.result.save()
+
+    def identity(module, args, out):
+        return args[0]
+
+    theirs = hf_greedy(tm, PROMPTS[0], hooks=[(tm.model.layers[0].mlp, identity)])
+    assert list(np.asarray(tokens[0])) == theirs
+    assert theirs != hf_greedy(tm, PROMPTS[0])  # the skip changed the tokens
+
+
 def test_per_step_reads_equal_the_hidden_states_of_the_generated_sequence(models):
     tm, lm = models["llama"]
     prompt = PROMPTS[0]

@@ -242,8 +242,9 @@ def schedule(program: InterventionProgram) -> Schedule:
             writes.get(order),
             skip,
             output,
-            () if output is None else tuple(
-                site.key[0] for site in table.sites[order + 1:output.order] if site.key[2] == "input"),
+            () if output is None else tuple(  # (a step table's sites take no slices)
+                table.sites[o].key[0] for o in range(order + 1, output.order)
+                if table.sites[o].key[2] == "input"),
         )
 
     stages = {table.sites[o].key: make_stage(o) for o in orders}
