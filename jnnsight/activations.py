@@ -95,12 +95,13 @@ class StoredArray:
             >>> store["h"][-8:, -1]               # the last position of the last 8 rows
             >>> store["h"][np.array([5, 0, 2])]   # rows in any order (a shuffled batch)
         """
-        return np.asarray(self._array[self._normalized(index)].read().result())
+        array = self._array  # (one flush per read)
+        shape = tuple(int(n) for n in array.shape)
+        return np.asarray(array[self._normalized(index, shape)].read().result())
 
-    def _normalized(self, index: Any) -> tuple:
+    def _normalized(self, index: Any, shape: tuple[int, ...]) -> tuple:
         """``index`` with each entry in the axis's range, as tensorstore takes it."""
         entries = index if isinstance(index, tuple) else (index,)
-        shape = self.shape
         taken = sum(_axes_taken(e) for e in entries)
         if taken > len(shape):
             raise IndexError(f"{taken} indices for {self._name!r}, which has {len(shape)} axes "

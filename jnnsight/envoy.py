@@ -79,12 +79,12 @@ class Envoy:
             raise AttributeError(name)
         model = self._model
         children = model._children(self._path)
-        numbered = _numbered_children(children)
         at_root = not self._path
         if name.startswith(SERVED_PREFIX) and attribute_name(name[len(SERVED_PREFIX):], at_root) == name:
             name = name[len(SERVED_PREFIX):]  # a child named as an envoy attribute: E_output
         if name in children:
             return model._envoy(self._path + (name,))
+        numbered = _numbered_children(children)
         if name in numbered:
             return EnvoyList([model._envoy(self._path + (c,)) for c in numbered[name]],
                              [int(NUMBERED.match(c).group(2)) for c in numbered[name]])
@@ -137,18 +137,19 @@ class Envoy:
         builder.write(site, builder.rows, value, describe)
 
     def _writable(self, kind: str, part: Callable[[Any], Any] = lambda value: value,
-                  whole: Callable[[Any, Any], Any] = lambda value, new: new) -> Any:
+                  whole: Callable[[Any, Any], Any] | None = None) -> Any:
         """``part`` of the site's value, whose element and field writes write the site.
 
         The write goes to the call and the invoke's rows the value was read at, even
         after ``.next()`` or in a later invoke; ``whole(value, new)`` is the site's
-        value at the write with ``part`` replaced by ``new``.
+        value at the write with ``part`` replaced by ``new`` (None: ``part`` is all of it).
         """
         builder, site, describe = self._site(kind)
         rows = builder.rows
 
         def write(new: Any) -> None:  # into the site's value now (other parts written since)
-            builder.write(site, rows, whole(builder.value(site, rows), new), describe)
+            value = new if whole is None else whole(builder.value(site, rows), new)
+            builder.write(site, rows, value, describe)
 
         return _program.writable(part(builder.read(site, rows)), write)
 

@@ -22,6 +22,7 @@ Example::
 from __future__ import annotations
 
 import functools
+import inspect
 import secrets
 import weakref
 from collections.abc import Mapping
@@ -274,9 +275,8 @@ def _refuse_loading_options(unknown: dict[str, Any]) -> None:
     name = next(iter(unknown))
     advice = _LOADING_OPTIONS.get(name)
     if advice is None:
-        known = ["dtype", "pad_to_multiple_of", "module", "variables", "tokenizer",
-                 "revision", "gguf_file", "mesh", "rules"]
-        advice = close_names(name, known)
+        keywords = inspect.signature(LanguageModel.__init__).parameters
+        advice = close_names(name, [k for k, p in keywords.items() if p.kind is p.KEYWORD_ONLY])
     raise TypeError(at_user_line(f"LanguageModel takes no `{name}=`: {advice}"))
 
 

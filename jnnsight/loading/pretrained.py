@@ -26,6 +26,7 @@ from .checkpoint import (
     CheckpointNotFoundError,
     _cast,
     _float_dtype,
+    _is_float,
     _progress_bar,
     json_object,
     lazy_safetensors,
@@ -155,7 +156,7 @@ def _check_keys(tensors: dict[str, Any], expected: dict, path: Path) -> None:
                     for p in expected.keys() & given.keys() if given[p] != expected[p])
     # an int8 weight (a quantized checkpoint) would be multiplied as integers
     types = sorted(f"{k} {v.dtype}" for k, v in tensors.items()
-                   if hasattr(v, "dtype") and not jnp.issubdtype(v.dtype, jnp.floating))
+                   if hasattr(v, "dtype") and not _is_float(v.dtype))
     if missing or unexpected or shapes or types:
         def show(items: list[str]) -> str:
             return ", ".join(items[:5]) + (f" and {len(items) - 5} more" if len(items) > 5 else "")

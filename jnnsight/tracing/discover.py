@@ -231,11 +231,12 @@ def site_interceptor(
 
     def interceptor(next_fun, args, kwargs, context):
         module = context.module
-        method = "__call__" if module.path else root_method
+        wanted = "__call__" if module.path else root_method
+        called = context.method_name
+        is_call = called == wanted or (wanted == ANY_METHOD and called != "setup")
         # A subclass's `super().__call__(x)` is the same call of the module, as
         # torch's hooks see one forward: only the outermost has sites.
-        if (context.method_name != method and not (method == ANY_METHOD and context.method_name != "setup")) \
-                or id(module) in running:
+        if not is_call or id(module) in running:
             return next_fun(*args, **kwargs)
         path = tuple(module.path)
         call = counts.get(path, 0)
