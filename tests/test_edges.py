@@ -164,6 +164,29 @@ def test_invokes_pass_a_key_or_table_once_and_must_agree_on_it():
         assert "test_edges.py" in str(error.value).splitlines()[0]
 
 
+class TableFirst(nn.Module):
+    @nn.compact
+    def __call__(self, table, x):
+        return nn.Dense(2, name="d")(x) @ table
+
+
+def test_a_table_before_the_input_does_not_set_the_invokes_rows():
+    """Rows come from the first argument that differs between invokes, not the first array."""
+    x = jax.random.normal(jax.random.key(2), (3, 4))
+    table = jax.random.normal(jax.random.key(3), (2, 5))
+    module = TableFirst()
+    model = NNsight(module, module.init(jax.random.key(0), table, x))
+    with model.trace() as tracer:
+        with tracer.invoke(table, x[:1]):
+            first = model.d.output.save()
+        with tracer.invoke(table, x[1:]):
+            model.d.output = model.d.output * 2
+            rest = model.output.save()
+    dense = nn.Dense(2).apply({"params": model.variables["params"]["d"]}, x)
+    assert_close(first, dense[:1])
+    assert_close(rest, 2 * dense[1:] @ table)
+
+
 class ReadsTable(nn.Module):
     @nn.compact
     def __call__(self, x, table):

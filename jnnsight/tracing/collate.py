@@ -39,21 +39,39 @@ class Batch:
     shared: frozenset[int] = frozenset()
 
 
-def _rows_of(args: tuple, kwargs: dict, line: UserLine | None) -> int:
-    for leaf in jax.tree_util.tree_leaves((args, kwargs)):
-        if is_array(leaf) and np.ndim(leaf) >= 1:
-            rows = np.shape(leaf)[0]
-            if jax.export.is_symbolic_dim(rows):
-                raise JnnsightError(at_line(line,
-                    f"the batch size is the symbol {rows} (jax.export with a symbolic shape): "
-                    "jnnsight splits a batch into invokes' rows, so it needs the number. Export "
-                    "one program per batch size, or make only other dimensions symbolic."
-                ))
-            return int(rows)
-    raise JnnsightError(at_line(line,
-        "an invoke's input has no array with a batch axis: jnnsight batches "
-        "invokes along axis 0 of their arrays. Give inputs of shape (batch, ...)."
-    ))
+def _same(a: Any, b: Any) -> bool:
+    """The same array in two invokes: the same object, or equal concrete values."""
+    if a is b:
+        return True
+    if isinstance(a, core.Tracer) or isinstance(b, core.Tracer):
+        return False
+    return np.shape(a) == np.shape(b) and a.dtype == b.dtype and bool(jnp.array_equal(a, b))
+
+
+def _row_counts(given: list[tuple[tuple[tuple, dict], UserLine | None]]) -> list[int]:
+    """Each invoke's number of rows: axis 0 of its first array argument that is not the
+    same in every invoke. A table or key passed to all invokes may come first
+    (``tracer.invoke(table, x)``); the rows are ``x``'s."""
+    leaves = [jax.tree_util.tree_leaves(x) for x, _ in given]
+    batched = [i for i, leaf in enumerate(leaves[0]) if is_array(leaf) and np.ndim(leaf) >= 1]
+    if not batched:
+        raise JnnsightError(at_line(given[0][1],
+            "an invoke's input has no array with a batch axis: jnnsight batches "
+            "invokes along axis 0 of their arrays. Give inputs of shape (batch, ...)."
+        ))
+    differing = [i for i in batched if not all(_same(leaves[0][i], other[i]) for other in leaves[1:])]
+    index = (differing or batched)[0]
+    sizes = []
+    for invoke_leaves, (_, line) in zip(leaves, given):
+        rows = np.shape(invoke_leaves[index])[0]
+        if jax.export.is_symbolic_dim(rows):
+            raise JnnsightError(at_line(line,
+                f"the batch size is the symbol {rows} (jax.export with a symbolic shape): "
+                "jnnsight splits a batch into invokes' rows, so it needs the number. Export "
+                "one program per batch size, or make only other dimensions symbolic."
+            ))
+        sizes.append(int(rows))
+    return sizes
 
 
 def _argument(path: tuple) -> str:
@@ -110,8 +128,7 @@ def _shared(path: tuple, leaves: tuple, sizes: list[int], lines: list[UserLine |
     the same, and the forward gets it once."""
     first = leaves[0]
     for leaf, line in zip(leaves[1:], lines[1:]):
-        comparable = not isinstance(leaf, core.Tracer) and not isinstance(first, core.Tracer)
-        if leaf is not first and not (comparable and bool(jnp.array_equal(leaf, first))):
+        if not _same(first, leaf):
             raise JnnsightError(at_line(line,
                 f"the argument `{_argument(path)}` has no row per example (its shape "
                 f"{list(np.shape(first))} does not start with the invoke's {sizes[0]} rows), "
@@ -138,13 +155,13 @@ def collate(
         ))
     for x, line in given:
         _check_hashable(*x, line)
-    sizes = [_rows_of(*x, line) for x, line in given]
-    if len(given) == 1:
-        (args, kwargs), _ = given[0]
-        return Batch(args, kwargs, tuple(Rows(0, sizes[0], sizes[0]) for _ in inputs))
     first = given[0][0]
     for x, line in given[1:]:
         _check_like(first, x, line)
+    sizes = _row_counts(given)
+    if len(given) == 1:
+        (args, kwargs), _ = given[0]
+        return Batch(args, kwargs, tuple(Rows(0, sizes[0], sizes[0]) for _ in inputs))
 
     def concat(path: Any, *leaves: Any) -> Any:
         if not is_array(leaves[0]):
@@ -152,7 +169,8 @@ def collate(
         per_row = [np.ndim(x) >= 1 and np.shape(x)[0] == n for x, n in zip(leaves, sizes)]
         if all(per_row):
             return jnp.concatenate([jnp.asarray(leaf) for leaf in leaves], axis=0)
-        if any(per_row):  # one row per example in some invokes only
+        if any(per_row) and not all(_same(leaves[0], leaf) for leaf in leaves[1:]):
+            # one row per example in some invokes only
             bad = per_row.index(False)
             raise JnnsightError(at_line(given[bad][1],
                 f"the argument `{_argument(path)}` has shape {list(np.shape(leaves[bad]))} in "
