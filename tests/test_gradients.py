@@ -8,9 +8,11 @@ from typing import Any, Callable
 import jax
 import jax.numpy as jnp
 import numpy as np
+import flax.linen as nn
 import pytest
 
 from conftest import tiny_language_model
+from jnnsight import NNsight
 from jnnsight.errors import JnnsightError, SiteError, WriteError
 
 torch = pytest.importorskip("torch")
@@ -472,3 +474,49 @@ def test_gradients_that_would_silently_be_zero_or_meaningless_are_refused(toy):
             h = model.h[0].output[0]
             with model.lm_head.output[0, -1].argmax().backward():
                 h.grad.save()
+
+
+def attend(q, k, v):
+    probs = jax.nn.softmax(q @ k.swapaxes(-1, -2), axis=-1)
+    return probs @ v, probs
+
+
+class Attention(nn.Module):
+    """Returns its weights after using them, computed in a ``wrap``-ped function."""
+
+    wrap: Callable
+
+    @nn.compact
+    def __call__(self, x):
+        q, k, v = (nn.Dense(4, name=name)(x) for name in "qkv")
+        out, probs = self.wrap(attend)(q, k, v)
+        return nn.Dense(4, name="o")(out), probs
+
+
+class Attends(nn.Module):
+    wrap: Callable
+
+    @nn.compact
+    def __call__(self, x):
+        return Attention(self.wrap, name="attn")(x)[0]
+
+
+@pytest.mark.parametrize("wrap", [lambda f: f, jax.jit, jax.checkpoint], ids=["plain", "jit", "checkpoint"])
+def test_attention_weights_used_inside_a_jit_or_checkpoint_are_refused_too(wrap):
+    """The weights' use inside the module is found through the calls that compute them
+    (it gave zeros there); the output beside them keeps its gradient, as by hand."""
+    x = jax.random.normal(jax.random.key(0), (1, 5, 4))
+    module = Attends(wrap)
+    model = NNsight(module, module.init(jax.random.key(1), x))
+    with pytest.raises(JnnsightError, match=r"`probs = model.attn.output\[1\]`\n"
+                       r"`.grad` of model.attn.output \(leaf 1\) would miss part"):
+        with model.trace(x):
+            probs = model.attn.output[1]
+            with (model.output ** 2).sum().backward():
+                probs.grad.save()
+    with model.trace(x):
+        out = model.attn.output[0]
+        with (model.output ** 2).sum().backward():
+            g = out.grad.save()
+    out = Attention(wrap).apply({"params": model.variables["params"]["attn"]}, x)[0]
+    np.testing.assert_allclose(g, 2 * out, rtol=1e-6)

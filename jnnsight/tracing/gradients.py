@@ -276,10 +276,46 @@ def _primal(value: Any) -> Any:
     return value
 
 
+def _sub_jaxprs(params: dict) -> list[Jaxpr]:
+    """The jaxprs an equation calls (``jit``, ``checkpoint``, ``custom_jvp``, ``cond``'s branches)."""
+    found = []
+    for param in params.values():
+        for p in param if isinstance(param, (tuple, list)) else (param,):
+            if isinstance(p, ClosedJaxpr):
+                found.append(p.jaxpr)
+            elif isinstance(p, Jaxpr):
+                found.append(p)
+    return found
+
+
+def _fed_outputs(eqn: Any, index: int) -> set[int]:
+    """The outputs of a call equation that its output ``index`` is computed into inside
+    the call: ``out, probs = jax.checkpoint(attend)(q, k, v)`` computes ``out`` from ``probs``."""
+    fed: set[int] = set()
+    for jaxpr in _sub_jaxprs(eqn.params):
+        if len(jaxpr.outvars) == len(eqn.outvars) and isinstance(jaxpr.outvars[index], Var):
+            reached = _reached(jaxpr.eqns, jaxpr.outvars[index])
+            fed.update(k for k, v in enumerate(jaxpr.outvars)
+                       if k != index and isinstance(v, Var) and v in reached)
+    return fed
+
+
+def _reached(eqns: list[Any], start: Var) -> set[Var]:
+    """The variables of ``eqns`` computed from ``start``, inside the calls that compute it too."""
+    reached = {start}
+    for eqn in eqns:
+        if start in eqn.outvars:
+            reached.update(eqn.outvars[k] for k in _fed_outputs(eqn, eqn.outvars.index(start)))
+        elif any(isinstance(v, Var) and v in reached for v in eqn.invars):
+            reached.update(eqn.outvars)
+    return reached
+
+
 def _feeds_other_leaves(value: Any, others: list[Any]) -> bool:
     """Whether the traced forward computed one of ``others`` (the other leaves of the
     same module output) from ``value``: attention weights, which the module multiplies
-    with the values into its output. Follows JAX's tracing state (the jitted trace's
+    with the values into its output, in its own code or inside a ``jax.jit`` or
+    ``jax.checkpoint`` it calls. Follows JAX's tracing state (the jitted trace's
     equations so far); False where it cannot be inspected."""
     value = _primal(value)
     frame = getattr(getattr(value, "_trace", None), "frame", None)
@@ -290,8 +326,13 @@ def _feeds_other_leaves(value: Any, others: list[Any]) -> bool:
     reached = {id(value.val)}
     for eqn in equations:
         eqn = eqn() if callable(eqn) else eqn  # (a weak reference in some JAX versions)
-        if eqn is not None and any(id(getattr(v, "val", v)) in reached for v in eqn.invars):
-            reached.update(id(v) for v in eqn.outvars)
+        if eqn is None:
+            continue
+        outputs = [id(v) for v in eqn.outvars]
+        if id(value.val) in outputs:  # computed by a call: what it computes from the value inside
+            reached.update(outputs[k] for k in _fed_outputs(eqn, outputs.index(id(value.val))))
+        elif any(id(getattr(v, "val", v)) in reached for v in eqn.invars):
+            reached.update(outputs)
     return bool(reached & targets)
 
 
