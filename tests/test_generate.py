@@ -13,7 +13,7 @@ import pytest
 
 import jnnsight.generation as generation
 from conftest import tiny_language_model
-from jnnsight.errors import JnnsightError, SiteError
+from jnnsight.errors import CausalityError, JnnsightError, SiteError, WriteError
 from jnnsight.modeling.gpt2 import GPT2LMHeadModel
 from jnnsight.tracing.lru import LruCache
 
@@ -117,6 +117,32 @@ def test_skipping_a_module_at_every_step_equals_a_torch_hook(models):
     theirs = hf_greedy(tm, PROMPTS[0], hooks=[(tm.model.layers[0].mlp, identity)])
     assert list(np.asarray(tokens[0])) == theirs
     assert theirs != hf_greedy(tm, PROMPTS[0])  # the skip changed the tokens
+
+
+def test_a_field_of_the_models_output_is_written_as_in_nnsight(models):
+    """``lm.output.logits = v`` changes the tokens as a torch hook on the logits does, and
+    ``lm.output["logits"] = v`` writes the same field."""
+    tm, lm = models["llama"]
+    with lm.generate(PROMPTS[0], max_new_tokens=NEW, eos_token_id=None) as tracer:
+        with tracer.all():
+            lm.output.logits = lm.output.logits.at[..., 7].add(8.0)
+        tokens = tracer.result.save()
+
+    def favour_7(module, args, out):
+        out = out.clone()
+        out[..., 7] += 8.0
+        return out
+
+    theirs = hf_greedy(tm, PROMPTS[0], hooks=[(tm.lm_head, favour_7)])
+    assert list(np.asarray(tokens[0])) == theirs
+    assert theirs != hf_greedy(tm, PROMPTS[0])  # the edit changed the tokens
+    with lm.trace(PROMPTS[1]):
+        out = lm.output
+        out["logits"] = out["logits"] * 2
+        doubled = lm.output.logits.save()
+    with torch.no_grad():
+        plain = tm(torch.tensor([PROMPTS[1]])).logits.numpy()
+    np.testing.assert_allclose(doubled, 2 * plain, atol=2e-4)
 
 
 def test_per_step_reads_equal_the_hidden_states_of_the_generated_sequence(models):
@@ -505,6 +531,19 @@ def test_bad_generation_inputs_get_clear_errors(models):
     with pytest.raises(SiteError, match="Raise max_new_tokens"):
         with lm.generate(PROMPTS[0], max_new_tokens=2):
             lm.model.layers[0].next(2).output.save()
+    with pytest.raises(SiteError, match=r"that call is at step 3 \(`.next\(\)` counts on from the "
+                       r"step a `tracer.iter` loop or `tracer.all\(\)` body addresses\)"):
+        with lm.generate(PROMPTS[0], max_new_tokens=3) as tracer:
+            with tracer.all():
+                lm.model.layers[0].next().output.save()
+    with pytest.raises(CausalityError, match=r"depends on `model.generator.output`"):
+        with lm.generate(PROMPTS[0], max_new_tokens=3) as tracer:
+            for step in tracer.iter[1]:
+                lm.lm_head.output = lm.lm_head.output * tracer.result[0, -1]
+    with pytest.raises(WriteError, match=r"in generation a decoder layer returns `\(hidden, "
+                       r"\(keys, values\)\)`"):
+        with lm.generate(PROMPTS[0], max_new_tokens=2):
+            lm.model.layers[1].skip((lm.model.layers[1].input,))
     with pytest.raises(ValueError, match=r"test_generate.py:\d+:[\s\S]*max_new_tokens"):
         lm.generate(PROMPTS[0], max_new_tokens=0)
     with pytest.raises(ValueError, match=r"test_generate.py:\d+:[\s\S]*top_p"):

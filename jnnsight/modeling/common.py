@@ -14,26 +14,34 @@ Example::
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 from typing import Any, Callable, Iterator
 
 import flax.errors
 import flax.linen as nn
-import flax.struct
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-@flax.struct.dataclass
+@functools.partial(jax.tree_util.register_dataclass, data_fields=["logits", "past_key_values"],
+                   meta_fields=[])
+@dataclasses.dataclass
 class CausalLMOutput:
     """What a causal language model returns: ``output.logits`` is ``[batch, length, vocab]``.
 
     ``past_key_values`` is the updated key/value cache when the call was given
     one (generation), one ``(keys, values)`` pair per layer; None otherwise.
+    Its fields can be assigned, so a block writes ``lm.output.logits = v`` as in
+    nnsight (or ``lm.output["logits"] = v``, as transformers' outputs allow).
     """
 
     logits: jax.Array
     past_key_values: Any = None
+
+    def replace(self, **fields: Any) -> "CausalLMOutput":
+        """A copy with ``fields`` replaced, as ``flax.struct`` dataclasses give."""
+        return dataclasses.replace(self, **fields)
 
     def save(self) -> "CausalLMOutput":
         """Keep this output after a trace block, as ``jnnsight.save(output)`` does."""
@@ -42,7 +50,7 @@ class CausalLMOutput:
         builder = current()
         return self if builder is None else builder.save(self)
 
-    # transformers' ModelOutput is a dict of the fields that are set; so is this, read-only.
+    # transformers' ModelOutput is a dict of the fields that are set; so is this.
 
     def keys(self) -> tuple[str, ...]:
         return tuple(k for k in ("logits", "past_key_values") if getattr(self, k) is not None)
@@ -69,6 +77,11 @@ class CausalLMOutput:
                 raise KeyError(f"{key!r}: this output has {list(self.keys())}.")
             return getattr(self, key)
         return self.values()[key]
+
+    def __setitem__(self, key: str, value: Any) -> None:
+        if key not in ("logits", "past_key_values"):
+            raise KeyError(f"{key!r}: this output's fields are 'logits' and 'past_key_values'.")
+        setattr(self, key, value)
 
 
 class Activation(nn.Module):

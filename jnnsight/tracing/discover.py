@@ -119,6 +119,10 @@ class SiteTable:
         """The call index of ``path``'s first call at generation step ``step``: 0 here."""
         return 0
 
+    def name(self, key: SiteKey) -> str:
+        """How the user addresses the site ``key``: ``model.h[1].mlp.next().output``."""
+        return site_name(key, self.modules.__contains__)
+
     def lifted(self, site: Site, name: str) -> str:
         """Why the site (shown to the user as ``name``) cannot be used, and what can."""
         path = site.key[0]
@@ -127,7 +131,7 @@ class SiteTable:
         return (
             f"{name} runs inside a flax lifted transform (nn.scan, nn.remat, nn.vmap, ...): "
             "its values exist only inside that transform's own trace, so a block can neither "
-            f"read nor write them. Use `{site_name((outside, 0, 'output'), self.modules.__contains__)}`, the first module "
+            f"read nor write them. Use `{self.name((outside, 0, 'output'))}`, the first module "
             "outside it, or run the model without the transform (a Python loop over the layers for "
             "nn.scan, no nn.remat) to address them."
         )

@@ -386,7 +386,9 @@ class Builder:
                  skip: bool = False) -> list[Any]:
         leaves, treedef = jax.tree_util.tree_flatten(plain(value))
         if treedef != site.treedef:
-            fix = ("give `.skip()` the whole output, e.g. `.skip((h,))` for a block's tuple"
+            fix = ("give `.skip()` the whole output, e.g. `.skip((h,))` for a block's tuple; "
+                   "in generation a decoder layer returns `(hidden, (keys, values))` with "
+                   "its key/value cache, so pass the cache the layer was given (in `.inputs`) too"
                    if skip else "for one element of a tuple: `site.output[0] = v`")
             raise WriteError(at_user_line(
                 f"{describe()} holds a value of structure {site.treedef}, and the "

@@ -33,7 +33,7 @@ from .program import (
     site_skip_p,
     site_write_p,
 )
-from .discover import Site, SiteKey, site_name
+from .discover import Site, SiteKey
 
 PRE = -1  # the stage of everything that needs no site
 
@@ -87,7 +87,7 @@ class Schedule:
 
 def program_site_name(program: InterventionProgram, order: int) -> str:
     """How the user addresses the site numbered ``order`` in ``program``'s table."""
-    return site_name(program.table.sites[order].key, program.table.modules.__contains__)
+    return program.table.name(program.table.sites[order].key)
 
 
 def _causality_error(program: InterventionProgram, at: int, needs: int, skip: bool) -> CausalityError:

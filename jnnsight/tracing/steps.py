@@ -25,7 +25,7 @@ from typing import Any, Hashable, Iterator, Sequence
 
 from jax.extend.core import Literal, Var
 
-from .discover import Site, SiteKey, SiteTable
+from .discover import Site, SiteKey, SiteTable, site_name
 from .program import _value_key, jaxpr_key
 from .schedule import Schedule, Stage, pruned
 
@@ -105,6 +105,12 @@ class StepTable:
             return None
         return self.at(base + local.order)
 
+    def name(self, key: SiteKey) -> str:
+        """How the user addresses the site ``key``; the generated tokens are ``model.generator.output``."""
+        if key[0] == RESULT_PATH:
+            return f"model.generator.{key[2]}"
+        return site_name(key, self.modules.__contains__)
+
     def missing(self, key: SiteKey, name: str) -> str:
         path, call, kind = key
         if path == RESULT_PATH:
@@ -112,9 +118,12 @@ class StepTable:
         first, per_step = self._calls(self.first, path), self._calls(self.step, path)
         if first == 0 and per_step == 0:
             return self.first.missing(key, name)
+        step = "" if per_step == 0 else (
+            f"that call is at step {1 + (call - first) // per_step} (`.next()` counts on from "
+            "the step a `tracer.iter` loop or `tracer.all()` body addresses), and ")
         return (
-            f"{name} is never reached: this generation runs {self.steps} step(s) (steps "
-            f"0 to {self.steps - 1}, step 0 the prompt) and the module runs "
+            f"{name} is never reached: {step}this generation runs {self.steps} step(s) (steps "
+            f"0 to {self.steps - 1}, step 0 the prompt); the module runs "
             f"{first} time(s) on the prompt and {per_step} time(s) per later step. "
             "Raise max_new_tokens, or address an earlier step."
         )
