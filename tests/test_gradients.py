@@ -520,3 +520,44 @@ def test_attention_weights_used_inside_a_jit_or_checkpoint_are_refused_too(wrap)
             g = out.grad.save()
     out = Attention(wrap).apply({"params": model.variables["params"]["attn"]}, x)[0]
     np.testing.assert_allclose(g, 2 * out, rtol=1e-6)
+
+
+class Encoder(nn.Module):
+    """Returns its last hidden state twice: alone, and last in the list of all of them."""
+
+    @nn.compact
+    def __call__(self, x):
+        h0 = nn.Dense(8, name="d0")(x)
+        h1 = jnp.tanh(nn.Dense(8, name="d1")(h0))
+        return h1, (h0, h1)
+
+
+class Encodes(nn.Module):
+    @nn.compact
+    def __call__(self, x):
+        last, _ = Encoder(name="enc")(x)
+        return nn.Dense(3, name="head")(last)
+
+
+def test_an_array_returned_twice_is_one_value_for_its_gradient():
+    """``enc.output[1][1]`` is ``enc.output[0]``: its gradient counts the uses of either, as
+    one torch tensor's does (it was zero: the head uses the other leaf), and an edit of it
+    changes what flows upstream."""
+    x = jax.random.normal(jax.random.key(0), (2, 8))
+    module = Encodes()
+    model = NNsight(module, module.init(jax.random.key(1), x))
+    with model.trace(x):
+        last, also_last = model.enc.output[0], model.enc.output[1][1]
+        inner = model.enc.d0.output
+        with (model.output ** 2).sum().backward():
+            g_last, g_also = last.grad.save(), also_last.grad.save()
+            also_last.grad = also_last.grad * 0
+            g_inner = inner.grad.save()
+    params = model.variables["params"]
+    head = lambda h: nn.Dense(3).apply({"params": params["head"]}, h)  # noqa: E731
+    h1 = Encoder().apply({"params": params["enc"]}, x)[0]
+    expected = jax.grad(lambda h: (head(h) ** 2).sum())(h1)
+    np.testing.assert_allclose(g_last, expected, rtol=1e-6)
+    np.testing.assert_allclose(g_also, expected, rtol=1e-6)
+    assert float(jnp.abs(expected).max()) > 0
+    np.testing.assert_array_equal(g_inner, 0)

@@ -373,17 +373,28 @@ def with_gradients(
         def hook_for(site: int) -> Callable[..., list[Any]]:
             def hook(leaves: list[Any], values: Callable[[list[Any]], dict]) -> list[Any]:
                 model_leaves, leaves = leaves, list(leaves)
+                done: set[int] = set()
                 for leaf in by_site[site]:
-                    x = leaves[leaf]
-                    others = [y for k, y in enumerate(model_leaves) if k != leaf and y is not x]
+                    if leaf in done:
+                        continue
+                    x = model_leaves[leaf]
+                    # leaves that are this same array (`return h, (h0, h)`) are one value, as
+                    # one torch tensor is: each gets the edits and the probes of them all
+                    same = [k for k, y in enumerate(model_leaves) if y is x]
+                    others = [y for y in model_leaves if y is not x]
+                    probed = [k for k in same if (site, k) in backward.probes]
                     if backward.keys[site][2] == "output" and _feeds_other_leaves(x, others):
-                        raise _used_inside_error(backward, site, leaf)
-                    edit = backward.edits.get((site, leaf))
-                    if edit is not None:
-                        known = env if all(v in env for v in edit.residuals) \
-                            else values(list(edit.residuals))
-                        x = _edit_hook(edit, [atom_value(known, v) for v in edit.residuals])(x)
-                    leaves[leaf] = x + probes[f"{site}:{leaf}"]
+                        raise _used_inside_error(backward, site, probed[0])
+                    for k in probed:
+                        edit = backward.edits.get((site, k))
+                        if edit is not None:
+                            known = env if all(v in env for v in edit.residuals) \
+                                else values(list(edit.residuals))
+                            x = _edit_hook(edit, [atom_value(known, v) for v in edit.residuals])(x)
+                    x = x + sum(probes[f"{site}:{k}"] for k in probed)
+                    for k in same:
+                        leaves[k] = x
+                    done.update(same)
                 return leaves
             return hook
 
