@@ -193,6 +193,15 @@ def test_bad_gradient_code_gets_clear_errors(models):
             later = lm.model.layers[1].output[0]
             with nll(lm.lm_head.output, A).backward():
                 h.grad = h.grad * later
+    with pytest.raises(JnnsightError, match=r"test_gradients.py:\d+: `with penalty.backward\(\):`\n"
+                       r"`backward\(\)` target #1 is computed from a `.grad` \(a gradient penalty"):
+        with lm.trace(IDS):
+            h = lm.model.layers[0].output[0]
+            logits = lm.lm_head.output
+            with nll(logits, A).backward():
+                penalty = (h.grad ** 2).sum() + logits.sum()  # uses module values too
+                with penalty.backward():
+                    h.grad.save()
     with pytest.raises(SiteError, match=r"test_gradients.py:\d+:[\s\S]*`.grad` of a parameter.*jax.grad"):
         with lm.trace(IDS):
             with nll(lm.lm_head.output, A).backward():

@@ -133,6 +133,14 @@ def split_backward(program: InterventionProgram) -> tuple[InterventionProgram, B
             forward.append(eqn)
 
     for target, loss in losses.items():
+        if isinstance(loss, Var) and loss in needs_grad:
+            raise JnnsightError(at_line(
+                program.target_lines.get(target),
+                f"`backward()` target #{target} is computed from a `.grad` (a gradient "
+                "penalty: torch's `create_graph=True`), which a block cannot differentiate: "
+                "its gradients exist only after the forward's backward pass. Put the trace in "
+                "a function and take `jax.grad` of it, which differentiates gradients too."
+            ))
         if not any(e.primitive is site_read_p for e in _closure(forward, [loss])):
             raise JnnsightError(at_line(
                 program.target_lines.get(target),
