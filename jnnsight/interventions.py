@@ -120,7 +120,9 @@ class LowRankRotation:
     ``basis = orthonormal(weight)`` is ``[width, rank]``; ``__call__(base, source)``
     replaces the base's coordinates in that subspace with the source's:
     ``base + basis @ (basis.T @ (source - base))``, the rotated-space interchange of
-    Geiger et al. restricted to the first ``rank`` rotated dimensions.
+    Geiger et al. restricted to the first ``rank`` rotated dimensions. Start from
+    :meth:`random`: a weight of lower rank than its columns (``jnp.zeros``) has no
+    subspace to follow, and QR's gradient there is NaN.
 
     Example::
 

@@ -348,6 +348,11 @@ def test_cache_holds_every_output_after_edits_keyed_as_nnsight(toy):
     with pytest.raises(jnnsight.SiteError, match="no module 'model.h.0.mpl'.*Did you mean 'model.h.0.mlp'"):
         with model.trace(tokens) as tracer:
             tracer.cache(modules=["h.0.mpl"])
+    for read in (lambda c: c["h.0.mlp"], lambda c: c.h[0].mlp.output):
+        with pytest.raises(jnnsight.SiteError, match=r"test_trace.py:\d+:[\s\S]*the cache is filled "
+                           "when the trace block ends: read it after the `with` block"):
+            with model.trace(tokens) as tracer:
+                read(tracer.cache())
 
 
 class Shared(nn.Module):

@@ -24,7 +24,7 @@ from typing import Any, Callable, Iterator
 import flax.struct
 import jax
 
-from ..errors import close_names
+from ..errors import SiteError, at_user_line, close_names
 from .discover import list_items
 
 
@@ -78,6 +78,14 @@ class Cache(dict):
     def __init__(self, model: Any):
         super().__init__()
         object.__setattr__(self, "_model", model)
+        object.__setattr__(self, "_filled", False)  # set once the block has ended
+
+    def _check_filled(self) -> None:
+        if not self._filled:
+            raise SiteError(at_user_line(
+                "the cache is filled when the trace block ends: read it after the `with` "
+                "block. Inside the block, read the values themselves (`envoy.output`)."
+            ))
 
     def key_of(self, path: tuple[str, ...]) -> str:
         """nnsight's key of the module at ``path`` in this model."""
@@ -103,6 +111,7 @@ class Cache(dict):
         return next((c for c in candidates if c in known), candidates[-1])
 
     def __getitem__(self, key: Any) -> "CacheView":
+        self._check_filled()
         found = self.key(key)
         if not dict.__contains__(self, found):
             raise KeyError(f"{key!r}: the cache holds no module {found!r}. "
@@ -139,6 +148,7 @@ class CacheView:
             cache.key_of(node._path) if hasattr(node, "_path") else None)
 
     def _values(self, field: str) -> Any:
+        self._cache._check_filled()
         if self._key is None:
             raise TypeError("a list of modules has no values of its own: index it (`cache.h[0]`).")
         if not dict.__contains__(self._cache, self._key):

@@ -213,6 +213,7 @@ class Tracer:
                     if inputs is not None else None,
                 )
                 dict.setdefault(cache, key, []).append(entry)
+            object.__setattr__(cache, "_filled", True)
 
         builder.finalizers.append(fill)
         return cache
