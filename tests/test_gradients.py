@@ -8,11 +8,9 @@ from typing import Any, Callable
 import jax
 import jax.numpy as jnp
 import numpy as np
-import flax.linen as nn
 import pytest
 
 from conftest import tiny_language_model
-from jnnsight import NNsight
 from jnnsight.errors import JnnsightError, SiteError, WriteError
 
 torch = pytest.importorskip("torch")
@@ -484,89 +482,3 @@ def test_gradients_that_would_silently_be_zero_or_meaningless_are_refused(toy):
             with model.lm_head.output[0, -1].argmax().backward():
                 h.grad.save()
 
-
-def attend(q, k, v):
-    probs = jax.nn.softmax(q @ k.swapaxes(-1, -2), axis=-1)
-    return probs @ v, probs
-
-
-class Attention(nn.Module):
-    """Returns its weights after using them, computed in a ``wrap``-ped function."""
-
-    wrap: Callable
-
-    @nn.compact
-    def __call__(self, x):
-        q, k, v = (nn.Dense(4, name=name)(x) for name in "qkv")
-        out, probs = self.wrap(attend)(q, k, v)
-        return nn.Dense(4, name="o")(out), probs
-
-
-class Attends(nn.Module):
-    wrap: Callable
-
-    @nn.compact
-    def __call__(self, x):
-        return Attention(self.wrap, name="attn")(x)[0]
-
-
-@pytest.mark.parametrize("wrap", [lambda f: f, jax.jit, jax.checkpoint], ids=["plain", "jit", "checkpoint"])
-def test_attention_weights_used_inside_a_jit_or_checkpoint_are_refused_too(wrap):
-    """The weights' use inside the module is found through the calls that compute them
-    (it gave zeros there); the output beside them keeps its gradient, as by hand."""
-    x = jax.random.normal(jax.random.key(0), (1, 5, 4))
-    module = Attends(wrap)
-    model = NNsight(module, module.init(jax.random.key(1), x))
-    with pytest.raises(JnnsightError, match=r"`probs = model.attn.output\[1\]`\n"
-                       r"`.grad` of model.attn.output \(leaf 1\) would miss part"):
-        with model.trace(x):
-            probs = model.attn.output[1]
-            with (model.output ** 2).sum().backward():
-                probs.grad.save()
-    with model.trace(x):
-        out = model.attn.output[0]
-        with (model.output ** 2).sum().backward():
-            g = out.grad.save()
-    out = Attention(wrap).apply({"params": model.variables["params"]["attn"]}, x)[0]
-    np.testing.assert_allclose(g, 2 * out, rtol=1e-6)
-
-
-class Encoder(nn.Module):
-    """Returns its last hidden state twice: alone, and last in the list of all of them."""
-
-    @nn.compact
-    def __call__(self, x):
-        h0 = nn.Dense(8, name="d0")(x)
-        h1 = jnp.tanh(nn.Dense(8, name="d1")(h0))
-        return h1, (h0, h1)
-
-
-class Encodes(nn.Module):
-    @nn.compact
-    def __call__(self, x):
-        last, _ = Encoder(name="enc")(x)
-        return nn.Dense(3, name="head")(last)
-
-
-def test_an_array_returned_twice_is_one_value_for_its_gradient():
-    """``enc.output[1][1]`` is ``enc.output[0]``: its gradient counts the uses of either, as
-    one torch tensor's does (it was zero: the head uses the other leaf), and an edit of it
-    changes what flows upstream."""
-    x = jax.random.normal(jax.random.key(0), (2, 8))
-    module = Encodes()
-    model = NNsight(module, module.init(jax.random.key(1), x))
-    with model.trace(x):
-        last, also_last = model.enc.output[0], model.enc.output[1][1]
-        inner = model.enc.d0.output
-        with (model.output ** 2).sum().backward():
-            g_last, g_also = last.grad.save(), also_last.grad.save()
-            also_last.grad = also_last.grad * 0
-            g_inner = inner.grad.save()
-    params = model.variables["params"]
-    head = lambda h: nn.Dense(3).apply({"params": params["head"]}, h)  # noqa: E731
-    h1 = Encoder().apply({"params": params["enc"]}, x)[0]
-    expected = jax.grad(lambda h: (head(h) ** 2).sum())(h1)
-    np.testing.assert_allclose(g_last, expected, rtol=1e-6)
-    np.testing.assert_allclose(g_also, expected, rtol=1e-6)
-    assert float(jnp.abs(expected).max()) > 0
-    np.testing.assert_array_equal(g_inner, 0)
