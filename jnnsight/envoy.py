@@ -134,6 +134,7 @@ class Envoy:
 
     def _write(self, kind: str, value: Any) -> None:
         builder, site, describe = self._site(kind)
+        builder.unwatch((site.key, builder.rows), value)
         builder.write(site, builder.rows, value, describe)
 
     def _writable(self, kind: str, part: Callable[[Any], Any] = lambda value: value,
@@ -151,7 +152,7 @@ class Envoy:
             value = new if whole is None else whole(builder.value(site, rows), new)
             builder.write(site, rows, value, describe)
 
-        return _program.writable(part(builder.read(site, rows)), write)
+        return _program.writable(part(builder.read(site, rows)), write, (site.key, rows))
 
     @property
     def output(self) -> Any:

@@ -404,6 +404,29 @@ def test_writes_to_a_dict_input_and_dataclass_fields_reach_the_forward():
         o.aux = (o.aux[0] * 0, o.aux[1] * 0)
         once = model.output.save()
     assert_close(both, once)
+    # a dataclass read before a whole write is no longer the output, as a torch output
+    # object replaced by a hook: its fields write nothing; the written object's still do
+    with model.trace(x):
+        o = model.inner.output
+        model.inner.output = Aux(o.h * 2, o.aux)
+        o.h = o.h * 0
+        replaced = model.output.save()
+    with model.trace(x):
+        o = model.inner.output
+        model.inner.output = o
+        o.h = o.h * 2
+        kept = model.output.save()
+
+    def double_h(next_fun, a, k, context):
+        out = next_fun(*a, **k)
+        if context.method_name == "__call__" and tuple(context.module.path) == ("inner",):
+            out = Aux(out.h * 2, out.aux)
+        return out
+
+    with nn.intercept_methods(double_h):
+        doubled = module.apply(model.variables, x)
+    assert_close(replaced, doubled)
+    assert_close(kept, doubled)
 
 
 def test_an_element_write_goes_to_the_call_and_invoke_it_was_read_at():

@@ -273,8 +273,9 @@ class Builder:
         self.target_lines: dict[int, UserLine | None] = {}
         # `loss.backward()` calls not (yet) entered as `with` blocks, and their lines
         self.unentered_backwards: dict[int, tuple[Any, UserLine | None]] = {}
-        # dataclass site values handed out: (value, its fields as handed out, writer)
-        self.watched: list[tuple[Any, dict[str, Any], Callable[[Any], None]]] = []
+        # dataclass site values handed out: (value, its fields as handed out, writer, the
+        # site and rows it was read at)
+        self.watched: list[tuple[Any, dict[str, Any], Callable[[Any], None], Hashable]] = []
 
     # reading and writing sites --------------------------------------------------
 
@@ -366,9 +367,18 @@ class Builder:
         self.write_lines[module_input.order] = user_line(2)
         self.current[output.key] = list(new)
 
-    def watch(self, value: Any, writer: Callable[[Any], None]) -> None:
-        """Write ``value`` with ``writer`` once the body assigns one of its fields."""
-        self.watched.append((value, vars(value).copy(), writer))
+    def watch(self, value: Any, writer: Callable[[Any], None], place: Hashable) -> None:
+        """Write ``value`` with ``writer`` once the body assigns one of its fields;
+        ``place`` is the site and rows it was read at."""
+        self.watched.append((value, vars(value).copy(), writer, place))
+
+    def unwatch(self, place: Hashable, value: Any) -> None:
+        """``value`` is now the whole value at ``place``: a dataclass read there before is
+        no longer the site's value, and its fields assigned from now on write nothing (as
+        a torch module output object replaced by a hook)."""
+        self.write_fields()
+        in_value = {id(x) for x in _nodes(value)}
+        self.watched = [w for w in self.watched if w[3] != place or id(w[0]) in in_value]
 
     def write_fields(self) -> None:
         """Write the watched dataclass values whose fields the body assigned.
@@ -376,7 +386,7 @@ class Builder:
         Called before the body reaches any site and at the block's end, so a later
         read of the site sees the assignment, as in nnsight's ``output.aux = v``.
         """
-        for value, fields, writer in self.watched:
+        for value, fields, writer, _ in self.watched:
             now = vars(value)
             if any(now[name] is not old for name, old in fields.items()):
                 fields.update(now)
@@ -633,6 +643,7 @@ class _SiteContainer:
     """Element writes and ``.save()`` for a site's tuple, list or dict value."""
 
     _writer: Callable[[Any], None]
+    _place: Hashable
 
     def _set(self, index: Any, value: Any) -> None:
         if isinstance(self, tuple):  # immutable: the elements written so far live beside it
@@ -647,7 +658,7 @@ class _SiteContainer:
             )) from None
         self._writer(tuple(items) if isinstance(self, tuple) else items)
         if isinstance(self, (list, dict)):  # a later read of this object sees the write
-            child = writable(value, lambda new: self._set(index, new))
+            child = writable(value, lambda new: self._set(index, new), self._place)
             (list if isinstance(self, list) else dict).__setitem__(self, index, child)
 
     def save(self) -> Any:
@@ -745,12 +756,28 @@ def _mutable_dataclass(value: Any) -> bool:
             and not jax.tree_util.treedef_is_leaf(jax.tree_util.tree_structure(value)))
 
 
-def writable(value: Any, writer: Callable[[Any], None]) -> Any:
+def _nodes(value: Any) -> Iterator[Any]:
+    """``value`` and every tuple, list, dict and dataclass inside it."""
+    yield value
+    if isinstance(value, dict):
+        children = value.values()
+    elif isinstance(value, (tuple, list)):
+        children = value
+    elif dataclasses.is_dataclass(value) and hasattr(value, "__dict__"):
+        children = vars(value).values()
+    else:
+        return
+    for child in children:
+        yield from _nodes(child)
+
+
+def writable(value: Any, writer: Callable[[Any], None], place: Hashable = None) -> Any:
     """``value`` with its tuples, lists and dicts made to accept element writes.
 
     ``site.output["aux"][0] = v`` writes the site with that one element replaced; so
     does ``site.output.aux = v`` on a registered dataclass that is not frozen (its
-    fields are made writable in place, and the builder watches it).
+    fields are made writable in place, and the builder watches it). ``place`` is the
+    site and rows the value was read at.
     """
     cls = next((c for c, base in _PLAIN.items() if type(value) is base), None)
     if cls is None:
@@ -758,12 +785,12 @@ def writable(value: Any, writer: Callable[[Any], None]) -> Any:
         if builder is not None and _mutable_dataclass(value):
             def field_writer(name: str) -> Callable[[Any], None]:
                 def write(new: Any) -> None:  # `out.aux[0] = v` assigns the field `aux`
-                    setattr(value, name, writable(new, write))
+                    setattr(value, name, writable(new, write, place))
                 return write
 
             for name in vars(value):
-                setattr(value, name, writable(getattr(value, name), field_writer(name)))
-            builder.watch(value, writer)
+                setattr(value, name, writable(getattr(value, name), field_writer(name), place))
+            builder.watch(value, writer, place)
         return value
 
     parent: list[Any] = []  # the wrapped value, once built: children write through it
@@ -772,8 +799,8 @@ def writable(value: Any, writer: Callable[[Any], None]) -> Any:
         return lambda child: parent[0]._set(index, child)
 
     indices = value.keys() if isinstance(value, dict) else range(len(value))
-    children = {i: writable(value[i], child_writer(i)) for i in indices}
+    children = {i: writable(value[i], child_writer(i), place) for i in indices}
     wrapped = cls(children) if isinstance(value, dict) else cls(children[i] for i in indices)
     parent.append(wrapped)
-    wrapped._writer = writer
+    wrapped._writer, wrapped._place = writer, place
     return wrapped
