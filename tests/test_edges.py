@@ -427,6 +427,12 @@ def test_writes_to_a_dict_input_and_dataclass_fields_reach_the_forward():
         doubled = module.apply(model.variables, x)
     assert_close(replaced, doubled)
     assert_close(kept, doubled)
+    with pytest.raises(jnnsight.WriteError, match=r"test_edges.py:\d+: `model.takes.output.save\(\)`\n"
+                       r"`model.inner.output` expects float32\[2, 4\][\s\S]*assignment of `.h`"):
+        with model.trace(x):
+            o = model.inner.output
+            o.h = jnp.zeros(3)
+            model.takes.output.save()
 
 
 def test_an_element_write_goes_to_the_call_and_invoke_it_was_read_at():

@@ -388,9 +388,17 @@ class Builder:
         """
         for value, fields, writer, _ in self.watched:
             now = vars(value)
-            if any(now[name] is not old for name, old in fields.items()):
+            changed = [name for name, old in fields.items() if now[name] is not old]
+            if changed:
                 fields.update(now)
-                writer(copy.copy(value))
+                try:
+                    writer(copy.copy(value))
+                except JnnsightError as err:  # named at the next site, not at the assignment
+                    raise type(err)(
+                        f"{err}\nThis write is the assignment of `.{changed[0]}` on a value read "
+                        "from that site; a field assignment is applied when the block next "
+                        "reaches a site, here."
+                    ).with_traceback(err.__traceback__) from None
 
     def _checked(self, site: Site, rows: Rows, value: Any, describe: Callable[[], str],
                  skip: bool = False) -> list[Any]:
