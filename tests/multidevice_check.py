@@ -76,6 +76,7 @@ def run(lm: LanguageModel, mesh: Mesh | None = None) -> dict:
     with lm.trace(ids):
         hidden = lm.model.layers[0].output[0].save()
         gathered = lm.model.layers[0].output[0][:, -1].save(gather=True)
+        whole = lm.model.layers[0].output.save(gather=True)  # a tuple; the same array as hidden
         lm.model.layers[1].output[0] = lm.model.layers[1].output[0] + steer
         logits = lm.lm_head.output.save()
     with lm.trace(ids):
@@ -95,6 +96,9 @@ def run(lm: LanguageModel, mesh: Mesh | None = None) -> dict:
 
     steer_grad = jax.jit(jax.grad(loss_fn))(jnp.linspace(-1.0, 1.0, 64), lm.variables)
     assert isinstance(gathered, np.ndarray)  # gathered to the host on request
+    # ... and only that save: `hidden`, the same value saved plainly, stays a jax.Array
+    assert isinstance(whole[0], np.ndarray) and isinstance(hidden, jax.Array)
+    np.testing.assert_array_equal(whole[0], np.asarray(hidden))
 
     # Arrays on the user's mesh or on one device, in operations beyond `+` and in invokes;
     # parameters and an envoy call's argument on the user's mesh.

@@ -43,12 +43,12 @@ class CausalLMOutput:
         """A copy with ``fields`` replaced, as ``flax.struct`` dataclasses give."""
         return dataclasses.replace(self, **fields)
 
-    def save(self) -> "CausalLMOutput":
-        """Keep this output after a trace block, as ``jnnsight.save(output)`` does."""
+    def save(self, gather: bool = False) -> "CausalLMOutput":
+        """Keep this output after a trace block, as ``jnnsight.save(output, gather)`` does."""
         from ..tracing.program import current
 
         builder = current()
-        return self if builder is None else builder.save(self)
+        return self if builder is None else builder.save(self, gather=gather)
 
     # transformers' ModelOutput is a dict of the fields that are set; so is this.
 

@@ -562,6 +562,9 @@ class Builder:
 
     def save(self, value: Any, internal: bool = False, gather: bool = False) -> Any:
         line = None if internal else user_line(2)
+        if gather:  # copies of its own: a plain save of the same value stays on the devices
+            value = jax.tree_util.tree_map(
+                lambda leaf: jnp.array(leaf, copy=True) if self.is_ours(leaf) else leaf, value)
         for leaf in jax.tree_util.tree_leaves(value):
             if self.is_ours(leaf):
                 self.saved[id(leaf)] = leaf
@@ -669,11 +672,12 @@ class _SiteContainer:
             child = writable(value, lambda new: self._set(index, new), self._place)
             (list if isinstance(self, list) else dict).__setitem__(self, index, child)
 
-    def save(self) -> Any:
-        """Keep the whole value after the block (as a plain tuple/list/dict)."""
+    def save(self, gather: bool = False) -> Any:
+        """Keep the whole value after the block (as a plain tuple/list/dict); with
+        ``gather=True``, as numpy arrays on the host (see :func:`jnnsight.save`)."""
         builder = current()
         value = plain(self)
-        return value if builder is None else builder.save(value)
+        return value if builder is None else builder.save(value, gather=gather)
 
 
 class SiteTuple(_SiteContainer, tuple):
