@@ -1054,3 +1054,15 @@ def test_an_array_returned_twice_is_one_value_for_its_gradient():
     np.testing.assert_allclose(g_also, expected, rtol=1e-6)
     assert float(jnp.abs(expected).max()) > 0
     np.testing.assert_array_equal(g_inner, 0)
+
+
+def test_a_value_saved_gathered_and_plainly_is_numpy_and_a_jax_array(toy):
+    """``save(gather=True)`` on its own line (nnsight's habit) keeps the name, as numpy; the
+    same value saved plainly stays a ``jax.Array`` (they were both numpy)."""
+    model, tokens = toy
+    with model.trace(tokens):
+        h = model.h[0].output[0]
+        h.save(gather=True)
+        same = model.h[0].output[0].save()
+    assert isinstance(h, np.ndarray) and isinstance(same, jax.Array)
+    np.testing.assert_array_equal(h, np.asarray(same))

@@ -562,9 +562,12 @@ class Builder:
 
     def save(self, value: Any, internal: bool = False, gather: bool = False) -> Any:
         line = None if internal else user_line(2)
-        if gather:  # copies of its own: a plain save of the same value stays on the devices
-            value = jax.tree_util.tree_map(
-                lambda leaf: jnp.array(leaf, copy=True) if self.is_ours(leaf) else leaf, value)
+
+        def again(leaf: Any) -> bool:  # saved before with the other `gather`: save a copy
+            return self.is_ours(leaf) and id(leaf) in self.saved and (id(leaf) in self.gathered) != gather
+
+        if any(again(leaf) for leaf in jax.tree_util.tree_leaves(value)):
+            value = jax.tree_util.tree_map(lambda x: jnp.array(x, copy=True) if again(x) else x, value)
         for leaf in jax.tree_util.tree_leaves(value):
             if self.is_ours(leaf):
                 self.saved[id(leaf)] = leaf
