@@ -156,12 +156,24 @@ def _checked_mesh(mesh: Any, rules: Any) -> Mesh:
             f"mesh= takes a jax.sharding.Mesh, got {mesh!r}: make one with "
             "`jax.make_mesh((2, 4), ('data', 'model'))`."
         ))
+    def mesh_axes(axes: Any) -> bool:  # a name, names, or None
+        return axes is None or isinstance(axes, str) or (
+            isinstance(axes, (tuple, list)) and all(isinstance(a, str) for a in axes))
+
     if isinstance(rules, (str, bytes)) or not all(
             isinstance(rule, (tuple, list)) and len(rule) == 2 and isinstance(rule[0], str)
-            for rule in rules):
+            and mesh_axes(rule[1]) for rule in rules):
         raise TypeError(at_user_line(
             "rules= takes (logical axis, mesh axis or axes or None) pairs, such as "
             f"jnnsight.sharding.DEFAULT_RULES; got {rules!r}."
+        ))
+    names = [name for name, _ in rules]
+    twice = sorted({name for name in names if names.count(name) > 1})
+    if twice:
+        raise ValueError(at_user_line(
+            f"rules= names the logical axis {twice[0]!r} more than once: each logical axis "
+            "takes one rule (jnnsight does not fall back to a later one). For several mesh "
+            "axes give one rule a tuple, e.g. ('batch', ('data', 'model'))."
         ))
     used = {a for _, axes in rules for a in ((axes,) if isinstance(axes, str) else axes or ())}
     if rules is not DEFAULT_RULES:  # a typo would leave the dimension replicated, quietly

@@ -71,8 +71,9 @@ def test_meshes_of_8_devices_give_the_numbers_of_one_device():
 
 
 def test_bad_mesh_and_rules_arguments_are_clear():
-    """Bad inputs tried: a tuple for mesh=, rules that are not pairs, a mesh whose axes no
-    rule names (every parameter would be replicated: a warning)."""
+    """Bad inputs tried: a tuple for mesh=, rules that are not pairs or map to a number, a
+    logical axis given two rules, a mesh whose axes no rule names (every parameter would
+    be replicated: a warning), an integer weight loaded into shards."""
     import jax
 
     from jnnsight import LanguageModel
@@ -81,9 +82,11 @@ def test_bad_mesh_and_rules_arguments_are_clear():
     with pytest.raises(TypeError, match=r"mesh= takes a jax.sharding.Mesh, got \(2, 4\)"):
         LanguageModel(folder, mesh=(2, 4))
     one = jax.make_mesh((1,), ("model",))
-    for rules in (["mlp"], "mlp", [("mlp",)]):
+    for rules in (["mlp"], "mlp", [("mlp",)], [("mlp", 1)], [("mlp", ("model", 2))]):
         with pytest.raises(TypeError, match="rules= takes"):
             LanguageModel(folder, mesh=one, rules=rules)
+    with pytest.raises(ValueError, match=r"test_sharding.py:\d+:[\s\S]*names the logical axis 'mlp' more than once"):
+        LanguageModel(folder, mesh=one, rules=(("mlp", "model"), ("mlp", None)))
     with pytest.warns(UserWarning, match=r"no sharding rule names an axis of this mesh \('tp',\)") as caught:
         LanguageModel(folder, mesh=jax.make_mesh((1,), ("tp",)))
     assert caught[0].filename == __file__
@@ -94,3 +97,30 @@ def test_bad_mesh_and_rules_arguments_are_clear():
         with pytest.warns(UserWarning, match=match) as caught:
             LanguageModel(folder, mesh=two, rules=rules)
         assert caught[0].filename == __file__
+
+
+def test_loading_into_shards_checks_and_keeps_dtypes_as_an_eager_load_does(tmp_path):
+    """An integer weight is refused (it loaded and was multiplied as int8), and
+    ``dtype=None`` keeps the stored type (it gave float32)."""
+    import jax
+    import numpy as np
+    from safetensors.numpy import load_file, save_file
+
+    from jnnsight import LanguageModel
+    from jnnsight.loading import CheckpointError
+
+    folder = Path(__file__).resolve().parents[1] / "models" / "tiny-llama"
+    tensors = load_file(folder / "model.safetensors")
+    one = jax.make_mesh((1,), ("model",))
+    for name, change in (("int8", lambda t: np.round(t * 10).astype(np.int8)),
+                         ("bfloat16", lambda t: t.astype(jax.numpy.bfloat16))):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "config.json").write_text((folder / "config.json").read_text())
+        key = "model.layers.0.mlp.down_proj.weight"
+        changed = {k: change(v) if name == "bfloat16" or k == key else v for k, v in tensors.items()}
+        save_file(changed, tmp_path / name / "model.safetensors")
+    for mesh in (None, one):
+        with pytest.raises(CheckpointError, match=r"integer weights model.layers.0.mlp.down_proj.weight int8"):
+            LanguageModel(tmp_path / "int8", mesh=mesh)
+        kept = LanguageModel(tmp_path / "bfloat16", mesh=mesh, dtype=None)
+        assert {x.dtype for x in jax.tree_util.tree_leaves(kept.variables)} == {np.dtype(jax.numpy.bfloat16)}

@@ -434,6 +434,7 @@ class LazyTensor:
     file: Path
     key: str
     shape: tuple[int, ...]
+    dtype: np.dtype | None  # None: a type jnnsight cannot read (reading it says so)
 
     def read(self, rows: slice = slice(None), columns: slice = slice(None)) -> np.ndarray:
         """The tensor's ``rows`` and ``columns`` (slices of axes 0 and 1, by default
@@ -448,7 +449,10 @@ def lazy_safetensors(path: str | os.PathLike) -> dict[str, LazyTensor]:
     for file in safetensors_files(path):
         with _opened(file) as f:
             for key in f.keys():
-                tensors[key] = LazyTensor(file, key, tuple(f.get_slice(key).get_shape()))
+                part = f.get_slice(key)
+                dtype = _SAFETENSORS_DTYPES.get(part.get_dtype())
+                tensors[key] = LazyTensor(file, key, tuple(part.get_shape()),
+                                          None if dtype is None else np.dtype(dtype))
     return tensors
 
 

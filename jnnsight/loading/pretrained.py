@@ -24,6 +24,7 @@ from ..sharding import DEFAULT_RULES, Rules, param_sharding, param_shardings, pl
 from .checkpoint import (
     CheckpointError,
     CheckpointNotFoundError,
+    LazyTensor,
     _cast,
     _float_dtype,
     _is_float,
@@ -77,12 +78,17 @@ def _load_sharded(path: Path, dtype: Any, mesh: Mesh, rules: Rules) -> tuple[nn.
     tensors = tie_embeddings(_hub_layout(lazy_safetensors(path), expected), config)
     _check_keys(tensors, expected, path)
     axes = param_axes_of(module)
-    target = np.dtype(dtype)
+    target = None if dtype is None else np.dtype(dtype)  # None: as stored
+
+    def nbytes(tensor: LazyTensor) -> int:
+        dtype = next((d for d in (target, tensor.dtype) if d is not None), np.dtype(np.float32))
+        return int(np.prod(tensor.shape)) * dtype.itemsize
+
     arrays: dict[str, jax.Array] = {}
     made: dict[tuple[int, NamedSharding], jax.Array] = {}  # a tied tensor: one array per sharding
     counted: set[int] = set()  # tensors the progress bar has counted
     unique = {id(t): t for t in tensors.values()}.values()
-    total = sum(int(np.prod(t.shape)) * target.itemsize for t in unique)
+    total = sum(nbytes(t) for t in unique)
     with _progress_bar(total, "Loading into shards", None) as bar:
         for key, tensor in tensors.items():
             sharding = param_sharding(axes, ("params", *path_of(key)), tensor.shape, mesh, rules)
@@ -99,7 +105,7 @@ def _load_sharded(path: Path, dtype: Any, mesh: Mesh, rules: Rules) -> tuple[nn.
                 read.clear()
                 if id(tensor) not in counted:
                     counted.add(id(tensor))
-                    bar.update(int(np.prod(tensor.shape)) * target.itemsize)
+                    bar.update(nbytes(tensor))
             arrays[key] = made[(id(tensor), sharding)]
     return module, {"params": nest(arrays)}
 
@@ -156,7 +162,7 @@ def _check_keys(tensors: dict[str, Any], expected: dict, path: Path) -> None:
                     for p in expected.keys() & given.keys() if given[p] != expected[p])
     # an int8 weight (a quantized checkpoint) would be multiplied as integers
     types = sorted(f"{k} {v.dtype}" for k, v in tensors.items()
-                   if hasattr(v, "dtype") and not _is_float(v.dtype))
+                   if getattr(v, "dtype", None) is not None and not _is_float(v.dtype))
     if missing or unexpected or shapes or types:
         def show(items: list[str]) -> str:
             return ", ".join(items[:5]) + (f" and {len(items) - 5} more" if len(items) > 5 else "")
