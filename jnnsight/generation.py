@@ -656,7 +656,7 @@ def generate(lm: "LanguageModel", batch: Batch, bodies: Callable[[], None],
 
     values: dict[int, Any] = {}
     carried: dict[Any, Any] = {}
-    base_key = jax.random.key(0) if key is None else key
+    base_key = jax.random.key(0) if key is None else lm._outside([key])[0]  # on lm.mesh
     ran = 0
     bar = _progress_bar(needed, progress)
     try:

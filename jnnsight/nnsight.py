@@ -470,6 +470,7 @@ class NNsight(Envoy):
 
         def fn(variables: Any, inputs: Any, *args: Any, **kwargs: Any) -> tuple[Any, Any]:
             batch = collate([(inputs if isinstance(inputs, tuple) else (inputs,), {})])
+            variables = self._outside_tree(variables)  # on the model's mesh, as bind() puts them
             returned: list[Any] = []
 
             def bodies() -> None:

@@ -136,10 +136,17 @@ def run(lm: LanguageModel, mesh: Mesh | None = None) -> dict:
         lambda x: jax.device_put(x, NamedSharding(mesh, x.sharding.spec)), lm.variables)
     with lm.bind(theirs).trace(ids):
         bound = lm.lm_head.output.save()
+    # the function form and a sampling key take them from the user's mesh too
+    intervened = lm.intervene(lambda: lm.lm_head.output)(theirs, ids)[1]
+    key = jax.random.key(4) if mesh is None else jax.device_put(
+        jax.random.key(4), NamedSharding(mesh, PartitionSpec()))
+    with lm.generate(ids[:, :4], max_new_tokens=3, do_sample=True, key=key, eos_token_id=None) as tracer:
+        sampled = tracer.result.save()
     placed = hidden if mesh is None else jax.device_put(hidden, NamedSharding(mesh, PartitionSpec()))
     lens = lm.lm_head(lm.model.norm(placed))
     return {"hidden": hidden, "gathered": gathered, "logits": logits, "grad": grad, "tokens": tokens,
-            "steer_grad": steer_grad, "invoked": invoked, "bound": bound, "lens": lens}
+            "steer_grad": steer_grad, "invoked": invoked, "bound": bound, "lens": lens,
+            "intervened": intervened, "sampled": sampled}
 
 
 def main() -> None:
@@ -167,7 +174,7 @@ def main() -> None:
         # The same numbers as one device.
         ours = run(lm, mesh)
         for name, value in reference.items():
-            if name == "tokens":
+            if name in ("tokens", "sampled"):
                 np.testing.assert_array_equal(np.asarray(ours[name]), np.asarray(value))
             else:
                 diff = float(np.abs(np.asarray(ours[name]) - np.asarray(value)).max())
