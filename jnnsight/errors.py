@@ -141,6 +141,11 @@ _BODY_ADVICE = (
      "are moved there for you; one reached through a list, a dict, an attribute or a "
      "function's closure is not. Place it on `lm.mesh` "
      "(`jax.device_put(x, NamedSharding(lm.mesh, spec))`), or bind it to a name in the block."),
+    (("should match the aval mesh",),
+     "jnnsight: the block runs inside `jax.set_mesh(...)` of a mesh with explicit axes "
+     "(as `jax.make_mesh` makes them), and the model's values live on `lm.mesh`, whose "
+     "axes are automatic. Run the block outside that context, or inside "
+     "`jax.set_mesh(lm.mesh)`."),
     (("Array has been deleted",),
      "jnnsight: the model's parameters include an array that was deleted, most often by "
      "donation: `jnnsight.train_step` (or a `jax.jit` with `donate_argnums`) given "

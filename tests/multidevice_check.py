@@ -132,6 +132,12 @@ def run(lm: LanguageModel, mesh: Mesh | None = None) -> dict:
             lm.model.layers[1].output[0] = jnp.where(h > 0, steer, h)
             by_name = lm.lm_head.output.save()
         np.testing.assert_allclose(from_list, by_name, atol=TOL)
+        try:  # inside set_mesh of the user's explicit-axes mesh: a note says what to do
+            with jax.set_mesh(mesh):
+                with lm.trace(ids):
+                    lm.lm_head.output.save()
+        except ValueError as err:
+            assert "jax.set_mesh(lm.mesh)" in " ".join(getattr(err, "__notes__", [])), err
     theirs = lm.variables if mesh is None else jax.tree_util.tree_map(
         lambda x: jax.device_put(x, NamedSharding(mesh, x.sharding.spec)), lm.variables)
     with lm.bind(theirs).trace(ids):
