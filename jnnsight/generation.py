@@ -232,6 +232,10 @@ class GeneratorEnvoy(Envoy):
     """``lm.generator``: ``.output`` is the generated tokens ``[batch, prompt + new]``."""
 
     @property
+    def _name(self) -> str:
+        return "model.generator"  # not a child of the model: no E_ prefix
+
+    @property
     def output(self) -> Any:
         """The prompt and the generated tokens, left-padded rows as the batch has them."""
         builder = _program.current()

@@ -536,6 +536,11 @@ def test_bad_generation_inputs_get_clear_errors(models):
         with lm.generate(PROMPTS[0], max_new_tokens=3) as tracer:
             with tracer.all():
                 lm.model.layers[0].next().output.save()
+    with pytest.raises(SiteError, match=r"^[^\n]*\nmodel\.generator\.output exists only inside"):
+        with lm.generate(max_new_tokens=2) as tracer:
+            with tracer.invoke(PROMPTS[0]):
+                pass
+            tracer.result.save()      # outside the invokes
     with pytest.raises(CausalityError, match=r"depends on `model.generator.output`"):
         with lm.generate(PROMPTS[0], max_new_tokens=3) as tracer:
             for step in tracer.iter[1]:
