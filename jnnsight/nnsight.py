@@ -198,6 +198,17 @@ class NNsight(Envoy):
         return sorted(self._params.get(path, {}))
 
     def _tree_repr(self, path: tuple[str, ...]) -> str:
+        def runs(p: tuple[str, ...], names: list[str], indent: str) -> list[tuple[list[int], list[str]]]:
+            """Numbered children ``names`` of ``p`` as runs that render alike: (numbers, lines)."""
+            found: list[tuple[list[int], list[str]]] = []
+            for name in names:
+                sub, number = render(p + (name,), indent), int(name.rsplit("_", 1)[1])
+                if found and found[-1][1] == sub:
+                    found[-1][0].append(number)
+                else:
+                    found.append(([number], sub))
+            return found
+
         def render(p: tuple[str, ...], indent: str) -> list[str]:
             type_name = self._types.get(p, "Module")
             children = self._children(p)
@@ -215,18 +226,17 @@ class NNsight(Envoy):
                 if base is None:
                     sub = render(p + (child,), indent + "  ")
                     lines.append(f"{indent}  ({attribute_name(child, not p)}): {sub[0]}")
-                elif child == numbered[base][0]:
-                    names = numbered[base]
-                    sub = render(p + (child,), indent + "  ")
-                    numbers = [int(name.rsplit("_", 1)[1]) for name in names]
-                    count = (f"0-{len(names) - 1}" if numbers == list(range(len(names)))
-                             else ",".join(map(str, numbers)))
-                    count = "0" if len(names) == 1 else count
-                    lines.append(f"{indent}  ({attribute_name(base, not p)}[{count}]): "
-                                 f"{len(names)} x {sub[0]}")
-                else:
-                    continue
-                lines.extend(sub[1:])
+                    lines.extend(sub[1:])
+                elif child == numbered[base][0]:  # a line per run of equal layers
+                    for numbers, sub in runs(p, numbered[base], indent + "  "):
+                        if len(numbers) == 1:
+                            head = f"[{numbers[0]}]): "
+                        elif numbers == list(range(numbers[0], numbers[-1] + 1)):
+                            head = f"[{numbers[0]}-{numbers[-1]}]): {len(numbers)} x "
+                        else:
+                            head = f"[{','.join(map(str, numbers))}]): {len(numbers)} x "
+                        lines.append(f"{indent}  ({attribute_name(base, not p)}{head}{sub[0]}")
+                        lines.extend(sub[1:])
             lines.append(f"{indent})")
             return lines
 

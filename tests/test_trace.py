@@ -388,6 +388,23 @@ def test_print_shows_the_module_tree(toy):
     assert model.h[1:][0] is model.h_1  # a slice is a list of its own, as in nnsight
 
 
+class Widening(nn.Module):
+    def setup(self):
+        self.h = [nn.Dense(4), nn.Dense(4), nn.Dense(7)]
+
+    def __call__(self, x):
+        for dense in self.h:
+            x = dense(x)
+        return x
+
+
+def test_print_groups_only_layers_that_are_alike():
+    """``h[2]`` has other shapes: it gets its own line (it was drawn as ``3 x`` the first)."""
+    module = Widening()
+    model = NNsight(module, module.init(jax.random.key(1), jnp.ones((1, 4))))
+    assert "(h[0-1]): 2 x Dense(bias=[4], kernel=[4, 4])\n  (h[2]): Dense(bias=[7], kernel=[4, 7])" in repr(model)
+
+
 class HoldsSequential(nn.Module):
     def setup(self):
         self.seq = nn.Sequential([nn.Dense(4), nn.relu, nn.Dense(4)])
