@@ -3,7 +3,7 @@
 Example::
 
     >>> cache = LruCache(2)
-    >>> cache.put("a", 1); cache.put("b", 2); cache.get("a"); cache.put("c", 3)
+    >>> _ = cache.put("a", 1), cache.put("b", 2), cache.get("a"), cache.put("c", 3)
     >>> cache.get("b") is None
     True
 """
