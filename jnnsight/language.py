@@ -156,6 +156,7 @@ def _checked_mesh(mesh: Any, rules: Any) -> Mesh:
             f"mesh= takes a jax.sharding.Mesh, got {mesh!r}: make one with "
             "`jax.make_mesh((2, 4), ('data', 'model'))`."
         ))
+
     def mesh_axes(axes: Any) -> bool:  # a name, names, or None
         return axes is None or isinstance(axes, str) or (
             isinstance(axes, (tuple, list)) and all(isinstance(a, str) for a in axes))
