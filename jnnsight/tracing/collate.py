@@ -48,22 +48,21 @@ def _same(a: Any, b: Any) -> bool:
     return np.shape(a) == np.shape(b) and a.dtype == b.dtype and bool(jnp.array_equal(a, b))
 
 
-def _row_counts(given: list[tuple[tuple[tuple, dict], UserLine | None]]) -> list[int]:
+def _row_counts(columns: list[tuple], alike: list[bool], lines: list[UserLine | None]) -> list[int]:
     """Each invoke's number of rows: axis 0 of its first array argument that is not the
     same in every invoke. A table or key passed to all invokes may come first
-    (``tracer.invoke(table, x)``); the rows are ``x``'s."""
-    leaves = [jax.tree_util.tree_leaves(x) for x, _ in given]
-    batched = [i for i, leaf in enumerate(leaves[0]) if is_array(leaf) and np.ndim(leaf) >= 1]
+    (``tracer.invoke(table, x)``); the rows are ``x``'s. ``columns`` holds each argument
+    leaf as the invokes give it; ``alike``, whether they all give the same one."""
+    batched = [i for i, column in enumerate(columns) if is_array(column[0]) and np.ndim(column[0]) >= 1]
     if not batched:
-        raise JnnsightError(at_line(given[0][1],
+        raise JnnsightError(at_line(lines[0],
             "an invoke's input has no array with a batch axis: jnnsight batches "
             "invokes along axis 0 of their arrays. Give inputs of shape (batch, ...)."
         ))
-    differing = [i for i in batched if not all(_same(leaves[0][i], other[i]) for other in leaves[1:])]
-    index = (differing or batched)[0]
+    index = next((i for i in batched if not alike[i]), batched[0])
     sizes = []
-    for invoke_leaves, (_, line) in zip(leaves, given):
-        rows = np.shape(invoke_leaves[index])[0]
+    for leaf, line in zip(columns[index], lines):
+        rows = np.shape(leaf)[0]
         if jax.export.is_symbolic_dim(rows):
             raise JnnsightError(at_line(line,
                 f"the batch size is the symbol {rows} (jax.export with a symbolic shape): "
@@ -123,20 +122,20 @@ def _check_like(first: Any, other: Any, line: UserLine | None) -> None:
             ))
 
 
-def _shared(path: tuple, leaves: tuple, sizes: list[int], lines: list[UserLine | None]) -> Any:
+def _shared(path: tuple, leaves: tuple, alike: bool, sizes: list[int],
+            lines: list[UserLine | None]) -> Any:
     """An argument with no row per example (a PRNG key, a table): every invoke's must be
-    the same, and the forward gets it once."""
-    first = leaves[0]
-    for leaf, line in zip(leaves[1:], lines[1:]):
-        if not _same(first, leaf):
-            raise JnnsightError(at_line(line,
-                f"the argument `{_argument(path)}` has no row per example (its shape "
-                f"{list(np.shape(first))} does not start with the invoke's {sizes[0]} rows), "
-                "and this invoke passes another value of it. Invokes are batched along axis "
-                "0, so such an argument (a PRNG key, a table) must be the same in every "
-                "invoke: pass one value to all, or give it one row per example."
-            ))
-    return first
+    the same (``alike``), and the forward gets it once."""
+    if not alike:
+        differs = next(i for i, leaf in enumerate(leaves) if not _same(leaves[0], leaf))
+        raise JnnsightError(at_line(lines[differs],
+            f"the argument `{_argument(path)}` has no row per example (its shape "
+            f"{list(np.shape(leaves[0]))} does not start with the invoke's {sizes[0]} rows), "
+            "and this invoke passes another value of it. Invokes are batched along axis "
+            "0, so such an argument (a PRNG key, a table) must be the same in every "
+            "invoke: pass one value to all, or give it one row per example."
+        ))
+    return leaves[0]
 
 
 def collate(
@@ -158,31 +157,35 @@ def collate(
     first = given[0][0]
     for x, line in given[1:]:
         _check_like(first, x, line)
-    sizes = _row_counts(given)
+    invoke_lines = [line for _, line in given]
+    flat, treedef = jax.tree_util.tree_flatten_with_path(first)
+    columns = list(zip(*[jax.tree_util.tree_leaves(x) for x, _ in given]))  # a leaf's values
+    alike = [is_array(column[0]) and all(_same(column[0], leaf) for leaf in column[1:])
+             for column in columns]
+    sizes = _row_counts(columns, alike, invoke_lines)
     if len(given) == 1:
         (args, kwargs), _ = given[0]
         return Batch(args, kwargs, tuple(Rows(0, sizes[0], sizes[0]) for _ in inputs))
 
-    def concat(path: Any, *leaves: Any) -> Any:
+    def concat(path: tuple, leaves: tuple, alike: bool) -> Any:
         if not is_array(leaves[0]):
             return leaves[0]
         per_row = [np.ndim(x) >= 1 and np.shape(x)[0] == n for x, n in zip(leaves, sizes)]
         if all(per_row):
             return jnp.concatenate([jnp.asarray(leaf) for leaf in leaves], axis=0)
-        if any(per_row) and not all(_same(leaves[0], leaf) for leaf in leaves[1:]):
-            # one row per example in some invokes only
+        if any(per_row) and not alike:  # one row per example in some invokes only
             bad = per_row.index(False)
-            raise JnnsightError(at_line(given[bad][1],
+            raise JnnsightError(at_line(invoke_lines[bad],
                 f"the argument `{_argument(path)}` has shape {list(np.shape(leaves[bad]))} in "
                 f"this invoke, whose input has {sizes[bad]} rows, and one row per example in "
                 "another invoke: give every invoke's arguments the same number of rows."
             ))
-        return _shared(path, leaves, sizes, [line for _, line in given])
+        return _shared(path, leaves, alike, sizes, invoke_lines)
 
-    args, kwargs = jax.tree_util.tree_map_with_path(concat, *[x for x, _ in given])
-    leaves = jax.tree_util.tree_leaves(first)
-    shared = frozenset(i for i, (leaf, new) in enumerate(zip(leaves, jax.tree_util.tree_leaves(
-        (args, kwargs)))) if is_array(leaf) and new is leaf)
+    batched = [concat(path, column, same) for (path, _), column, same in zip(flat, columns, alike)]
+    args, kwargs = jax.tree_util.tree_unflatten(treedef, batched)
+    shared = frozenset(i for i, (column, new) in enumerate(zip(columns, batched))
+                       if is_array(column[0]) and new is column[0])
     total = sum(sizes)
     rows, start, sizes_iter = [], 0, iter(sizes)
     for x in inputs:

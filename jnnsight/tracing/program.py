@@ -375,8 +375,8 @@ class Builder:
     def unwatch(self, place: Hashable, value: Any) -> None:
         """``value`` is now the whole value at ``place``: a dataclass read there before is
         no longer the site's value, and its fields assigned from now on write nothing (as
-        a torch module output object replaced by a hook)."""
-        self.write_fields()
+        a torch module output object replaced by a hook). Called after :meth:`site`,
+        which has written the fields assigned so far."""
         in_value = {id(x) for x in _nodes(value)}
         self.watched = [w for w in self.watched if w[3] != place or id(w[0]) in in_value]
 
