@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING, Any, Callable, Iterator
 
 from .errors import SiteError, at_user_line, close_names
 from .tracing import program as _program
-from .tracing.discover import NUMBERED, SERVED_PREFIX, attribute_name, is_int, module_name
+from .tracing.discover import NUMBERED, SERVED_PREFIX, attribute_name, call_name, is_int, module_name
 
 if TYPE_CHECKING:
     from .nnsight import NNsight
@@ -125,7 +125,7 @@ class Envoy:
     def _site(self, kind: str) -> tuple[_program.Builder, _program.Site, Any]:
         builder = _builder(self, kind)
         key = self._key(builder, kind)
-        describe = lambda: f"`{self._name}{'.next()' * key[1]}.{kind}`"  # noqa: E731
+        describe = lambda: f"`{call_name(self._name, key[1], kind)}`"  # noqa: E731
         return builder, builder.site(key, describe), describe
 
     def _read(self, kind: str) -> Any:

@@ -45,7 +45,7 @@ from .tracing.execute import run_stage, woven_apply
 from .tracing.gradients import split_backward
 from .tracing.program import Builder
 from .tracing.schedule import Schedule, atom_value, schedule, warn_unused_updates
-from .tracing.steps import RESULT, StepPlan, StepTable, split
+from .tracing.steps import RESULT, RESULT_NAME, StepPlan, StepTable, split
 from .tracing.tracer import Tracer
 
 if TYPE_CHECKING:
@@ -233,7 +233,7 @@ class GeneratorEnvoy(Envoy):
 
     @property
     def _name(self) -> str:
-        return "model.generator"  # not a child of the model: no E_ prefix
+        return RESULT_NAME
 
     @property
     def output(self) -> Any:

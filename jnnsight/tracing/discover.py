@@ -212,7 +212,12 @@ def module_name(path: tuple[str, ...], exists: Callable[[tuple[str, ...]], bool]
 def site_name(key: SiteKey, exists: Callable[[tuple[str, ...]], bool] | None = None) -> str:
     """How a user addresses a site: ``model.h[1].mlp.next().output``."""
     path, call, kind = key
-    return module_name(path, exists) + ".next()" * call + f".{kind}"
+    return call_name(module_name(path, exists), call, kind)
+
+
+def call_name(module: str, call: int, kind: str) -> str:
+    """A site of the module the user addresses as ``module``: ``model.mlp.next().output``."""
+    return module + ".next()" * call + f".{kind}"
 
 
 def site_interceptor(

@@ -25,11 +25,12 @@ from typing import Any, Hashable, Iterator, Sequence
 
 from jax.extend.core import Literal, Var
 
-from .discover import Site, SiteKey, SiteTable, site_name
+from .discover import Site, SiteKey, SiteTable, call_name, site_name
 from .program import _value_key, jaxpr_key
 from .schedule import Schedule, Stage, pruned
 
 RESULT_PATH = ("generator",)
+RESULT_NAME = "model.generator"  # how messages name it: not a child of the model, no E_
 RESULT: SiteKey = (RESULT_PATH, 0, "output")
 
 
@@ -108,7 +109,7 @@ class StepTable:
     def name(self, key: SiteKey) -> str:
         """How the user addresses the site ``key``; the generated tokens are ``model.generator.output``."""
         if key[0] == RESULT_PATH:
-            return f"model.generator.{key[2]}"
+            return call_name(RESULT_NAME, 0, key[2])
         return site_name(key, self.modules.__contains__)
 
     def missing(self, key: SiteKey, name: str) -> str:
@@ -268,4 +269,4 @@ def _plan(pre: Stage | None, stages: dict[SiteKey, Stage], params: tuple[tuple[i
     return StepPlan(pre, stages, params, carry_in, carry_out, saves, tuple(parts))
 
 
-__all__ = ["RESULT", "RESULT_PATH", "StepTable", "StepPlan", "split"]
+__all__ = ["RESULT", "RESULT_NAME", "RESULT_PATH", "StepTable", "StepPlan", "split"]
