@@ -21,6 +21,7 @@ from typing import TYPE_CHECKING, Any, Callable, Iterator
 
 from .errors import SiteError, at_user_line, close_names
 from .tracing import program as _program
+from .tracing.tracer import collecting
 from .tracing.discover import NUMBERED, SERVED_PREFIX, attribute_name, call_name, is_int, module_name
 
 if TYPE_CHECKING:
@@ -29,6 +30,13 @@ if TYPE_CHECKING:
 
 def _builder(envoy: "Envoy", what: str) -> _program.Builder:
     builder = _program.current()
+    tracer = collecting()
+    if builder is None and tracer is not None:
+        raise SiteError(at_user_line(
+            f"{envoy._name}.{what} is read in the body of a `{tracer._spelling}` with no "
+            "input of its own: there, reads and edits go inside `with tracer.invoke(x):` "
+            "blocks, one per input. Or give the block its input."
+        ))
     if builder is None:
         raise SiteError(at_user_line(
             f"{envoy._name}.{what} exists only inside a trace block "
@@ -269,9 +277,13 @@ class EnvoyList:
     def __getitem__(self, index: int | slice) -> Any:
         if isinstance(index, slice):
             return EnvoyList(self._envoys[index])  # a new list: numbered by place, as in nnsight
-        if is_int(index) and index >= 0 and index in self._numbers:
+        if not is_int(index):
+            raise TypeError(at_user_line(
+                f"modules are indexed by a Python int or a slice, got {index!r} "
+                f"({type(index).__name__}): `layers[1]`, `layers[-1]`, `layers[2:4]`."))
+        if index >= 0 and index in self._numbers:
             return self._envoys[self._numbers.index(index)]
-        if is_int(index) and -len(self._envoys) <= index < 0:
+        if -len(self._envoys) <= index < 0:
             return self._envoys[index]
         if self._numbers == list(range(len(self._envoys))):
             why = f"index {index} is out of range: there are {len(self._envoys)} modules here."

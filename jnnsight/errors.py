@@ -16,6 +16,7 @@ import difflib
 import functools
 import linecache
 import os
+import re
 import sys
 import types
 import warnings
@@ -129,9 +130,15 @@ _BODY_ADVICE = (
      "`if`, `while`, `int()`, `float()` and numpy cannot look at a value's numbers. Use "
      "`jnp.where(cond, a, b)` or `jax.lax.cond`, or save the value and use numpy after the "
      "block; shapes (`h.shape`) are known and can be branched on."),
-    (("'Tensor'",),
+    (("'Tensor'", "must be Tensor", "__dlpack_device__"),
      "jnnsight: torch tensors do not mix with JAX values. Convert them first: "
-     "`jnp.asarray(t.detach().cpu().numpy())`."),
+     "`jnp.asarray(t.detach().cpu().numpy())`, and use `jnp` / `jax.nn` functions on "
+     "values read in the block."),
+    (re.compile(r"has no attribute '?(cpu|numpy|detach|clone|value|to|size|dim)'?$", re.M),
+     "jnnsight: a value read in a block is a JAX array, not a torch tensor or proxy: it has "
+     "no `.cpu()`, `.detach()`, `.clone()`, `.numpy()` or `.value`. Use it as it is (an "
+     "edit never changes a value already read, so no clone is needed; `h.shape[-1]` for a "
+     "size); after the block a saved value is a `jax.Array` (`np.asarray(h)` for numpy)."),
     (("has no attribute 'grad'", "has no attribute 'backward'"),
      "jnnsight: `.grad` and `.backward()` exist inside the block, on values read there: "
      "`with loss.backward(): g = h.grad.save()`, then use `g` after the block."),
@@ -152,6 +159,16 @@ _BODY_ADVICE = (
      "`lm.variables` hands their buffers to the new parameters. Trace with "
      "`lm.bind(new_params)`, or give the step a copy "
      "(`jax.tree_util.tree_map(jnp.copy, lm.variables)`)."),
+    (("ScopeCollectionNotFound",),
+     "jnnsight: `NNsight(module, variables)` takes the variables as `module.init` returns "
+     "them, collections at the top: `{'params': params}`, not `variables['params']`."),
+    (("ModifyScopeVariableError",),
+     "jnnsight: this forward updates a variable collection (BatchNorm's `batch_stats` in "
+     "training). Ask for it as `module.apply` does: `model.trace(x, mutable=['batch_stats'])`; "
+     "the updated collections are then `tracer.updates`."),
+    (("InvalidRngError",),
+     "jnnsight: this forward draws random numbers (Dropout in training). Give them as "
+     "`module.apply` takes them: `model.trace(x, rngs={'dropout': jax.random.key(0)})`."),
     (("has no attribute 'save'", "save() was called outside"),
      "jnnsight: `.save()` exists on values read from the model; save any other value or "
      "pytree (a list, a dict, a dataclass) with `jnnsight.save(value)`."),
@@ -162,7 +179,9 @@ def advise(err: BaseException) -> None:
     """Add a note on the jnnsight way to an error a block's body raised, where one fits."""
     text = f"{type(err).__name__}: {err}"
     for needles, advice in _BODY_ADVICE:
-        if any(n in text for n in needles) and advice not in getattr(err, "__notes__", ()):
+        found = (needles.search(text) if isinstance(needles, re.Pattern)
+                 else any(n in text for n in needles))
+        if found and advice not in getattr(err, "__notes__", ()):
             err.add_note(advice)
             return
 

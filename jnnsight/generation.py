@@ -261,6 +261,10 @@ class _Steps:
     def __init__(self, steps: int):
         self._steps = steps
 
+    def __iter__(self) -> Iterator[int]:
+        """``for step in tracer.iter:`` loops over every step, as ``tracer.iter[:]`` does."""
+        return iter(self[:])
+
     def __getitem__(self, selection: int | slice | list[int]) -> "_StepLoop":
         steps = self._steps
         if isinstance(selection, slice):
@@ -354,6 +358,12 @@ class _AllSteps:
 
     def __init__(self, steps: int):
         self._steps = steps
+
+    def __iter__(self) -> Iterator[int]:
+        raise TypeError(at_user_line(
+            "tracer.all() is a block, not a loop: write `with tracer.all():` (or loop with "
+            "`for step in tracer.iter[:]:`)."
+        ))
 
     def __enter__(self) -> "_AllSteps":
         _require_builder("tracer.all()")

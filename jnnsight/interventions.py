@@ -78,6 +78,16 @@ def at_positions(value: jax.Array, edited: jax.Array, positions: jax.Array | Non
     return jnp.where(mask[..., None], edited, value)
 
 
+def _check_width(kind: str, width: int, value: jax.Array, made: str) -> None:
+    """An intervention of ``width`` fits only values whose last axis is that wide."""
+    if jnp.ndim(value) == 0 or jnp.shape(value)[-1] != width:
+        raise ValueError(at_user_line(
+            f"this {kind} is {width} wide, and the value it was given has shape "
+            f"{list(jnp.shape(value))}: its last axis must be {width}. Make the {kind} as wide "
+            f"as the site it acts on ({made})."
+        ))
+
+
 @flax.struct.dataclass
 class SteeringVector:
     """``h + vector`` at the chosen positions: an additive steering vector.
@@ -95,6 +105,8 @@ class SteeringVector:
         return cls(jnp.zeros((width,), dtype))
 
     def __call__(self, value: jax.Array, positions: jax.Array | None = None) -> jax.Array:
+        _check_width("SteeringVector", self.vector.shape[-1], value,
+                     "`SteeringVector.zeros(h.shape[-1])`")
         return at_positions(value, value + self.vector.astype(value.dtype), positions)
 
 
@@ -147,6 +159,9 @@ class LowRankRotation:
 
     def __call__(self, base: jax.Array, source: jax.Array,
                  positions: jax.Array | None = None) -> jax.Array:
+        for value in (base, source):
+            _check_width("LowRankRotation", self.weight.shape[0], value,
+                         "`LowRankRotation.random(key, width=h.shape[-1], rank=...)`")
         basis = self.basis.astype(base.dtype)
         edited = base + (source - base) @ basis @ basis.T
         return at_positions(base, edited, positions)
@@ -170,6 +185,8 @@ class LinearProbe:
         return cls(jnp.zeros((width, classes), dtype), jnp.zeros((classes,), dtype))
 
     def __call__(self, value: jax.Array) -> jax.Array:
+        _check_width("LinearProbe", self.weight.shape[0], value,
+                     "`LinearProbe.zeros(h.shape[-1], classes=...)`")
         return value @ self.weight.astype(value.dtype) + self.bias.astype(value.dtype)
 
 

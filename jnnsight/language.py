@@ -67,6 +67,8 @@ _NNSIGHT_TRACE_OPTIONS = {
     "past_key_values": "a trace runs one forward with no KV cache; `lm.generate` keeps its own.",
     "labels": "compute the loss from the logits in the block: "
               "`-jax.nn.log_softmax(lm.output.logits)[0, -1, target]`.",
+    "trace": "a block always runs its forward when it ends; for the output alone, "
+             "`with lm.trace(x): out = lm.output.save()`.",
 }
 
 
@@ -457,7 +459,7 @@ class LanguageModel(NNsight):
         Args:
           do_sample, temperature, top_k, top_p: sampling (greedy by default), with
             transformers' defaults (``top_k=50``; ``top_k=None`` keeps every token).
-          seed, key: the sampling's randomness (a PRNG key wins over a seed). With
+          seed, key: the sampling's randomness (one or the other). With
             neither, each call draws a fresh seed, as torch's global generator would:
             pass one to reproduce a sample. Under ``jax.jit`` the seed is drawn once,
             when the function is traced: pass ``key=`` as an argument for new samples.
@@ -559,6 +561,11 @@ class LanguageModel(NNsight):
         if min_new_tokens and eos_token_id is None:
             warn_at_user_line(f"min_new_tokens={min_new_tokens} has no effect: there is no "
                               "eos_token_id to hold back.")
+        if not isinstance(do_sample, (bool, np.bool_)):
+            raise TypeError(at_user_line(f"do_sample must be True or False, got {do_sample!r}."))
+        if seed is not None and key is not None:
+            raise TypeError(at_user_line(
+                "lm.generate takes seed= or key=, not both: each sets the sampling's randomness."))
         if seed is not None and not (is_int(seed) and 0 <= seed < 2**64):
             raise TypeError(at_user_line(f"seed must be an int from 0 to 2**64 - 1, got {seed!r}."))
         if key is None:
@@ -676,6 +683,24 @@ class LanguageModel(NNsight):
     def _config_value(self, name: str) -> Any:
         return getattr(getattr(self.module, "config", None), name, None)
 
+    def _check_input(self, args: tuple, kwargs: dict, line: UserLine | None) -> None:
+        """One input and, optionally, its attention mask: no other argument."""
+        nnsight_only = sorted(set(kwargs) & _NNSIGHT_TRACE_OPTIONS.keys())
+        if nnsight_only:
+            raise JnnsightError(at_line(line,
+                f"`{nnsight_only[0]}=` is an nnsight or transformers option that jnnsight "
+                "does not have: " + _NNSIGHT_TRACE_OPTIONS[nnsight_only[0]]))
+        if len(args) != 1 or set(kwargs) - {"attention_mask"}:
+            options = set(inspect.signature(LanguageModel.generate).parameters) | _DECODING_OPTIONS
+            generation = sorted(set(kwargs) & options - {"self", "inputs", "unsupported"})
+            raise JnnsightError(at_line(line,
+                "a language model's invoke takes one input: text, token ids or a tokenizer "
+                "output (a dict with input_ids and attention_mask), and optionally an "
+                f"attention_mask for the ids; got {len(args)} input(s)"
+                + (f" and {', '.join(sorted(kwargs))}." if kwargs else ".")
+                + (f" `{generation[0]}=` belongs to `lm.generate(...)`." if generation else "")
+            ))
+
     def _collate(self, inputs: list[tuple[tuple, dict] | None], lines: list) -> Batch:
         """Tokenize every invoke's input and left-pad all rows into one batch."""
         # Padded positions are masked, but their ids show in a generation's result: without
@@ -690,18 +715,7 @@ class LanguageModel(NNsight):
                 spans.append(None)
                 continue
             args, kwargs = given
-            nnsight_only = sorted(set(kwargs) & _NNSIGHT_TRACE_OPTIONS.keys())
-            if nnsight_only:
-                raise JnnsightError(at_line(line,
-                    f"`{nnsight_only[0]}=` is an nnsight or transformers option that jnnsight "
-                    "does not have: " + _NNSIGHT_TRACE_OPTIONS[nnsight_only[0]]))
-            if len(args) != 1 or set(kwargs) - {"attention_mask"}:
-                raise JnnsightError(at_line(line,
-                    "a language model's invoke takes one input: text, token ids or a tokenizer "
-                    "output (a dict with input_ids and attention_mask), and optionally an "
-                    f"attention_mask for the ids; got {len(args)} input(s)"
-                    + (f" and {', '.join(sorted(kwargs))}." if kwargs else ".")
-                ))
+            self._check_input(args, kwargs, line)
             value = {"input_ids": args[0], **kwargs} if kwargs else args[0]
             ids, mask = _invoke_arrays(value, self.tokenizer, line, pad)
             spans.append((total, total + ids.shape[0]))

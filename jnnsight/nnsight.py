@@ -30,7 +30,7 @@ import numpy as np
 from jax import core
 
 from .envoy import Envoy, _numbered_children
-from .errors import SiteError, at_user_line
+from .errors import SiteError, UserLine, at_user_line
 from .tracing import program as _program
 from .tracing.collate import Batch, collate
 from .tracing.discover import (
@@ -243,6 +243,10 @@ class NNsight(Envoy):
         return "\n".join(render(path, ""))
 
     # the engine -----------------------------------------------------------------------
+
+    def _check_input(self, args: tuple, kwargs: dict, line: UserLine | None) -> None:
+        """What can be told of one invoke's input when it is given, before the block
+        runs: nothing, for a module whose ``__call__`` takes any arguments."""
 
     def _collate(self, inputs: list[tuple[tuple, dict] | None], lines: list) -> Batch:
         """Step 2 for this model: arrays are concatenated along axis 0."""

@@ -31,6 +31,8 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from .errors import at_user_line
+
 
 def train_step(loss_fn: Callable[..., jax.Array], optimizer: optax.GradientTransformation
                ) -> Callable[..., tuple[Any, Any, jax.Array]]:
@@ -48,9 +50,19 @@ def train_step(loss_fn: Callable[..., jax.Array], optimizer: optax.GradientTrans
     arrays are shared: XLA cannot donate a buffer twice.
     """
 
+    def scalar_loss(trainable: Any, *args: Any) -> jax.Array:
+        loss = loss_fn(trainable, *args)
+        if jnp.shape(loss) != ():
+            raise TypeError(at_user_line(
+                f"train_step's loss_fn {getattr(loss_fn, '__name__', loss_fn)!r} returned "
+                f"shape {list(jnp.shape(loss))}: a loss is one number. Reduce it in loss_fn "
+                "(`.mean()` over the batch)."
+            ))
+        return loss
+
     def step(ties: tuple[tuple[int, ...], ...], trainable: Any, opt_state: Any,
              *args: Any) -> tuple[Any, Any, jax.Array]:
-        loss, grads = jax.value_and_grad(loss_fn)(trainable, *args)
+        loss, grads = jax.value_and_grad(scalar_loss)(trainable, *args)
         if ties:  # the whole gradient at the first leaf, as one parameter's (a global
             # norm counts it once); the others follow the first after the update
             leaves, treedef = jax.tree_util.tree_flatten(grads)

@@ -7,6 +7,7 @@ Module tree
   * nnsight's ``model.session``, ``.edit``, ``.source``, ``envoy.all``, ``.iter``
                                                    -> AttributeError, the jnnsight way
   * index out of range ``model.h[7]`` / ``model.h[-3]``                 -> IndexError
+  * an index that is not an int ``model.h["1"]`` / ``model.h[1.0]``      -> TypeError
   * ``model.h = 3`` / ``model.h[0] = 3``                                -> AttributeError / TypeError
   * ``model.h[0].output`` / ``.next()`` outside any block               -> SiteError
   * calling a submodule before any trace ran the model                  -> SiteError
@@ -44,11 +45,21 @@ Capture
   * ``tracer.stop()`` in an invoke before the last                      -> JnnsightError
   * ``tracer.iter`` in a trace                                          -> AttributeError, ".next()"
   * ``h = h.at[...].set(0)`` never written back (JAX's in-place advice)  -> UserWarning
+  * ``h += 1`` / ``h *= 0`` on a value read from a site (torch's in-place edit)
+                                                                        -> UserWarning
+  * ``tracer.invoke(x)`` without ``with``                               -> CaptureError, its line
+  * a site read in the body of a trace with no input, outside invokes   -> SiteError, "invoke"
 Inputs
   * invokes whose inputs differ in shape, or in dtype                   -> JnnsightError
   * an invoke input with no batch axis                                  -> JnnsightError
   * only ``tracer.invoke()`` with no input / a trace with neither       -> JnnsightError
   * a model input the forward cannot take                               -> the model's own error
+  * flax's errors: variables without their ``{"params": ...}`` level, a
+    BatchNorm in training without ``mutable=``, a Dropout without ``rngs=``
+                                 -> flax's error, with a note on what to pass
+Interventions and training
+  * a SteeringVector / LowRankRotation / LinearProbe of another width   -> ValueError, the widths
+  * ``train_step`` whose loss is not one number                         -> TypeError, ".mean()"
 Exceptions in the body
   * ``1/0``, a jnp shape error, a broadcast error (an error with a cause),
     ``if tracer > 0``, ``np.asarray(tracer)``
@@ -56,6 +67,7 @@ Exceptions in the body
   * ``output[:, -1]``, ``output.shape``, ``output * 2``, ``output + steer`` on a block's tuple output
                                                 -> TypeError / AttributeError, "take an element"
   * ``h[:, -1] = 0`` in place, ``h + torch_tensor``, ``[h].save()``,
+    ``h.cpu()``, ``h.clone()``, ``h.value``,
     ``if tracer > 0``, ``np.asarray(tracer)``  -> the original error, with a note on the
                                                   jnnsight way to write it
 """
@@ -191,6 +203,10 @@ def test_index_out_of_range(small):
     with pytest.raises(IndexError) as info:
         model.h[-3]  # L:hm3
     names_line(info.value, "hm3")
+    for index in ("1", 1.0):
+        with pytest.raises(TypeError, match=r"indexed by a Python int or a slice") as info:
+            model.h[index]  # L:h_str
+        names_line(info.value, "h_str")
 
 
 def test_assign_to_envoy_attribute(small):
@@ -671,13 +687,92 @@ def test_torch_and_nnsight_habits_in_a_body_get_a_note_on_the_jnnsight_way(small
     def list_save():
         return [model.h[0].output[0]].save()
 
+    def torch_method():
+        return model.h[0].output[0].cpu()
+
+    def clone():
+        return model.h[0].output[0].clone()
+
+    def proxy_value():
+        return model.h[0].output[0].value
+
     for body, error, note in ((in_place, TypeError, "envoy.output = envoy.output.at"),
                               (with_torch, TypeError, "jnp.asarray(t.detach()"),
-                              (list_save, AttributeError, "jnnsight.save(value)")):
+                              (list_save, AttributeError, "jnnsight.save(value)"),
+                              (torch_method, AttributeError, "not a torch tensor"),
+                              (clone, AttributeError, "no clone is needed"),
+                              (proxy_value, AttributeError, "not a torch tensor or proxy")):
         with pytest.raises(error) as info:
             with model.trace(tokens):
                 body()
         assert note in info.value.__notes__[-1], body.__name__
+
+
+class Training(nn.Module):
+    """A BatchNorm and a Dropout: in training, flax wants ``mutable=`` and ``rngs=``."""
+
+    @nn.compact
+    def __call__(self, x, train: bool = False):
+        x = nn.BatchNorm(use_running_average=not train)(nn.Dense(8)(x))
+        return nn.Dense(2)(nn.Dropout(0.5, deterministic=not train)(x))
+
+
+def test_flax_errors_get_a_note_on_what_to_pass():
+    x = jax.random.normal(jax.random.key(1), (3, 4))
+    variables = Training().init(jax.random.key(0), x)
+    cases = ((variables["params"], (x,), {}, "collections at the top"),
+             (variables, (x, True), {}, "mutable=['batch_stats']"),
+             (variables, (x, True), {"mutable": ["batch_stats"]}, "rngs={'dropout'"))
+    for given, args, kwargs, note in cases:
+        model = NNsight(Training(), given)
+        with pytest.raises(Exception) as info:
+            with model.trace(*args, **kwargs):  # L:flax_error
+                y = model.output.save()
+        assert type(info.value).__module__.startswith("flax"), info.value
+        assert note in info.value.__notes__[-1]
+        assert MARKS["flax_error"] in [f.lineno for f in user_frames(info.value)]
+    # and what the notes say to write works, as module.apply does it
+    key = jax.random.key(2)
+    model = NNsight(Training(), variables)
+    with model.trace(x, True, mutable=["batch_stats"], rngs={"dropout": key}) as tracer:
+        y = model.output.save()
+    expected, updates = Training().apply(variables, x, True, mutable=["batch_stats"],
+                                         rngs={"dropout": key})
+    np.testing.assert_allclose(y, expected, rtol=1e-6)
+    np.testing.assert_allclose(tracer.updates["batch_stats"]["BatchNorm_0"]["mean"],
+                               updates["batch_stats"]["BatchNorm_0"]["mean"], rtol=1e-6)
+
+
+def test_interventions_of_another_width_name_both_widths(small):
+    model, tokens = small  # 16 wide
+    steer = jnnsight.SteeringVector.zeros(24)
+    rotation = jnnsight.LowRankRotation.random(jax.random.key(0), width=24, rank=2)
+    probe = jnnsight.LinearProbe.zeros(24, classes=2)
+    for kind in ("steer", "rotation", "probe"):
+        with pytest.raises(ValueError) as info:
+            with model.trace(tokens):
+                h = model.h[0].output[0]
+                edited = steer(h) if kind == "steer" else rotation(h, h) if kind == "rotation" else probe(h)  # L:width
+        names_line(info.value, "width")
+        assert "is 24 wide" in advice(info.value) and "[1, 4, 16]" in advice(info.value)
+
+
+def test_train_step_refuses_a_loss_that_is_not_one_number(small):
+    optax = pytest.importorskip("optax")
+    model, tokens = small
+
+    def per_row_loss(steer, params, tokens):
+        with model.bind(params).trace(tokens):
+            model.h[0].output[0] = steer(model.h[0].output[0])
+            logits = model.output.save()
+        return logits[:, -1, 0]  # one per row: `.mean()` forgotten
+
+    step = jnnsight.train_step(per_row_loss, optax.sgd(0.1))
+    steer = jnnsight.SteeringVector.zeros(16)
+    with pytest.raises(TypeError, match=r"'per_row_loss' returned shape \[1\]") as info:
+        step(steer, optax.sgd(0.1).init(steer), model.variables, tokens)  # L:train_step
+    names_line(info.value, "train_step")
+    assert ".mean()" in advice(info.value)
 
 
 def test_model_cannot_take_the_input(small):
@@ -784,6 +879,34 @@ def test_stop_in_an_invoke_before_the_last(small):
     assert a.shape == b.shape == (*tokens.shape, 16)
 
 
+def test_an_invoke_without_with_names_its_line(small):
+    """A bare ``tracer.invoke(x)`` adds no input; the error is at it, not at the next read."""
+    model, tokens = small
+    with pytest.raises(CaptureError) as info:
+        with model.trace() as tracer:
+            tracer.invoke(tokens)  # L:bare_invoke
+            y = model.output.save()
+    names_line(info.value, "bare_invoke")
+    assert "with tracer.invoke(x):" in advice(info.value)
+    with pytest.raises(CaptureError) as info:  # nothing read after it: the same error
+        with model.trace() as tracer:
+            with tracer.invoke(tokens):
+                y = model.output.save()
+            tracer.invoke(tokens)  # L:bare_invoke_last
+    names_line(info.value, "bare_invoke_last")
+
+
+def test_a_read_outside_the_invokes_of_a_trace_without_input_points_to_invoke(small):
+    model, tokens = small
+    with pytest.raises(SiteError) as info:
+        with model.trace() as tracer:
+            with tracer.invoke(tokens):
+                pass
+            y = model.output.save()  # L:outside_invokes
+    names_line(info.value, "outside_invokes")
+    assert "inside `with tracer.invoke(x):`" in advice(info.value)
+
+
 def test_generation_step_loops_in_a_trace_point_to_next(small):
     model, tokens = small
     with pytest.raises(AttributeError, match=r"belongs to generation.*`module.next\(\)`") as info:
@@ -819,6 +942,44 @@ def test_an_update_never_written_back_warns_at_its_line(small):
                     block.output[0] = carried
                 carried = block.output[0].at[:, -1].set(0)
     assert not np.array_equal(logits, plain)
+
+
+def test_an_augmented_assignment_never_written_back_warns_at_its_line(small):
+    """``h += 1`` edits a torch tensor in place; here it rebinds ``h`` and the model never
+    sees it, so the block warns there. An ``op=`` on the envoy itself is a write, and an
+    accumulator that is used does not warn."""
+    model, tokens = small
+    with model.trace(tokens):
+        plain = model.output.save()
+    with pytest.warns(UserWarning, match="makes a new array and rebinds") as record:
+        with model.trace(tokens):
+            h = model.h[0].output[0]
+            h += 1  # L:aug_add
+            m = model.h[1].output[0]
+            m *= 0  # L:aug_mul
+            logits = model.output.save()
+    found = [(w.lineno, str(w.message)) for w in record if "never written" in str(w.message)]
+    assert [line for line, _ in found] == [MARKS["aug_add"], MARKS["aug_mul"]]
+    assert "`h +=` ...` makes a new array and rebinds `h`" not in found[0][1]
+    assert "`h += ...` makes a new array and rebinds `h`" in found[0][1]
+    assert "`envoy.output *= ...`" in found[1][1]
+    np.testing.assert_array_equal(logits, plain)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        with model.trace(tokens):
+            model.h[0].output[0] += 1  # a write of the site
+            total = 0
+            for block in model.h:
+                total += block.output[0].sum()
+            total = total.save()
+            edited = model.output.save()
+    with model.trace(tokens):
+        model.h[0].output[0] = model.h[0].output[0] + 1
+        by_hand = model.output.save()
+        by_hand_total = jnnsight.save(model.h[0].output[0].sum() + model.h[1].output[0].sum())
+    np.testing.assert_array_equal(edited, by_hand)
+    assert not np.array_equal(edited, plain)
+    np.testing.assert_allclose(total, by_hand_total, rtol=1e-6)
 
 
 # -- inputs of a trace -------------------------------------------------------------------------

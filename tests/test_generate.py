@@ -81,8 +81,9 @@ def test_greedy_tokens_equal_transformers_generate(models, name):
         assert ours == hf_greedy(tm, prompt)
 
 
-@pytest.mark.parametrize("name, form", [("gpt2", "for"), ("llama", "with")])
+@pytest.mark.parametrize("name, form", [("gpt2", "for"), ("gpt2", "bare iter"), ("llama", "with")])
 def test_steering_every_step_equals_a_torch_hook(models, name, form):
+    """``tracer.all()``, ``tracer.iter[:]`` and ``tracer.iter`` itself address every step."""
     tm, lm = models[name]
     width = lm.module.config.n_embd if name == "gpt2" else lm.module.config.hidden_size
     steer = jnp.asarray(np.random.default_rng(0).normal(0, 2.0, width), jnp.float32)
@@ -90,8 +91,11 @@ def test_steering_every_step_equals_a_torch_hook(models, name, form):
         if form == "with":
             with tracer.all():
                 ours_layer(lm, 0).output[0] = ours_layer(lm, 0).output[0] + steer
-        else:
+        elif form == "for":
             for step in tracer.iter[:]:  # unbounded: the code after it runs too
+                ours_layer(lm, 0).output[0] = ours_layer(lm, 0).output[0] + steer
+        else:
+            for step in tracer.iter:
                 ours_layer(lm, 0).output[0] = ours_layer(lm, 0).output[0] + steer
         tokens = tracer.result.save()
 
@@ -536,7 +540,8 @@ def test_bad_generation_inputs_get_clear_errors(models):
         with lm.generate(PROMPTS[0], max_new_tokens=3) as tracer:
             with tracer.all():
                 lm.model.layers[0].next().output.save()
-    with pytest.raises(SiteError, match=r"^[^\n]*\nmodel\.generator\.output exists only inside"):
+    with pytest.raises(SiteError, match=r"^[^\n]*\nmodel\.generator\.output is read in the body "
+                       r"of a `lm.generate\(max_new_tokens=...\)` with no input"):
         with lm.generate(max_new_tokens=2) as tracer:
             with tracer.invoke(PROMPTS[0]):
                 pass
@@ -555,6 +560,19 @@ def test_bad_generation_inputs_get_clear_errors(models):
         lm.generate(PROMPTS[0], do_sample=True, top_p=1.5)
     with pytest.raises(TypeError, match=r"test_generate.py:\d+:[\s\S]*or pass seed=3"):
         lm.generate(PROMPTS[0], key=3)
+    with pytest.raises(TypeError, match=r"test_generate.py:\d+:[\s\S]*seed= or key=, not both"):
+        lm.generate(PROMPTS[0], do_sample=True, seed=1, key=jax.random.key(2))
+    with pytest.raises(TypeError, match=r"test_generate.py:\d+:[\s\S]*do_sample must be True or False"):
+        lm.generate(PROMPTS[0], do_sample="False")
+    with pytest.raises(TypeError, match=r"test_generate.py:\d+:[\s\S]*a block, not a loop"):
+        with lm.generate(PROMPTS[0], max_new_tokens=3) as tracer:
+            for step in tracer.all():
+                pass
+    with pytest.raises(JnnsightError, match=r"test_generate.py:\d+:[\s\S]*`max_new_tokens=` belongs "
+                       r"to `lm.generate\(...\)`"):
+        lm.trace(PROMPTS[0], max_new_tokens=3)  # refused where it is written, entered or not
+    with pytest.raises(JnnsightError, match=r"`trace=` is an nnsight or transformers option"):
+        lm.trace(PROMPTS[0], trace=False)
     for bad, error, match in ((dict(top_k=1.5), ValueError, "top_k must be an int"),
                               (dict(temperature="hot"), ValueError, "must be Python numbers"),
                               (dict(top_p=jnp.float32(0.5)), ValueError, "must be Python numbers"),

@@ -17,6 +17,8 @@ Example::
 from __future__ import annotations
 
 import dataclasses
+import linecache
+import re
 from dataclasses import dataclass
 from typing import Any
 
@@ -132,44 +134,60 @@ _UPDATES = frozenset({"scatter", "scatter-add", "scatter_add", "scatter-mul", "s
                       "dynamic_update_slice"})
 
 
+_AUGMENTED = re.compile(r"^\s*([A-Za-z_]\w*)\s*(\+|-|\*|/|//|%|@|\*\*|&|\||\^)=")
+
+
 def warn_unused_updates(program: InterventionProgram) -> None:
     """Warn at each line of the block whose array update is never used.
 
-    ``h = h.at[:, -1].set(0)`` rebinds a name and changes nothing in the model (a
-    write does: ``envoy.output = ...``), where a torch user's ``h[:, -1] = 0``
-    edited the model's tensor. A body's only reason to compute an update is to use
-    it, so an unused one is that mistake.
+    ``h = h.at[:, -1].set(0)`` or ``h += 1`` rebinds a name and changes nothing in
+    the model (a write does: ``envoy.output = ...``), where a torch user's
+    ``h[:, -1] = 0`` or ``h += 1`` edited the model's tensor in place. A body's only
+    reason to compute an update is to use it, so an unused one is that mistake.
 
     Example::
 
         >>> # with model.trace(x):
         >>> #     h = model.block_1.output
         >>> #     h = h.at[:, -1].set(0)      # UserWarning here: the model never sees it
+        >>> #     h += 1                      # and here
     """
     jaxpr = program.jaxpr.jaxpr
     live = {id(e) for e in _live_equations(
         jaxpr, (site_write_p, site_skip_p, grad_write_p, backward_target_p))}
-    unused, used = [], set()
+    unused: dict[UserLine, str | None] = {}  # the line, and its `h += ...` if it is one
+    used = set()
     for eqn in jaxpr.eqns:
-        if eqn.primitive.name not in _UPDATES:
-            continue
         frame = next(iter(source_info_util.user_frames(eqn.source_info.traceback)), None)
-        if frame is not None and not is_library_file(frame.file_name):  # the user's own
-            line = UserLine(frame.file_name, frame.start_line)
-            if id(eqn) in live:
-                used.add(line)
-            else:
-                unused.append(line)
+        if frame is None or is_library_file(frame.file_name):  # not the user's own
+            continue
+        line = UserLine(frame.file_name, frame.start_line)
+        augmented = _AUGMENTED.match(linecache.getline(frame.file_name, frame.start_line))
+        if eqn.primitive.name not in _UPDATES and augmented is None:
+            continue
+        if id(eqn) in live:
+            used.add(line)
+        else:
+            unused.setdefault(line, augmented and augmented.group(0).strip())
     # A line run several times (a loop over layers or steps) warns once, and not when
     # some run of it is used: the last run of an update carried to the next iteration.
-    for line in dict.fromkeys(unused):
+    for line, augmented in unused.items():
         if line in used:
             continue
-        warn_at(line, (
-            "this update's result is never written to the model or saved, so the "
-            "forward does not see it: JAX arrays do not change in place, and rebinding "
-            "a name does not write its site. Write it back: "
-            "`envoy.output = envoy.output.at[:, -1].set(v)`."))
+        if augmented is None:
+            warn_at(line, (
+                "this update's result is never written to the model or saved, so the "
+                "forward does not see it: JAX arrays do not change in place, and rebinding "
+                "a name does not write its site. Write it back: "
+                "`envoy.output = envoy.output.at[:, -1].set(v)`."))
+        else:
+            name = _AUGMENTED.match(augmented).group(1)
+            warn_at(line, (
+                f"this update's result is never written to the model or saved, so the "
+                f"forward does not see it: `{augmented} ...` makes a new array and rebinds "
+                f"`{name}` (JAX arrays do not change in place, as torch tensors do). Write it "
+                f"to the site it came from: `envoy.output = {name}`, or `envoy.output "
+                f"{augmented[len(name):].strip()} ...` on the envoy itself."))
 
 
 def schedule(program: InterventionProgram) -> Schedule:

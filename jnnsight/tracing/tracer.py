@@ -65,7 +65,7 @@ class StopTrace(BaseException):
 _local = threading.local()
 
 
-def _collecting() -> "Tracer | None":
+def collecting() -> "Tracer | None":
     return getattr(_local, "collecting", None)
 
 
@@ -92,9 +92,12 @@ class Invoker:
     def __init__(self, tracer: "Tracer", inputs: tuple[tuple, dict] | None):
         self.tracer = tracer
         self.inputs = inputs
+        self.line = user_line()  # the user's `tracer.invoke(...)`, in case it is not entered
+        self.entered = False
 
     def __enter__(self) -> "Invoker":
-        if _collecting() is not self.tracer:
+        self.entered = True
+        if collecting() is not self.tracer:
             raise CaptureError(at_user_line(
                 "`tracer.invoke(...)` belongs directly in the body of its own "
                 "`model.trace()` (one with no input of its own)."
@@ -130,8 +133,11 @@ class Tracer:
     def __init__(self, model: "NNsight", args: tuple, kwargs: dict, scan: bool = False):
         self.model = model
         self._inputs = (args, kwargs) if (args or kwargs) else None
+        if self._inputs is not None:
+            model._check_input(args, kwargs, user_line())
         self._scan = scan
         self._invokes: list[Invoke] = []
+        self._invokers: list[Invoker] = []  # every `tracer.invoke(...)` the body made
 
     # inside the block ---------------------------------------------------------------
 
@@ -142,7 +148,19 @@ class Tracer:
                 "this trace has its own input, so its body is the only invoke. "
                 f"Use `{self._spelling}` with no input to batch several `tracer.invoke(x)`."
             ))
-        return Invoker(self, (args, kwargs) if (args or kwargs) else None)
+        if args or kwargs:
+            self.model._check_input(args, kwargs, user_line())
+        invoker = Invoker(self, (args, kwargs) if (args or kwargs) else None)
+        self._invokers.append(invoker)
+        return invoker
+
+    def _refuse_bare_invokes(self) -> None:
+        """A ``tracer.invoke(x)`` written without ``with`` adds no input: say so at its line."""
+        bare = next((inv for inv in self._invokers if not inv.entered), None)
+        if bare is not None:
+            raise CaptureError(at_line(bare.line, (
+                "`tracer.invoke(...)` opens a block: write `with tracer.invoke(x):` and indent "
+                "the reads and edits of that input under it.")))
 
     def __getattr__(self, name: str) -> Any:
         if name in ("result", "iter", "all"):
@@ -254,7 +272,7 @@ class Tracer:
         return self._updates
 
     def __enter__(self) -> "Tracer":
-        if _program.current() is not None or _collecting() is not None:
+        if _program.current() is not None or collecting() is not None:
             raise CaptureError(at_user_line(
                 "a trace was started inside another trace's body. Traces do not nest: "
                 "finish the first block and start the next after it, or batch inputs "
@@ -276,6 +294,7 @@ class Tracer:
         finally:
             del self._capture  # the caller's frame, and through it its locals
             self._invokes.clear()
+            self._invokers.clear()
         return True
 
     def _run(self) -> None:
@@ -289,8 +308,12 @@ class Tracer:
             _local.collecting = self
             try:
                 exec(body.code, namespace)
+            except Exception:
+                self._refuse_bare_invokes()  # the likelier cause of a site read failing
+                raise
             finally:
                 _local.collecting = None
+            self._refuse_bare_invokes()
             if not self._invokes:
                 raise JnnsightError(
                     f"{UserLine(body.filename, body.header_line)}\nthe trace has no input "
