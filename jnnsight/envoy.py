@@ -100,7 +100,7 @@ class Envoy:
         if index is not None:
             builder = _program.current()
             if builder is None:
-                return model._leaves[index]
+                return model._current_leaves()[index]
             return builder.param(index)
         if name in _NNSIGHT_ONLY:
             raise AttributeError(at_user_line(f"`.{name}` is nnsight's; {_NNSIGHT_ONLY[name]}"))

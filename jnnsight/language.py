@@ -85,9 +85,12 @@ def _rows_of_input(value: Any, tokenizer: Any, line: UserLine | None) -> tuple[l
     if isinstance(value, str):
         value = [value]
     if isinstance(value, dict) or hasattr(value, "keys"):
+        _check_keys(value, line)
         rows = _rows_of_arrays(value["input_ids"])
         masks = value.get("attention_mask")
         masks = [np.ones_like(r) for r in rows] if masks is None else _rows_of_arrays(masks)
+        for m in masks:
+            _check_mask_values(m, line)
         if [len(m) for m in masks] != [len(r) for r in rows]:
             raise JnnsightError(at_line(line,
                 f"the attention mask's rows (lengths {[len(m) for m in masks]}) do not match the "
@@ -109,8 +112,13 @@ def _rows_of_input(value: Any, tokenizer: Any, line: UserLine | None) -> tuple[l
                 "model needs at least one token to run on."
             ))
         return rows, [[1] * len(r) for r in rows]
+    if getattr(value, "ndim", 2) > 2:
+        raise JnnsightError(at_line(line,
+            f"token ids are [length] or [rows, length]; got an array of shape {list(value.shape)}."))
     ids = value.tolist() if hasattr(value, "tolist") else value
-    if isinstance(ids, int) or (isinstance(ids, list) and ids and isinstance(ids[0], int)):
+    if isinstance(ids, (list, tuple)):  # rows given as arrays of their own lengths
+        ids = [r.tolist() if hasattr(r, "tolist") else r for r in ids]
+    if is_int(ids) or (isinstance(ids, list) and ids and not isinstance(ids[0], list)):
         ids = [ids] if isinstance(ids, list) else [[ids]]
     if not isinstance(ids, list) or not ids or not all(isinstance(r, list) and r for r in ids):
         empty = isinstance(ids, list) and (not ids or any(r == [] for r in ids))
@@ -208,12 +216,37 @@ _DECODING_OPTIONS = frozenset({
 })
 
 
+def _check_keys(value: Any, line: UserLine | None) -> None:
+    """A tokenizer output holds ``input_ids`` and, optionally, ``attention_mask``: a
+    model input beyond those (``position_ids``, ``token_type_ids``) would be dropped."""
+    if "input_ids" not in value:
+        raise JnnsightError(at_line(line,
+            f"a tokenizer output needs input_ids; this one has {sorted(value.keys())}."))
+    extra = sorted(set(value.keys()) - {"input_ids", "attention_mask"})
+    if extra:
+        raise JnnsightError(at_line(line,
+            f"a tokenizer output's {extra[0]!r} is not an input jnnsight gives the model: it "
+            "takes input_ids and attention_mask (positions follow from the mask). Pass those "
+            "two: `{k: enc[k] for k in ('input_ids', 'attention_mask')}`."))
+
+
+def _check_mask_values(mask: Any, line: UserLine | None) -> None:
+    """An attention mask holds 1 at a token and 0 at padding, nothing else."""
+    values = np.asarray(mask)
+    bad = values[(values != 0) & (values != 1)]
+    if bad.size:
+        raise JnnsightError(at_line(line,
+            f"an attention mask holds 1 (a token) or 0 (padding); this one holds {bad.flat[0].item()!r}."))
+
+
 def _invoke_arrays(value: Any, tokenizer: Any, line: UserLine | None, pad: int) -> tuple[Any, Any]:
     """One invoke's input as ``(ids, mask)`` ``[rows, length]``, its rows left-padded.
 
     JAX arrays (token ids, or a dict of them) stay JAX arrays, so an invoke's input
     may be a tracer of a user's ``jax.jit``; everything else becomes numpy.
     """
+    if isinstance(value, dict) and isinstance(value.get("input_ids"), (jax.Array, core.Tracer)):
+        _check_keys(value, line)
     ids = value.get("input_ids") if isinstance(value, dict) else value
     if isinstance(ids, (jax.Array, core.Tracer)):
         if not jnp.issubdtype(ids.dtype, jnp.integer) or ids.ndim not in (1, 2):
@@ -221,16 +254,21 @@ def _invoke_arrays(value: Any, tokenizer: Any, line: UserLine | None, pad: int) 
                 f"token ids must be integers of shape [length] or [rows, length]; got "
                 f"{ids.dtype}{list(ids.shape)}."
             ))
+        if ids.size == 0:
+            raise JnnsightError(at_line(line,
+                f"an invoke's input has no tokens (ids of shape {list(ids.shape)})."))
         mask = value.get("attention_mask") if isinstance(value, dict) else None
         mask = jnp.ones_like(ids) if mask is None else jnp.asarray(mask)
         if mask.shape != ids.shape:
             raise JnnsightError(at_line(line,
                 f"the attention mask's shape {list(mask.shape)} is not the ids' shape "
                 f"{list(ids.shape)}: give one mask entry per token."))
+        if _on_host(mask):
+            _check_mask_values(mask, line)
         return (ids[None], mask[None]) if ids.ndim == 1 else (ids, mask)
     rows, masks = _rows_of_input(value, tokenizer, line)
     width = max(len(r) for r in rows)
-    padded = np.full((len(rows), width), pad, np.int32)
+    padded = np.full((len(rows), width), pad, np.int64)  # int32 once checked against the vocabulary
     mask = np.zeros((len(rows), width), np.int32)
     for i, (r, m) in enumerate(zip(rows, masks)):
         padded[i, width - len(r):] = r
@@ -393,6 +431,8 @@ class LanguageModel(NNsight):
                 # as nnsight sets it: a batch the user tokenizes with `lm.tokenizer(...,
                 # padding=True)` then ends every row at the last position
                 tokenizer.padding_side = "left"
+            if getattr(tokenizer, "pad_token", "") is None and getattr(tokenizer, "eos_token", None):
+                tokenizer.pad_token = tokenizer.eos_token  # as nnsight sets it (GPT-2 has none)
         object.__setattr__(self, "tokenizer", tokenizer)
         object.__setattr__(self, "pad_to_multiple_of", pad_to_multiple_of)
         self.generation_config = generation_config
@@ -630,6 +670,11 @@ class LanguageModel(NNsight):
         where = functools.partial(at_line, line) if line is not None else at_user_line
         vocab = self._config_value("vocab_size")
         ids, real = np.asarray(input_ids), np.asarray(attention_mask) != 0
+        empty = np.flatnonzero(~real.any(axis=1))
+        if empty.size:
+            raise JnnsightError(where(
+                f"row {empty[0]} of the batch is all padding (its attention mask has no 1): "
+                "a row needs at least one token."))
         if vocab is not None and real.any():
             used = ids[real]
             if used.min() < 0 or used.max() >= vocab:
@@ -699,6 +744,8 @@ class LanguageModel(NNsight):
                 f"attention_mask for the ids; got {len(args)} input(s)"
                 + (f" and {', '.join(sorted(kwargs))}." if kwargs else ".")
                 + (f" `{generation[0]}=` belongs to `lm.generate(...)`." if generation else "")
+                + (" `pad_to_multiple_of=` is the model's: `LanguageModel(..., "
+                   "pad_to_multiple_of=16)`." if "pad_to_multiple_of" in kwargs else "")
             ))
 
     def _collate(self, inputs: list[tuple[tuple, dict] | None], lines: list) -> Batch:
@@ -731,12 +778,13 @@ class LanguageModel(NNsight):
         # Host arrays are padded on the host; JAX arrays (tracers under jax.jit) on the device.
         xp = np if all(isinstance(ids, np.ndarray) for ids, _ in parts) else jnp
         left = lambda a, value: xp.pad(a, ((0, 0), (length - a.shape[1], 0)), constant_values=value)  # noqa: E731
-        input_ids = xp.concatenate([left(ids, pad) for ids, _ in parts]).astype(np.int32)
+        input_ids = xp.concatenate([left(ids, pad) for ids, _ in parts])
         attention_mask = xp.concatenate([left(mask, 0) for _, mask in parts]).astype(np.int32)
         invoke_rows = tuple(
             Rows(0, total, total) if span is None else Rows(span[0], span[1], total) for span in spans
         )
-        self._check_ids(input_ids, attention_mask, lines[0] if lines else None)
+        self._check_ids(input_ids, attention_mask, lines[0] if lines else None)  # before int32
+        input_ids = input_ids.astype(np.int32)
         input_ids, attention_mask = jnp.asarray(input_ids), jnp.asarray(attention_mask)
         if self.mesh is not None:
             input_ids, attention_mask = shard_inputs((input_ids, attention_mask), self.mesh, self.rules)

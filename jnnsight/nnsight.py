@@ -30,7 +30,7 @@ import numpy as np
 from jax import core
 
 from .envoy import Envoy, _numbered_children
-from .errors import SiteError, UserLine, at_user_line
+from .errors import JnnsightError, SiteError, UserLine, at_user_line, user_line
 from .tracing import program as _program
 from .tracing.collate import Batch, collate
 from .tracing.discover import (
@@ -151,6 +151,26 @@ class NNsight(Envoy):
         object.__setattr__(self, "_params", params)
         object.__setattr__(self, "_places", places)
 
+    def _current_leaves(self) -> list[Any]:
+        """The variables' leaves as they are now, for calls outside a block.
+
+        ``model.variables`` is a plain dict a user may change in place
+        (``lm.variables["params"]["lm_head"]["weight"] = w``): a block's forward
+        takes the dict itself; an envoy called as a function, or a parameter read
+        outside a block, reads it anew here (a flatten, not worth it per trace).
+        """
+        leaves = jax.tree_util.tree_leaves(self.variables)
+        if len(leaves) != len(self._places):
+            raise JnnsightError(at_user_line(
+                f"model.variables now has {len(leaves)} arrays where it had "
+                f"{len(self._places)}: arrays may be replaced in place, not added or removed. "
+                "Wrap the new variables in a new model: `NNsight(module, variables)`."
+            ))
+        if any(a is not b for a, b in zip(leaves, self._leaves)):
+            object.__setattr__(self, "_leaves", leaves)
+            object.__setattr__(self, "_variables_key", shape_key(self.variables))
+        return leaves
+
     def _index_setup_children(self) -> None:
         """Submodules defined in ``setup`` are known before any trace."""
         try:
@@ -198,6 +218,8 @@ class NNsight(Envoy):
         return sorted(self._params.get(path, {}))
 
     def _tree_repr(self, path: tuple[str, ...]) -> str:
+        leaves = self._current_leaves()
+
         def runs(p: tuple[str, ...], names: list[str], indent: str) -> list[tuple[list[int], list[str]]]:
             """Numbered children ``names`` of ``p`` as runs that render alike: (numbers, lines)."""
             found: list[tuple[list[int], list[str]]] = []
@@ -213,7 +235,7 @@ class NNsight(Envoy):
             type_name = self._types.get(p, "Module")
             children = self._children(p)
             detail = ", ".join(
-                f"{n}={list(jnp.shape(self._leaves[self._param_index(p, n)]))}"
+                f"{n}={list(jnp.shape(leaves[self._param_index(p, n)]))}"
                 for n in self._param_names(p)
             )
             if not children:
@@ -381,7 +403,7 @@ class NNsight(Envoy):
                 f"{self._envoy(path)._name} cannot be called before a trace has run "
                 "the model once (jnnsight learns the module from that forward pass)."
             ))
-        leaves = self._leaves
+        leaves = self._current_leaves() if builder is None else None
         # the module's own variables, and those of modules it borrows under their field
         owners = [(path, ()), *((owner, (field,)) for field, owner in info.borrowed)]
         sub: dict[str, Any] = {}
@@ -470,8 +492,9 @@ class NNsight(Envoy):
         ``body(*args, **kwargs)`` reads and writes sites like a block's body;
         what it returns is saved. The result is a pure function
         ``fn(variables, inputs, *args, **kwargs) -> (output, saves)``, where
-        ``inputs`` is the forward's argument (a tuple for several), ready for
-        ``jax.jit``, ``jax.grad``, ``jax.vmap`` and optax.
+        ``inputs`` is the forward's argument (a tuple for several; for a
+        ``LanguageModel``, what ``lm.trace`` takes: ids, text or a tokenizer
+        output), ready for ``jax.jit``, ``jax.grad``, ``jax.vmap`` and optax.
 
         Example::
 
@@ -483,7 +506,8 @@ class NNsight(Envoy):
         """
 
         def fn(variables: Any, inputs: Any, *args: Any, **kwargs: Any) -> tuple[Any, Any]:
-            batch = collate([(inputs if isinstance(inputs, tuple) else (inputs,), {})])
+            given = (inputs if isinstance(inputs, tuple) else (inputs,), {})
+            batch = self._collate([given], [user_line()])
             variables = self._outside_tree(variables)  # on the model's mesh, as bind() puts them
             returned: list[Any] = []
 

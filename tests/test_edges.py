@@ -1066,3 +1066,80 @@ def test_a_value_saved_gathered_and_plainly_is_numpy_and_a_jax_array(toy):
         same = model.h[0].output[0].save()
     assert isinstance(h, np.ndarray) and isinstance(same, jax.Array)
     np.testing.assert_array_equal(h, np.asarray(same))
+
+
+class Filled(nn.Module):
+    """Returns ``jnp.full`` of its argument: the argument's Python type sets the dtype."""
+
+    @nn.compact
+    def __call__(self, x, value):
+        return nn.Dense(2, name="d")(x), jnp.full((2,), value), 1.0 / jnp.asarray(value, jnp.float32)
+
+
+def test_arguments_equal_in_python_but_of_other_types_get_their_own_program():
+    """``2 == 2.0 == True`` and ``0.0 == -0.0`` in Python, and each makes another program;
+    a plain ``module.apply`` is the reference."""
+    x = jnp.ones((1, 3))
+    variables = Filled().init(jax.random.key(0), x, 1)
+    model = NNsight(Filled(), variables)
+    for value in (2, 2.0, True, 1, 0.0, -0.0):
+        with model.trace(x, value):
+            out = model.output.save()
+        _, full, inverse = Filled().apply(variables, x, value)
+        assert out[1].dtype == full.dtype, value
+        np.testing.assert_array_equal(out[1], full)
+        np.testing.assert_array_equal(out[2], inverse)  # +inf for 0.0, -inf for -0.0
+
+
+def test_a_weight_replaced_in_model_variables_is_used_outside_a_block_too(toy):
+    """``model.variables`` is a plain dict: an array replaced in it is what a block's forward
+    and an envoy called as a function use, and what a parameter read returns; the
+    reference is flax's Dense on the new kernel."""
+    module, tokens = toy[0].module, toy[1]
+    model = NNsight(module, jax.tree_util.tree_map(lambda a: a, toy[0].variables))
+    with model.trace(tokens):
+        h = model.h[1].mlp.c_fc.output.save()
+    proj = model.h[1].mlp.c_proj
+    before = proj(jax.nn.gelu(h))
+    dense = model.variables["params"]["h_1"]["mlp"]["c_proj"]
+    dense["kernel"] = dense["kernel"] * 2 + 1
+    expected = nn.Dense(16).apply({"params": dense}, jax.nn.gelu(h))
+    with model.trace(tokens):
+        in_block = model.h[1].mlp.c_proj.output.save()
+    np.testing.assert_allclose(in_block, expected, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(proj(jax.nn.gelu(h)), expected, rtol=1e-5, atol=1e-5)
+    assert not np.allclose(before, expected)
+    assert proj.kernel is dense["kernel"]
+
+
+def test_a_block_edited_on_disk_and_reloaded_runs_its_new_body(toy, tmp_path, monkeypatch):
+    """``importlib.reload`` (IPython's ``%autoreload``) after editing a file: the block's
+    body is read anew, not from the lines Python cached of the old file."""
+    import importlib
+    import os
+
+    model, tokens = toy
+    source = ("def run(model, tokens):\n"
+              "    with model.trace(tokens):\n"
+              "        model.h[0].output[0] = model.h[0].output[0] * {scale}\n"
+              "        out = model.output.save()\n"
+              "    return out\n")
+    path = tmp_path / "edited_block.py"
+    path.write_text(source.format(scale="2.0"))
+    monkeypatch.syspath_prepend(str(tmp_path))
+    import edited_block
+
+    def scaled(scale):
+        with model.trace(tokens):
+            model.h[0].output[0] = model.h[0].output[0] * scale
+            out = model.output.save()
+        return out
+
+    np.testing.assert_allclose(edited_block.run(model, tokens), scaled(2.0), rtol=1e-6)
+    path.write_text(source.format(scale="5.0"))
+    stat = path.stat()  # a new modification time, however fast the file system
+    os.utime(path, (stat.st_atime, stat.st_mtime + 2))
+    importlib.invalidate_caches()
+    edited_block = importlib.reload(edited_block)
+    np.testing.assert_allclose(edited_block.run(model, tokens), scaled(5.0), rtol=1e-6)
+    sys.modules.pop("edited_block", None)

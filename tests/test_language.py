@@ -233,6 +233,17 @@ def test_a_saved_gpt2_checkpoint_loads_and_matches_torch(tmp_path):
     assert float(np.abs(np.asarray(logits) - ref.logits.numpy()).max()) <= 1e-4
     assert float(np.abs(np.asarray(block) - ref.hidden_states[1].numpy()).max()) <= 1e-4
 
+    # GPT-2's tokenizer has no pad token: the end token pads, as nnsight sets it, so a
+    # batch the user pads with lm.tokenizer is an input whose rows are the prompts alone
+    assert lm.tokenizer.pad_token == lm.tokenizer.eos_token == "<|endoftext|>"
+    batch = lm.tokenizer([PROMPT, "Paris"], padding=True, return_tensors="np")
+    with lm.trace(batch):
+        both = lm.lm_head.output.save()
+    with torch.no_grad():
+        paris = model(torch.tensor([tokenizer("Paris")["input_ids"]])).logits.numpy()
+    assert float(np.abs(np.asarray(both[0]) - ref.logits.numpy()[0]).max()) <= 1e-4
+    assert float(np.abs(np.asarray(both[1, -1]) - paris[0, -1]).max()) <= 1e-4
+
 
 def _save_tiny_gpt2(tmp_path, transformers, torch):
     config = transformers.GPT2Config(n_layer=1, n_embd=16, n_head=2, n_positions=16, vocab_size=50,
@@ -374,6 +385,73 @@ def test_tokenizer_dicts_whose_mask_does_not_fit_the_ids_are_refused(tiny_gpt2):
     with tiny_gpt2.trace([[4, 5]]):
         alone = tiny_gpt2.lm_head.output[:, -1].save()
     np.testing.assert_allclose(ragged[1], alone[0], atol=1e-5)
+
+
+def test_tokenizer_outputs_hold_ids_and_a_mask_of_0_and_1(tiny_gpt2):
+    """What the model would not see, or would see wrongly, is refused.
+
+    Bad inputs tried: a tokenizer dict with position_ids or token_type_ids (dropped
+    before), one without input_ids, masks holding 2 or 0.5 (positions count the mask's
+    sum; 0.5 became 0), a row whose mask is all 0, a 3-D array of ids, empty JAX ids,
+    ids past int32 (numpy int64, JAX uint32: wrapped before the vocabulary check).
+    Rows given as numpy arrays of their own lengths are an input."""
+    ids = np.array([[3, 5, 7]])
+    for given, match in (
+            ({"input_ids": ids, "attention_mask": ids * 0 + 1, "position_ids": ids}, "'position_ids' is not an input"),
+            ({"input_ids": jnp.asarray(ids), "token_type_ids": jnp.asarray(ids * 0)}, "'token_type_ids' is not an input"),
+            ({"attention_mask": ids * 0 + 1}, "needs input_ids"),
+            ({"input_ids": ids, "attention_mask": np.array([[1, 2, 1]])}, "holds 1 \\(a token\\) or 0 \\(padding\\); this one holds 2"),
+            ({"input_ids": ids, "attention_mask": np.array([[1.0, 0.5, 1.0]])}, "this one holds 0.5"),
+            ({"input_ids": jnp.asarray(ids), "attention_mask": jnp.array([[1, 2, 1]])}, "this one holds 2"),
+            ({"input_ids": np.array([[3, 5, 7], [3, 5, 7]]), "attention_mask": np.array([[1, 1, 1], [0, 0, 0]])},
+             "row 1 of the batch is all padding"),
+            (np.zeros((1, 2, 3), int), "\\[length\\] or \\[rows, length\\]; got an array of shape \\[1, 2, 3\\]"),
+            (jnp.zeros((1, 0), jnp.int32), "no tokens \\(ids of shape \\[1, 0\\]\\)"),
+            (np.array([[3, 2**32 + 5]], np.int64), "token id 4294967301 is outside"),
+            (jnp.array([[3, 2**31 + 5]], jnp.uint32), "token id 2147483653 is outside")):
+        _refused(tiny_gpt2, given, match)
+    with tiny_gpt2.trace([np.array([3, 5, 7]), np.array([4, 5])]):
+        ragged = tiny_gpt2.lm_head.output[:, -1].save()
+    with tiny_gpt2.trace([[3, 5, 7], [4, 5]]):
+        as_lists = tiny_gpt2.lm_head.output[:, -1].save()
+    np.testing.assert_array_equal(ragged, as_lists)
+
+
+def test_ids_known_only_inside_jax_jit_give_nan_rows_not_clipped_numbers(tiny_gpt2):
+    """Under ``jax.jit`` ids cannot be checked before the forward; an embedding lookup would
+    clip them to the table's last row. A real token outside the vocabulary (or a GPT-2
+    position past its table) makes its row's numbers NaN instead; padding keeps its own."""
+    @jax.jit
+    def logits(ids, mask):
+        with tiny_gpt2.trace({"input_ids": ids, "attention_mask": mask}):
+            out = tiny_gpt2.lm_head.output.save()
+        return out
+
+    with tiny_gpt2.trace([[3, 5, 7]]):
+        solo = tiny_gpt2.lm_head.output.save()
+    ids = jnp.array([[3, 5, 7], [3, 500, 7], [-1, 5, 7]])
+    mask = jnp.array([[1, 1, 1], [1, 1, 1], [1, 1, 1]])
+    out = logits(ids, mask)
+    np.testing.assert_allclose(out[0], solo[0], atol=1e-5)
+    assert np.isnan(np.asarray(out[1:])).all()  # (attention's 0 weight times NaN reaches it all)
+    # padding outside the vocabulary (a tokenizer's pad id) is masked: the row is the prompt's
+    padded = logits(jnp.array([[500, 500, 3, 5, 7]]), jnp.array([[0, 0, 1, 1, 1]]))
+    np.testing.assert_allclose(padded[0, 2:], solo[0], atol=1e-5)
+    # 33 real tokens for 32 position embeddings
+    long = logits(jnp.arange(3, 36)[None], jnp.ones((1, 33), jnp.int32))
+    assert np.isnan(np.asarray(long[0, 32])).all()
+
+
+def test_the_function_form_takes_what_a_trace_takes(tiny_gpt2):
+    """``lm.intervene(body)(variables, inputs)``: a tokenizer dict, ragged rows, checked ids."""
+    forward = tiny_gpt2.intervene(lambda: tiny_gpt2.lm_head.output)
+    given = {"input_ids": np.array([[0, 5, 17], [4, 5, 17]]), "attention_mask": np.array([[0, 1, 1], [1, 1, 1]])}
+    with tiny_gpt2.trace(given):
+        traced = tiny_gpt2.lm_head.output.save()
+    np.testing.assert_allclose(forward(tiny_gpt2.variables, given)[1], traced, atol=1e-6)
+    np.testing.assert_allclose(forward(tiny_gpt2.variables, [[5, 17], [4, 5, 17]])[1], traced, atol=1e-6)
+    with pytest.raises(JnnsightError, match="token id 500 is outside"):
+        forward(tiny_gpt2.variables, np.array([[5, 500]]))
 
 
 def test_ids_with_an_attention_mask_argument_are_the_tokenizer_dict(tiny_gpt2):

@@ -236,6 +236,29 @@ class Embedding(nn.Module):
         return project(x, self.weight, contract=1)
 
 
+def nan_where_outside(hidden: jax.Array, ids: jax.Array, size: int,
+                      attention_mask: jax.Array | None) -> jax.Array:
+    """``hidden`` with NaN at the real tokens whose id (or position) is outside ``0 .. size - 1``.
+
+    An embedding lookup clips such ids (a JAX gather does not fail), which would
+    give plausible wrong numbers. Concrete inputs are refused before the forward
+    (``LanguageModel._check_ids``); ids known only inside a ``jax.jit`` come out
+    as NaN instead. Padded positions (mask 0) keep their clipped lookup: a NaN
+    there would reach real rows through masked attention (0 * NaN). A mask that
+    covers a KV cache's slots, not these tokens, leaves every token as it is.
+
+    Example::
+
+        >>> hidden = nan_where_outside(self.embed_tokens(ids), ids, vocab_size, mask)
+    """
+    outside = (ids < 0) | (ids >= size)
+    if attention_mask is not None:
+        if attention_mask.shape != ids.shape:
+            return hidden
+        outside = outside & (attention_mask != 0)
+    return jnp.where(outside[..., None], jnp.asarray(jnp.nan, hidden.dtype), hidden)
+
+
 class LayerNorm(nn.Module):
     """``torch.nn.LayerNorm`` with ``weight`` and ``bias``."""
 

@@ -47,7 +47,7 @@ import jax
 import jax.numpy as jnp
 
 from .common import (Activation, CausalLMOutput, Embedding, LayerNorm, Linear, cache_mask, causal_mask,
-                     contract, param, project, torch_init, write_cache)
+                     contract, nan_where_outside, param, project, torch_init, write_cache)
 
 # -- configuration --------------------------------------------------------------------
 
@@ -423,7 +423,11 @@ class GPT2Model(nn.Module):
                              "and position_ids.")
         if position_ids is None:
             position_ids = _position_ids(input_ids, attention_mask)
-        hidden_states = self.drop(self.wte(input_ids) + self.wpe(position_ids))
+        c = self.config
+        hidden_states = self.wte(input_ids) + self.wpe(position_ids)
+        for ids, size in ((input_ids, c.vocab_size), (position_ids, c.n_positions)):
+            hidden_states = nan_where_outside(hidden_states, ids, size, attention_mask)
+        hidden_states = self.drop(hidden_states)
 
         if attention_mask is None:
             attention_mask = jnp.ones(input_ids.shape, bool)

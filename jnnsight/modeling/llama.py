@@ -64,7 +64,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from .common import (Activation, CausalLMOutput, Embedding, Linear, RMSNorm, cache_mask, causal_mask,
-                     contract, write_cache)
+                     contract, nan_where_outside, write_cache)
 
 # ----------------------------------------------------------------------------------------
 # Config
@@ -593,7 +593,8 @@ class LlamaModel(HFClassName, nn.Module):
         if attention_mask is None:
             attention_mask = jnp.ones((b, t), jnp.int32)
 
-        hidden_states = self.embed_tokens(input_ids).astype(self.dtype)
+        hidden_states = nan_where_outside(self.embed_tokens(input_ids).astype(self.dtype),
+                                          input_ids, self.config.vocab_size, attention_mask)
         position_embeddings = self.rotary_emb(hidden_states, position_ids)
         masks: dict[int | None, jax.Array] = {}
         presents = []

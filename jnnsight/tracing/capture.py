@@ -66,6 +66,7 @@ def _with_node(tree: ast.AST, lineno: int) -> ast.With | None:
 def _compile_body(frame: types.FrameType) -> CapturedBody:
     filename = frame.f_code.co_filename
     lineno = frame.f_lineno
+    linecache.checkcache(filename)  # a file edited and reloaded (`%autoreload`) since it was read
     source = "".join(linecache.getlines(filename, frame.f_globals))
     if not source:
         raise CaptureError(

@@ -477,7 +477,14 @@ def with_batch_axes(table: SiteTable, module: nn.Module, variables: Any,
     return SiteTable(tuple(sites), table.modules, {s.key: s for s in sites})
 
 
+def static_key(value: Any) -> Any:
+    """A non-array leaf of a forward's inputs as a key: by type and value (``2``,
+    ``2.0`` and ``True`` are equal in Python and make different programs), and by
+    ``repr`` for a float (``0.0 == -0.0``)."""
+    return (type(value), value, repr(value)) if isinstance(value, float) else (type(value), value)
+
+
 def shape_key(tree: Any) -> Any:
     """A hashable key of a pytree's structure, shapes, dtypes and static leaves."""
     leaves, treedef = jax.tree_util.tree_flatten(tree)
-    return treedef, tuple((np.shape(x), x.dtype) if is_array(x) else x for x in leaves)
+    return treedef, tuple((np.shape(x), x.dtype) if is_array(x) else static_key(x) for x in leaves)

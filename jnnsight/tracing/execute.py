@@ -27,7 +27,7 @@ import jax
 import numpy as np
 
 from ..errors import JnnsightError
-from .discover import SiteKey, applied_method, is_array, site_interceptor, site_name
+from .discover import SiteKey, applied_method, is_array, site_interceptor, site_name, static_key
 from .lru import LruCache
 from .gradients import Backward, with_gradients
 from .schedule import Schedule, Stage, atom_value, pruned
@@ -218,7 +218,7 @@ class Executor:
         leaves, treedef = jax.tree_util.tree_flatten((args, kwargs))
         arrays = [x for x in leaves if is_array(x)]
         static = tuple(None if is_array(x) else x for x in leaves)
-        key = (program_key, treedef, static, keep_output)
+        key = (program_key, treedef, tuple(static_key(x) for x in static), keep_output)
         jitted = self._entries.get(key)
         if jitted is None:
             jitted = self._entries.put(
