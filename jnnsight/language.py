@@ -127,6 +127,11 @@ def _rows_of_input(value: Any, tokenizer: Any, line: UserLine | None) -> tuple[l
             f"an invoke's input must be text, token ids or a tokenizer output; got {type(value).__name__}."
         ))
     bad = next((t for r in ids for t in r if not is_int(t)), None)
+    if isinstance(bad, core.Tracer):
+        raise JnnsightError(at_line(line,
+            "token ids given as Python lists inside a jax.jit are a tracer per id: pass one "
+            "int array, [rows, length] (a dict with input_ids and attention_mask for rows "
+            "of different lengths, left-padded)."))
     if bad is not None:
         raise JnnsightError(at_line(line,
             f"token ids must be integers; got {bad!r} ({type(bad).__name__})."

@@ -49,6 +49,9 @@ Capture
                                                                         -> UserWarning
   * ``tracer.invoke(x)`` without ``with``                               -> CaptureError, its line
   * a site read in the body of a trace with no input, outside invokes   -> SiteError, "invoke"
+  * a line of a trace's body, after an invoke, that reads what the invoke sets (a
+    list it appends to, a loss for ``.backward()``): it ran before the invoke's body
+                                                                        -> CaptureError, its line
 Inputs
   * invokes whose inputs differ in shape, or in dtype                   -> JnnsightError
   * an invoke input with no batch axis                                  -> JnnsightError
@@ -894,6 +897,42 @@ def test_an_invoke_without_with_names_its_line(small):
                 y = model.output.save()
             tracer.invoke(tokens)  # L:bare_invoke_last
     names_line(info.value, "bare_invoke_last")
+
+
+def test_a_line_after_the_invokes_reading_what_they_set_is_refused(small):
+    """A trace's body runs first, collecting its invokes; their bodies run after it. A
+    line after an invoke reading what the invoke sets saw it as it was before: an empty
+    list (silently), an unbound name."""
+    model, tokens = small
+    with pytest.raises(CaptureError) as info:
+        with model.trace() as tracer:
+            kept = []
+            with tracer.invoke(tokens):
+                kept.append(model.h[0].output[0])
+            saved = [k.save() for k in kept]  # L:after_append
+    names_line(info.value, "after_append")
+    assert "reads `kept`" in advice(info.value) and "into the last invoke" in advice(info.value)
+    with pytest.raises(CaptureError) as info:
+        with model.trace() as tracer:
+            with tracer.invoke(tokens):
+                loss = model.output[0, -1, 0]
+            with loss.backward():  # L:after_loss
+                g = model.h[0].output[0].grad.save()
+    names_line(info.value, "after_loss")
+    # what only reads, or runs in the invokes, is as before: a list read by both, a loop
+    # of invokes, a value one invoke saves and the next one writes
+    positions = [0, 2]
+    with model.trace() as tracer:
+        with tracer.invoke(tokens):
+            clean = model.h[0].output[0][:, positions].save()
+        for scale in (1.0, 2.0):
+            with tracer.invoke(tokens):
+                model.h[0].output[0] = model.h[0].output[0].at[:, positions].set(clean * scale)
+                out = model.output.save()
+    with model.trace(tokens):
+        model.h[0].output[0] = model.h[0].output[0].at[:, positions].multiply(2.0)
+        by_hand = model.output.save()
+    np.testing.assert_allclose(out, by_hand, rtol=1e-5, atol=1e-6)
 
 
 def test_a_read_outside_the_invokes_of_a_trace_without_input_points_to_invoke(small):

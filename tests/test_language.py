@@ -452,6 +452,8 @@ def test_the_function_form_takes_what_a_trace_takes(tiny_gpt2):
     np.testing.assert_allclose(forward(tiny_gpt2.variables, [[5, 17], [4, 5, 17]])[1], traced, atol=1e-6)
     with pytest.raises(JnnsightError, match="token id 500 is outside"):
         forward(tiny_gpt2.variables, np.array([[5, 500]]))
+    with pytest.raises(JnnsightError, match="Python lists inside a jax.jit are a tracer per id"):
+        jax.jit(forward)(tiny_gpt2.variables, [[5, 17], [4, 5, 17]])
 
 
 def test_ids_with_an_attention_mask_argument_are_the_tokenizer_dict(tiny_gpt2):

@@ -43,6 +43,9 @@ class CapturedBody:
     filename: str
     header_line: int
     first_line: int | None  # the first line that does something; None for `pass` bodies
+    changes: frozenset[str] = frozenset()  # the names the body binds, or changes the value of
+    # each top-level statement's line and the names it reads outside nested `with` bodies
+    statements: tuple[tuple[int, frozenset[str]], ...] = ()
 
 
 _bodies: dict[tuple[types.CodeType, int], CapturedBody] = {}
@@ -109,7 +112,39 @@ def _compile_body(frame: types.FrameType) -> CapturedBody:
             "gives it no safe place there). Put the `try` around the `with` block, or "
             "another statement before it."
         )
-    return CapturedBody(code, filename, node.lineno, doing[0].lineno if doing else None)
+    return CapturedBody(code, filename, node.lineno, doing[0].lineno if doing else None,
+                        _changes(node.body), tuple((n.lineno, _reads(n)) for n in node.body))
+
+
+# methods that change a Python container in place
+_MUTATORS = frozenset({"append", "extend", "insert", "update", "setdefault", "add", "pop",
+                       "popitem", "clear", "remove", "discard", "sort", "reverse"})
+
+
+def _changes(nodes: list[ast.stmt]) -> frozenset[str]:
+    """The names ``nodes`` bind (``x = ...``, ``for x in``, ``del x``) or change the value
+    of (``x[k] = v``, ``x.a = v``, ``x.append(v)``)."""
+    found: set[str] = set()
+    for node in (n for statement in nodes for n in ast.walk(statement)):
+        if isinstance(node, ast.Name) and not isinstance(node.ctx, ast.Load):
+            found.add(node.id)
+        elif isinstance(node, (ast.Subscript, ast.Attribute)) and not isinstance(node.ctx, ast.Load) \
+                and isinstance(node.value, ast.Name):
+            found.add(node.value.id)
+        elif isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute) \
+                and node.func.attr in _MUTATORS and isinstance(node.func.value, ast.Name):
+            found.add(node.func.value.id)
+    return frozenset(found)
+
+
+def _reads(node: ast.AST) -> frozenset[str]:
+    """The names ``node`` reads, leaving out the bodies of ``with`` blocks in it (a
+    trace's invokes: their code runs later, on its own)."""
+    if isinstance(node, ast.Name):
+        return frozenset((node.id,)) if isinstance(node.ctx, ast.Load) else frozenset()
+    parts = [item.context_expr for item in node.items] if isinstance(node, ast.With) \
+        else list(ast.iter_child_nodes(node))
+    return frozenset().union(*(_reads(part) for part in parts))
 
 
 def _is_no_op(node: ast.stmt) -> bool:

@@ -21,6 +21,7 @@ Example::
 
 from __future__ import annotations
 
+import builtins
 import sys
 import threading
 import types
@@ -65,6 +66,12 @@ class StopTrace(BaseException):
 _local = threading.local()
 
 
+def _is_program_object(value: Any) -> bool:
+    """A model, an envoy, a tracer, a function or a module: shared by a trace's body and
+    its invokes without being a value one of them computes."""
+    return callable(value) or isinstance(value, (types.ModuleType, Tracer))
+
+
 def collecting() -> "Tracer | None":
     return getattr(_local, "collecting", None)
 
@@ -77,6 +84,7 @@ class Invoke:
     code: types.CodeType
     line: UserLine | None = None
     restore: dict[str, Any] = field(default_factory=dict)
+    changes: frozenset[str] = frozenset()  # the names its body binds or changes
 
 
 class Invoker:
@@ -114,7 +122,7 @@ class Invoker:
         # to their value at this invoke before its body runs.
         snapshot = {n: namespace[n] for n in code_names(code) if n in namespace}
         line = UserLine(self._capture.body.filename, self._capture.body.header_line)
-        self.tracer._invokes.append(Invoke(self.inputs, code, line, snapshot))
+        self.tracer._invokes.append(Invoke(self.inputs, code, line, snapshot, self._capture.body.changes))
         return True
 
 
@@ -153,6 +161,25 @@ class Tracer:
         invoker = Invoker(self, (args, kwargs) if (args or kwargs) else None)
         self._invokers.append(invoker)
         return invoker
+
+    def _refuse_reads_after_invokes(self, namespace: dict[str, Any]) -> None:
+        """Code of the trace's own body after an invoke runs before that invoke's body
+        (the trace's body runs first, collecting invokes): refuse a line there that
+        reads a name an earlier invoke's body binds or changes (a list it appends to),
+        which it would see as it was before the invokes."""
+        body = self._capture.body
+        for lineno, reads in body.statements:
+            earlier = [inv for inv in self._invokes if inv.line is not None and inv.line.lineno < lineno]
+            shared = sorted(name for name in reads & frozenset().union(*(inv.changes for inv in earlier))
+                            if not _is_program_object(namespace.get(name, getattr(builtins, name, None))))
+            if shared:
+                invoke = next(inv for inv in earlier if shared[0] in inv.changes)
+                raise CaptureError(at_line(UserLine(body.filename, lineno), (
+                    f"this line of the trace's body reads `{shared[0]}`, which the invoke at "
+                    f"line {invoke.line.lineno} sets; but a trace's body runs first, "
+                    "collecting its invokes, and their bodies run after it, in the forward: "
+                    f"here `{shared[0]}` is still what it was before the invokes. Move this "
+                    "line into the last invoke's body, or after the trace block.")))
 
     def _refuse_bare_invokes(self) -> None:
         """A ``tracer.invoke(x)`` written without ``with`` adds no input: say so at its line."""
@@ -309,11 +336,13 @@ class Tracer:
             try:
                 exec(body.code, namespace)
             except Exception:
-                self._refuse_bare_invokes()  # the likelier cause of a site read failing
+                self._refuse_bare_invokes()  # the likelier causes of a failing line
+                self._refuse_reads_after_invokes(namespace)
                 raise
             finally:
                 _local.collecting = None
             self._refuse_bare_invokes()
+            self._refuse_reads_after_invokes(namespace)
             if not self._invokes:
                 raise JnnsightError(
                     f"{UserLine(body.filename, body.header_line)}\nthe trace has no input "
