@@ -550,6 +550,15 @@ def test_bad_generation_inputs_get_clear_errors(models):
         with lm.generate(PROMPTS[0], max_new_tokens=3) as tracer:
             for step in tracer.iter[1]:
                 lm.lm_head.output = lm.lm_head.output * tracer.result[0, -1]
+    with pytest.raises(CausalityError, match=r"step 2's and the write is at step 0: a name bound "
+                       r"in a `tracer.all\(\)`.*holds the last step's value"):
+        with lm.generate(max_new_tokens=3) as tracer:
+            with tracer.invoke(PROMPTS[0]):
+                with tracer.all():
+                    source = lm.model.layers[1].output[0][:, -1]
+            with tracer.invoke(PROMPTS[0]):
+                with tracer.all():
+                    lm.model.layers[1].output[0] = lm.model.layers[1].output[0].at[:, -1].set(source)
     with pytest.raises(WriteError, match=r"in generation a decoder layer returns `\(hidden, "
                        r"\(keys, values\)\)`"):
         with lm.generate(PROMPTS[0], max_new_tokens=2):

@@ -100,6 +100,8 @@ def _causality_error(program: InterventionProgram, at: int, needs: int, skip: bo
         target = target.rsplit(".", 1)[0]
     write_line = program.write_lines.get(at)
     read_line = program.read_lines.get(needs)
+    locate = getattr(program.table, "locate", None)  # a generation's table: sites by step
+    steps = (locate(at)[0], locate(needs)[0]) if locate is not None else None
     return CausalityError(
         f"{write_line}\nThe {what} `{target}` depends on `{source}`"
         f" (read at {read_line}), which the forward pass computes later: it is site "
@@ -107,6 +109,13 @@ def _causality_error(program: InterventionProgram, at: int, needs: int, skip: bo
         "A write can only use values of sites that run before it: compute the value "
         "from earlier sites, write to a later site, or run a second trace with the "
         "saved value."
+        + (f" In generation that value is step {steps[1]}'s and the {what.split()[0]} is at "
+           f"step {steps[0]}: a name bound in a `tracer.all()` or `tracer.iter[...]` body, "
+           "which runs for every step before generation starts, holds the last step's "
+           "value after it. To use each step's value at its own step, read and write in "
+           "one body (both rows in one invoke, or one loop), or append each step's value "
+           "to a list and index it with a step counter."
+           if steps is not None and steps[1] > steps[0] else "")
     )
 
 
