@@ -168,8 +168,10 @@ class Tracer:
         reads a name an earlier invoke's body binds or changes (a list it appends to),
         which it would see as it was before the invokes."""
         body = self._capture.body
+        own = [inv for inv in self._invokes if inv.line is not None  # (not a helper's invokes)
+               and inv.line.filename == body.filename and inv.line.lineno > body.header_line]
         for lineno, reads in body.statements:
-            earlier = [inv for inv in self._invokes if inv.line is not None and inv.line.lineno < lineno]
+            earlier = [inv for inv in own if inv.line.lineno < lineno]
             shared = sorted(name for name in reads & frozenset().union(*(inv.changes for inv in earlier))
                             if not _is_program_object(namespace.get(name, getattr(builtins, name, None))))
             if shared:
