@@ -471,7 +471,13 @@ class NNsight(Envoy):
         """
         structure = jax.tree_util.tree_structure(variables)
         if structure != jax.tree_util.tree_structure(self.variables):
+            collections = self.variables.keys() if isinstance(self.variables, dict) else ()
+            inner = next((c for c in collections if structure
+                          == jax.tree_util.tree_structure(self.variables[c])), None)
             raise TypeError(at_user_line(
+                f"bind() takes variables of the model's own structure, collections at the "
+                f"top (as `model.variables`): this is `model.variables[{inner!r}]`'s, so pass "
+                f"`{{{inner!r}: ...}}`." if inner is not None else
                 "bind() takes variables of the model's own structure (as `model.variables`); "
                 f"got {structure}."
             ))

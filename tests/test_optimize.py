@@ -121,6 +121,8 @@ def test_a_bound_model_is_an_input_of_the_compiled_program_not_a_constant(models
     assert len(text) < params_bytes / 4  # constants would be printed in full
     with pytest.raises(TypeError, match="model's own structure"):
         lm.bind({"params": {}})
+    with pytest.raises(TypeError, match=r"this is `model.variables\['params'\]`'s, so pass `\{'params': ...\}`"):
+        lm.bind(lm.variables["params"])
 
 
 def test_a_bound_models_envoys_apply_the_bound_variables(models):
