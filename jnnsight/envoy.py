@@ -17,6 +17,7 @@ Example::
 
 from __future__ import annotations
 
+import operator
 from typing import TYPE_CHECKING, Any, Callable, Iterator
 
 from .errors import SiteError, at_user_line, close_names
@@ -277,10 +278,15 @@ class EnvoyList:
     def __getitem__(self, index: int | slice) -> Any:
         if isinstance(index, slice):
             return EnvoyList(self._envoys[index])  # a new list: numbered by place, as in nnsight
-        if not is_int(index):
+        given = index
+        try:
+            index = operator.index(given)  # also numpy and concrete 0-d JAX integers
+        except TypeError:
+            index = None
+        if index is None or isinstance(given, bool):
             raise TypeError(at_user_line(
-                f"modules are indexed by a Python int or a slice, got {index!r} "
-                f"({type(index).__name__}): `layers[1]`, `layers[-1]`, `layers[2:4]`."))
+                f"modules are indexed by a Python int or a slice, got {given!r} "
+                f"({type(given).__name__}): `layers[1]`, `layers[-1]`, `layers[2:4]`."))
         if index >= 0 and index in self._numbers:
             return self._envoys[self._numbers.index(index)]
         if -len(self._envoys) <= index < 0:

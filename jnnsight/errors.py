@@ -134,7 +134,8 @@ _BODY_ADVICE = (
      "jnnsight: torch tensors do not mix with JAX values. Convert them first: "
      "`jnp.asarray(t.detach().cpu().numpy())`, and use `jnp` / `jax.nn` functions on "
      "values read in the block."),
-    (re.compile(r"has no attribute '?(cpu|numpy|detach|clone|value|to|size|dim)'?$", re.M),
+    (re.compile(r"\w*(Tracer|ArrayImpl|Array)'?( object)? has no attribute "
+                r"'?(cpu|numpy|detach|clone|value|to|size|dim)'?$", re.M),
      "jnnsight: a value read in a block is a JAX array, not a torch tensor or proxy: it has "
      "no `.cpu()`, `.detach()`, `.clone()`, `.numpy()` or `.value`. Use it as it is (an "
      "edit never changes a value already read, so no clone is needed; `h.shape[-1]` for a "

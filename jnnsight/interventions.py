@@ -105,8 +105,9 @@ class SteeringVector:
         return cls(jnp.zeros((width,), dtype))
 
     def __call__(self, value: jax.Array, positions: jax.Array | None = None) -> jax.Array:
-        _check_width("SteeringVector", self.vector.shape[-1], value,
-                     "`SteeringVector.zeros(h.shape[-1])`")
+        if self.vector.shape[-1] != 1:  # (one number shifts every feature)
+            _check_width("SteeringVector", self.vector.shape[-1], value,
+                         "`SteeringVector.zeros(h.shape[-1])`")
         return at_positions(value, value + self.vector.astype(value.dtype), positions)
 
 

@@ -206,10 +206,11 @@ def test_index_out_of_range(small):
     with pytest.raises(IndexError) as info:
         model.h[-3]  # L:hm3
     names_line(info.value, "hm3")
-    for index in ("1", 1.0):
+    for index in ("1", 1.0, True):
         with pytest.raises(TypeError, match=r"indexed by a Python int or a slice") as info:
             model.h[index]  # L:h_str
         names_line(info.value, "h_str")
+    assert model.h[np.int64(1)] is model.h[jnp.asarray(1)] is model.h[1]
 
 
 def test_assign_to_envoy_attribute(small):
@@ -699,6 +700,13 @@ def test_torch_and_nnsight_habits_in_a_body_get_a_note_on_the_jnnsight_way(small
     def proxy_value():
         return model.h[0].output[0].value
 
+    class Settings:
+        pass
+
+    with pytest.raises(AttributeError) as info:  # not a block value: no torch note
+        with model.trace(tokens):
+            Settings().value
+    assert not any("torch" in note for note in getattr(info.value, "__notes__", ()))
     for body, error, note in ((in_place, TypeError, "envoy.output = envoy.output.at"),
                               (with_torch, TypeError, "jnp.asarray(t.detach()"),
                               (list_save, AttributeError, "jnnsight.save(value)"),
@@ -919,8 +927,41 @@ def test_a_line_after_the_invokes_reading_what_they_set_is_refused(small):
             with loss.backward():  # L:after_loss
                 g = model.h[0].output[0].grad.save()
     names_line(info.value, "after_loss")
+    with pytest.raises(ZeroDivisionError):  # an error before such a line stays the error
+        with model.trace() as tracer:
+            kept = []
+            with tracer.invoke(tokens):
+                kept.append(model.h[0].output[0])
+            1 / 0
+            saved = [k.save() for k in kept]
+
+    class Holder:
+        pass
+
+    holder, prompts = Holder(), [tokens, tokens]
+    holder.tokens = tokens
     # what only reads, or runs in the invokes, is as before: a list read by both, a loop
-    # of invokes, a value one invoke saves and the next one writes
+    # of invokes, a value one invoke saves and the next one writes, an attribute an invoke
+    # sets on an object the body reads, a name bound anew before it is read, names of a
+    # comprehension or a lambda that an invoke binds too
+    with model.trace() as tracer:
+        with tracer.invoke(tokens):
+            holder.h = model.h[0].output[0].save()
+            for i in range(2):
+                x = i
+        with tracer.invoke(holder.tokens):
+            pass
+        for i in range(2):
+            with tracer.invoke(prompts[i]):
+                pass
+        x = 1
+        picked = [x for x in prompts][x]
+        pick = lambda x: x  # noqa: E731
+        with tracer.invoke(pick(picked)):
+            pass
+    with model.trace(tokens):
+        direct = model.h[0].output[0].save()
+    np.testing.assert_allclose(holder.h, direct, rtol=1e-6)
     positions = [0, 2]
     with model.trace() as tracer:
         with tracer.invoke(tokens):
@@ -1019,6 +1060,25 @@ def test_an_augmented_assignment_never_written_back_warns_at_its_line(small):
     np.testing.assert_array_equal(edited, by_hand)
     assert not np.array_equal(edited, plain)
     np.testing.assert_allclose(total, by_hand_total, rtol=1e-6)
+    # an `op=` in the user's own module code is the model's business, not the block's
+    x = jnp.ones((2, 3))
+    model = NNsight(Accumulating(), Accumulating().init(jax.random.key(0), x))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        with model.trace(x):
+            first = model.output[0].save()
+    np.testing.assert_allclose(first, Accumulating().apply(model.variables, x)[0], rtol=1e-6)
+
+
+class Accumulating(nn.Module):
+    """Its ``aux += 1.0`` is unused where a block saves only the first output."""
+
+    @nn.compact
+    def __call__(self, x):
+        h = nn.Dense(2)(x)
+        aux = h.sum()
+        aux += 1.0
+        return h, aux
 
 
 # -- inputs of a trace -------------------------------------------------------------------------

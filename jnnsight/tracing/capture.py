@@ -44,8 +44,9 @@ class CapturedBody:
     header_line: int
     first_line: int | None  # the first line that does something; None for `pass` bodies
     changes: frozenset[str] = frozenset()  # the names the body binds, or changes the value of
-    # each top-level statement's line and the names it reads outside nested `with` bodies
-    statements: tuple[tuple[int, frozenset[str]], ...] = ()
+    # each top-level statement's line, the names it reads and those it binds, outside
+    # nested `with` bodies and the scopes of functions and comprehensions
+    statements: tuple[tuple[int, frozenset[str], frozenset[str]], ...] = ()
 
 
 _bodies: dict[tuple[types.CodeType, int], CapturedBody] = {}
@@ -113,7 +114,7 @@ def _compile_body(frame: types.FrameType) -> CapturedBody:
             "another statement before it."
         )
     return CapturedBody(code, filename, node.lineno, doing[0].lineno if doing else None,
-                        _changes(node.body), tuple((n.lineno, _reads(n)) for n in node.body))
+                        _changes(node.body), tuple((n.lineno, *_uses(n)) for n in node.body))
 
 
 # methods that change a Python container in place
@@ -122,13 +123,14 @@ _MUTATORS = frozenset({"append", "extend", "insert", "update", "setdefault", "ad
 
 
 def _changes(nodes: list[ast.stmt]) -> frozenset[str]:
-    """The names ``nodes`` bind (``x = ...``, ``for x in``, ``del x``) or change the value
-    of (``x[k] = v``, ``x.a = v``, ``x.append(v)``)."""
+    """The names ``nodes`` bind (``x = ...``, ``for x in``, ``del x``) or change the
+    container of (``x[k] = v``, ``x.append(v)``); an attribute set (``self.h = v``) is
+    not counted: ``self`` is not a value the trace's body would read stale."""
     found: set[str] = set()
     for node in (n for statement in nodes for n in ast.walk(statement)):
         if isinstance(node, ast.Name) and not isinstance(node.ctx, ast.Load):
             found.add(node.id)
-        elif isinstance(node, (ast.Subscript, ast.Attribute)) and not isinstance(node.ctx, ast.Load) \
+        elif isinstance(node, ast.Subscript) and not isinstance(node.ctx, ast.Load) \
                 and isinstance(node.value, ast.Name):
             found.add(node.value.id)
         elif isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute) \
@@ -137,14 +139,31 @@ def _changes(nodes: list[ast.stmt]) -> frozenset[str]:
     return frozenset(found)
 
 
-def _reads(node: ast.AST) -> frozenset[str]:
-    """The names ``node`` reads, leaving out the bodies of ``with`` blocks in it (a
-    trace's invokes: their code runs later, on its own)."""
+_SCOPES = (ast.FunctionDef, ast.AsyncFunctionDef, ast.Lambda, ast.ClassDef)
+_COMPREHENSIONS = (ast.ListComp, ast.SetComp, ast.DictComp, ast.GeneratorExp)
+
+
+def _uses(node: ast.AST) -> tuple[frozenset[str], frozenset[str]]:
+    """The names ``node`` reads and binds, leaving out the bodies of ``with`` blocks in it
+    (a trace's invokes: their code runs later, on its own), of functions and classes
+    (they run when called), and the names a comprehension binds for itself."""
     if isinstance(node, ast.Name):
-        return frozenset((node.id,)) if isinstance(node.ctx, ast.Load) else frozenset()
-    parts = [item.context_expr for item in node.items] if isinstance(node, ast.With) \
-        else list(ast.iter_child_nodes(node))
-    return frozenset().union(*(_reads(part) for part in parts))
+        one = frozenset((node.id,))
+        return (one, frozenset()) if isinstance(node.ctx, ast.Load) else (frozenset(), one)
+    if isinstance(node, _SCOPES):
+        name = getattr(node, "name", None)
+        return frozenset(), frozenset((name,)) if name else frozenset()
+    if isinstance(node, ast.With):
+        parts = [part for item in node.items
+                 for part in (item.context_expr, item.optional_vars) if part is not None]
+    else:
+        parts = list(ast.iter_child_nodes(node))
+    uses = [_uses(part) for part in parts]
+    reads = frozenset().union(*(r for r, _ in uses))
+    binds = frozenset().union(*(b for _, b in uses))
+    if isinstance(node, _COMPREHENSIONS):  # its targets are its own locals
+        return reads - binds, frozenset()
+    return reads, binds
 
 
 def _is_no_op(node: ast.stmt) -> bool:

@@ -479,9 +479,9 @@ def with_batch_axes(table: SiteTable, module: nn.Module, variables: Any,
 
 def static_key(value: Any) -> Any:
     """A non-array leaf of a forward's inputs as a key: by type and value (``2``,
-    ``2.0`` and ``True`` are equal in Python and make different programs), and by
-    ``repr`` for a float (``0.0 == -0.0``)."""
-    return (type(value), value, repr(value)) if isinstance(value, float) else (type(value), value)
+    ``2.0`` and ``True`` are equal in Python and make different programs), a float by
+    ``repr`` (``0.0 == -0.0``, and a NaN equals nothing, not even itself)."""
+    return (type(value), repr(value)) if isinstance(value, float) else (type(value), value)
 
 
 def shape_key(tree: Any) -> Any:

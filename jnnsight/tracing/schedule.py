@@ -143,7 +143,7 @@ _UPDATES = frozenset({"scatter", "scatter-add", "scatter_add", "scatter-mul", "s
                       "dynamic_update_slice"})
 
 
-_AUGMENTED = re.compile(r"^\s*([A-Za-z_]\w*)\s*(\+|-|\*|/|//|%|@|\*\*|&|\||\^)=")
+_AUGMENTED = re.compile(r"^\s*([A-Za-z_]\w*)\s*(\+|-|\*|/|//|%|@|\*\*|&|\||\^|<<|>>)=")
 
 
 def warn_unused_updates(program: InterventionProgram) -> None:
@@ -171,13 +171,15 @@ def warn_unused_updates(program: InterventionProgram) -> None:
         if frame is None or is_library_file(frame.file_name):  # not the user's own
             continue
         line = UserLine(frame.file_name, frame.start_line)
-        augmented = _AUGMENTED.match(linecache.getline(frame.file_name, frame.start_line))
-        if eqn.primitive.name not in _UPDATES and augmented is None:
+        # a body's own line (compiled as a module), not the user's module or helper code
+        augmented = frame.function_name == "<module>" and _AUGMENTED.match(
+            linecache.getline(frame.file_name, frame.start_line))
+        if eqn.primitive.name not in _UPDATES and not augmented:
             continue
         if id(eqn) in live:
             used.add(line)
         else:
-            unused.setdefault(line, augmented and augmented.group(0).strip())
+            unused.setdefault(line, augmented.group(0).strip() if augmented else None)
     # A line run several times (a loop over layers or steps) warns once, and not when
     # some run of it is used: the last run of an update carried to the next iteration.
     for line, augmented in unused.items():

@@ -72,6 +72,16 @@ def _is_program_object(value: Any) -> bool:
     return callable(value) or isinstance(value, (types.ModuleType, Tracer))
 
 
+def _line_in(err: BaseException, code: types.CodeType) -> int | None:
+    """The line of ``code`` that ``err`` was raised at (or passed through)."""
+    tb, line = err.__traceback__, None
+    while tb is not None:
+        if tb.tb_frame.f_code is code:
+            line = tb.tb_lineno
+        tb = tb.tb_next
+    return line
+
+
 def collecting() -> "Tracer | None":
     return getattr(_local, "collecting", None)
 
@@ -162,26 +172,31 @@ class Tracer:
         self._invokers.append(invoker)
         return invoker
 
-    def _refuse_reads_after_invokes(self, namespace: dict[str, Any]) -> None:
+    def _refuse_reads_after_invokes(self, namespace: dict[str, Any], until: int | None = None) -> None:
         """Code of the trace's own body after an invoke runs before that invoke's body
         (the trace's body runs first, collecting invokes): refuse a line there that
         reads a name an earlier invoke's body binds or changes (a list it appends to),
-        which it would see as it was before the invokes."""
+        which it would see as it was before the invokes, unless a line between bound
+        it anew. ``until``: the line an error stopped the body at; later ones never ran."""
         body = self._capture.body
         own = [inv for inv in self._invokes if inv.line is not None  # (not a helper's invokes)
                and inv.line.filename == body.filename and inv.line.lineno > body.header_line]
-        for lineno, reads in body.statements:
-            earlier = [inv for inv in own if inv.line.lineno < lineno]
-            shared = sorted(name for name in reads & frozenset().union(*(inv.changes for inv in earlier))
+        bound_at: dict[str, int] = {}  # the line of the last statement that bound a name
+        for lineno, reads, binds in body.statements:
+            if until is not None and lineno > until:
+                break
+            stale = {name: inv for inv in own if inv.line.lineno < lineno
+                     for name in inv.changes if bound_at.get(name, 0) < inv.line.lineno}
+            shared = sorted(name for name in (reads - binds) & stale.keys()
                             if not _is_program_object(namespace.get(name, getattr(builtins, name, None))))
             if shared:
-                invoke = next(inv for inv in earlier if shared[0] in inv.changes)
                 raise CaptureError(at_line(UserLine(body.filename, lineno), (
                     f"this line of the trace's body reads `{shared[0]}`, which the invoke at "
-                    f"line {invoke.line.lineno} sets; but a trace's body runs first, "
+                    f"line {stale[shared[0]].line.lineno} sets; but a trace's body runs first, "
                     "collecting its invokes, and their bodies run after it, in the forward: "
                     f"here `{shared[0]}` is still what it was before the invokes. Move this "
                     "line into the last invoke's body, or after the trace block.")))
+            bound_at.update((name, lineno) for name in binds)
 
     def _refuse_bare_invokes(self) -> None:
         """A ``tracer.invoke(x)`` written without ``with`` adds no input: say so at its line."""
@@ -337,9 +352,9 @@ class Tracer:
             _local.collecting = self
             try:
                 exec(body.code, namespace)
-            except Exception:
+            except Exception as err:
                 self._refuse_bare_invokes()  # the likelier causes of a failing line
-                self._refuse_reads_after_invokes(namespace)
+                self._refuse_reads_after_invokes(namespace, _line_in(err, body.code))
                 raise
             finally:
                 _local.collecting = None
