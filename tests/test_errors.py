@@ -1040,7 +1040,6 @@ def test_an_augmented_assignment_never_written_back_warns_at_its_line(small):
             logits = model.output.save()
     found = [(w.lineno, str(w.message)) for w in record if "never written" in str(w.message)]
     assert [line for line, _ in found] == [MARKS["aug_add"], MARKS["aug_mul"]]
-    assert "`h +=` ...` makes a new array and rebinds `h`" not in found[0][1]
     assert "`h += ...` makes a new array and rebinds `h`" in found[0][1]
     assert "`envoy.output *= ...`" in found[1][1]
     np.testing.assert_array_equal(logits, plain)
